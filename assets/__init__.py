@@ -1,0 +1,1 @@
+"""Data that ships with the tool (demo samples, demo checkpoint, rig presets): read via importlib.resources."""
