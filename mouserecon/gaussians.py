@@ -70,6 +70,10 @@ class Gaussians:
     opacity_logits: Tensor
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            t = getattr(self, f.name)
+            assert isinstance(t, Tensor) and t.is_floating_point(), f"{f.name} must be a floating-point tensor"
+            assert t.device == self.means.device, f"{f.name} is on {t.device}, means on {self.means.device}"
         batch_n = self.means.shape[:-1]
         assert self.means.shape[-1] == 3, f"means must be [..., N, 3], got {tuple(self.means.shape)}"
         assert self.sh.shape[:-2] == batch_n and self.sh.shape[-1] == 3, f"sh {tuple(self.sh.shape)}"
@@ -79,6 +83,21 @@ class Gaussians:
         assert self.quats.shape == (*batch_n, 4), f"quats {tuple(self.quats.shape)}"
         assert self.opacity_logits.shape == batch_n, f"opacity_logits {tuple(self.opacity_logits.shape)}"
 
+    @classmethod
+    def from_activated(cls, means: Tensor, colors: Tensor, scales: Tensor, quats: Tensor,
+                       opacities: Tensor, sh_degree: int = 0) -> Gaussians:
+        """Build from activated values: means [..., N, 3], colors [..., N, 3] (DC colour, 0.5 = grey),
+        scales [..., N, 3] > 0, quats [..., N, 4] wxyz, opacities [..., N] in (0, 1).
+
+        Higher SH coefficients (sh_degree > 0) are zero, i.e. the colour is view-independent.
+        """
+        assert 0 <= sh_degree <= 3, f"sh_degree must be 0..3, got {sh_degree}"
+        assert colors.shape == means.shape, f"colors {tuple(colors.shape)} vs means {tuple(means.shape)}"
+        sh = torch.zeros(*means.shape[:-1], (sh_degree + 1) ** 2, 3, dtype=colors.dtype, device=colors.device)
+        sh[..., 0, :] = rgb_to_sh_dc(colors)
+        return cls(means=means, sh=sh, log_scales=torch.log(scales), quats=quats,
+                   opacity_logits=opacity_inverse(opacities))
+
     # ---- activated views ---------------------------------------------------------------------
     @property
     def sh_degree(self) -> int:
@@ -87,6 +106,10 @@ class Gaussians:
     @property
     def num(self) -> int:
         return self.means.shape[-2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
 
     @property
     def colors(self) -> Tensor:  # [..., N, 3] view-independent (DC) colour
@@ -131,7 +154,9 @@ class Gaussians:
 
     @staticmethod
     def cat(parts: list[Gaussians]) -> Gaussians:
-        """Concatenate along N; SH degrees must match."""
+        """Concatenate along N; SH degrees and batch shapes must match."""
+        if not parts:
+            raise ValueError("cannot concatenate an empty list of Gaussians")
         degrees = {p.sh_degree for p in parts}
         if len(degrees) != 1:
             raise ValueError(f"cannot concatenate Gaussians with SH degrees {sorted(degrees)}")
@@ -161,12 +186,22 @@ class Gaussians:
         return self.select(keep)
 
     def transform(self, rotation: Tensor, translation: Tensor, scale: float) -> Gaussians:
-        """Apply x -> scale * R x + t to an unbatched set (a similarity; SH degree 0 colours only).
+        """Apply the similarity x -> scale * R x + t: rotation [3, 3] (det +1), translation [3], scale > 0.
 
+        Means move, quaternions are pre-multiplied by R's, log-scales shift by log(scale), so every
+        covariance becomes scale^2 R Sigma R^T. SH degree 0 only (higher bands would need rotating).
         Used to map a reconstruction back to the user's frame (e.g. millimetres).
         """
         if self.sh_degree > 0:
             raise ValueError("transforming view-dependent SH (degree > 0) is not supported")
+        assert rotation.shape == (3, 3) and translation.shape == (3,), \
+            f"rotation must be [3, 3] and translation [3], got {tuple(rotation.shape)}, {tuple(translation.shape)}"
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"similarity scale must be finite and > 0, got {scale}")
+        r64 = rotation.detach().double().cpu()
+        if not (torch.allclose(r64 @ r64.T, torch.eye(3, dtype=torch.float64), atol=1e-5)
+                and torch.det(r64) > 0):
+            raise ValueError(f"not a rotation matrix (orthonormal, det +1):\n{rotation}")
         rotation = rotation.to(self.means)
         means = scale * self.means @ rotation.T + translation.to(self.means)
         q_r = _rotmat_to_quat(rotation)
