@@ -2,18 +2,24 @@
 
 `Cameras` holds camera-to-world matrices and pixel intrinsics for a set of views that share
 one image size. Conversions to and from file formats happen only at the boundary functions
-of this module (`load_opencv_cameras`, `save_opencv_cameras`, `load_nerfstudio_transforms`).
+of this module (`load_opencv_cameras`, `save_opencv_cameras`, `load_nerfstudio_transforms`),
+and every camera set they return has passed `validate_cameras`. Normalisation to the model's
+rig lives in `mouserecon.normalize`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import PIL.Image
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 class CameraError(ValueError):
@@ -129,49 +135,121 @@ class Cameras:
         return uv, depth
 
 
-# ---- FaceLift opencv_cameras.json ------------------------------------------------------------
+# ---- file readers and writer ------------------------------------------------------------------
+
+# Per-frame keys that describe lens effects `Cameras` does not model (FaceLift-format rigs from
+# MATLAB/OpenCV calibrations, nerfstudio OPENCV camera models). Accepted, ignored, warned about.
+_IGNORED_LENS_KEYS = ("skew", "dist_k1_k2_k3", "dist_p1_p2", "k1", "k2", "k3", "k4", "p1", "p2")
+_warned_lens_keys: set[str] = set()  # warn once per process, not once per sample of a dataset
 
 
-def load_opencv_cameras(path: str | Path) -> tuple[Cameras, list[str]]:
-    """Read a FaceLift `opencv_cameras.json` (w2c on disk) -> (Cameras [V], file_paths).
-
-    All frames must share one image size. Extra per-frame keys are allowed and ignored.
-    Raises CameraError naming the file, the frame and the defect.
-    """
-    path = Path(path)
+def _read_json(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise CameraError(f"{path}: camera file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CameraError(f"{path}: not valid JSON ({err})") from None
-    frames = meta.get("frames") if isinstance(meta, dict) else None
-    if not isinstance(frames, list) or not frames:
-        raise CameraError(f"{path}: expected a non-empty list under 'frames'")
-    c2ws, intrinsics, files, sizes = [], [], [], set()
+    if not isinstance(meta, dict) or not isinstance(meta.get("frames"), list) or not meta["frames"]:
+        raise CameraError(f"{path}: expected a JSON object with a non-empty list under 'frames'")
+    return meta
+
+
+def _number(value, path: Path, where: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CameraError(f"{path}: {where} '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _size(value, path: Path, where: str, key: str) -> int:
+    number = _number(value, path, where, key)
+    if number != int(number) or number <= 0:
+        raise CameraError(f"{path}: {where} '{key}' must be a positive integer, got {value!r}")
+    return int(number)
+
+
+def _matrix(value, path: Path, where: str, key: str) -> Tensor:
+    """A 4x4 (or 3x4, completed with 0 0 0 1) float64 matrix from nested JSON lists."""
+    try:
+        matrix = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError) as err:
+        raise CameraError(f"{path}: {where} '{key}' is not a numeric matrix ({err})") from None
+    if matrix.shape == (3, 4):
+        matrix = torch.cat([matrix, matrix.new_tensor([[0.0, 0.0, 0.0, 1.0]])])
+    if matrix.shape != (4, 4):
+        raise CameraError(f"{path}: {where} '{key}' has shape {tuple(matrix.shape)}, expected 4x4")
+    return matrix
+
+
+def _matrix_or_number(value, path: Path, key: str) -> Tensor:
+    try:
+        return torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError) as err:
+        raise CameraError(f"{path}: '{key}' must be a number or a list of numbers ({err})") from None
+
+
+def _warn_ignored_lens_keys(frames: list[dict], path: Path) -> None:
+    nonzero = [key for key in _IGNORED_LENS_KEYS if key not in _warned_lens_keys and any(
+        _matrix_or_number(f[key], path, key).abs().max().item() > 0 for f in frames if key in f)]
+    if nonzero:
+        _warned_lens_keys.update(nonzero)
+        log.warning("%s: non-zero %s ignored: mouserecon models pinhole cameras only, so use undistorted "
+                    "images (warned once per process)", path, ", ".join(nonzero))
+
+
+def _check_unique(file_paths: list[str], path: Path) -> None:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(file_paths):
+        if name in seen:
+            raise CameraError(f"{path}: frames {seen[name]} and {i} have the same file_path {name!r}")
+        seen[name] = i
+
+
+def _one_size(sizes: list[tuple[int, int]], path: Path) -> tuple[int, int]:
+    if len(set(sizes)) != 1:
+        raise CameraError(f"{path}: frames have different image sizes {sorted(set(sizes))}; one size per sample")
+    return sizes[0]
+
+
+def load_opencv_cameras(path: str | Path) -> tuple[Cameras, list[str]]:
+    """Read a FaceLift `opencv_cameras.json` -> (Cameras [V] float32, file_paths [V]).
+
+    Format: {"frames": [{"w", "h", "fx", "fy", "cx", "cy", "w2c" (4x4 OpenCV world-to-camera),
+    "file_path"}, ...]}; intrinsics in pixels, pixel-edge convention. All frames share one image
+    size; file_paths are unique. Extra keys are allowed; non-zero skew/distortion keys are
+    ignored with a warning. Raises CameraError naming the file, the frame and the defect.
+    """
+    path = Path(path)
+    frames = _read_json(path)["frames"]
+    c2ws, intrinsics, files, sizes = [], [], [], []
     for i, frame in enumerate(frames):
+        where = f"frame {i}"
+        if not isinstance(frame, dict):
+            raise CameraError(f"{path}: {where} is not a JSON object")
         missing = [k for k in ("w", "h", "fx", "fy", "cx", "cy", "w2c", "file_path") if k not in frame]
         if missing:
-            raise CameraError(f"{path}: frame {i} is missing {missing}")
-        w2c = torch.tensor(frame["w2c"], dtype=torch.float64)
-        if w2c.shape != (4, 4):
-            raise CameraError(f"{path}: frame {i} w2c has shape {tuple(w2c.shape)}, expected 4x4")
+            raise CameraError(f"{path}: {where} is missing {missing}")
+        w2c = _matrix(frame["w2c"], path, where, "w2c")
         _check_rigid(w2c, path, i, "w2c")
         c2ws.append(torch.linalg.inv(w2c))
-        intrinsics.append(torch.tensor([frame[k] for k in ("fx", "fy", "cx", "cy")], dtype=torch.float64))
+        intrinsics.append(torch.tensor([_number(frame[k], path, where, k) for k in ("fx", "fy", "cx", "cy")]))
         files.append(str(frame["file_path"]))
-        sizes.add((int(frame["w"]), int(frame["h"])))
-    if len(sizes) != 1:
-        raise CameraError(f"{path}: frames have different image sizes {sorted(sizes)}; one size per sample")
-    (width, height), = sizes
+        sizes.append((_size(frame["w"], path, where, "w"), _size(frame["h"], path, where, "h")))
+    width, height = _one_size(sizes, path)
+    _check_unique(files, path)
+    _warn_ignored_lens_keys(frames, path)
     cameras = Cameras(torch.stack(c2ws).float(), torch.stack(intrinsics).float(), width, height)
     validate_cameras(cameras, path)
     return cameras, files
 
 
 def save_opencv_cameras(path: str | Path, cameras: Cameras, file_paths: list[str], **extra) -> None:
-    """Write cameras [V] as FaceLift `opencv_cameras.json` (atomically). `extra` goes to the top level."""
+    """Write cameras [V] as FaceLift `opencv_cameras.json` (w2c on disk), atomically.
+
+    `extra` goes to the top level (e.g. world_up=[0, 0, 1], normalization=similarity.to_dict()).
+    """
     assert cameras.c2w.ndim == 3 and len(file_paths) == len(cameras), "cameras must be [V] with one file each"
+    _check_unique(list(file_paths), Path(path))
     w2c = torch.linalg.inv(cameras.c2w.double())
     frames = []
     for i, file_path in enumerate(file_paths):
@@ -184,13 +262,97 @@ def save_opencv_cameras(path: str | Path, cameras: Cameras, file_paths: list[str
     tmp.replace(path)
 
 
+# OpenGL camera axes (+x right, +y up, +z backward) -> OpenCV (+x right, +y down, +z forward).
+_GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
+
+
+def load_nerfstudio_transforms(
+    path: str | Path, width: int | None = None, height: int | None = None
+) -> tuple[Cameras, list[str]]:
+    """Read a nerfstudio / NeRF-synthetic `transforms.json` -> (Cameras [V] float32, file_paths [V]).
+
+    Poses: `transform_matrix` is an OpenGL camera-to-world; converted by flipping the camera y and z
+    axes. Intrinsics: `fl_x`, `fl_y`, `cx`, `cy` (pixels, pixel-edge convention, as nerfstudio), or
+    NeRF-synthetic `camera_angle_x` [, `camera_angle_y`] with the principal point at the image centre.
+    Each key may be per frame or global (top level); per frame wins. Image size: `w`, `h` keys, else
+    the `width`/`height` arguments, else read from the first frame's image. `file_path` is returned
+    as written, with ".png" appended when it has no suffix (the NeRF-synthetic convention).
+    Raises CameraError naming the file, the frame and the defect.
+    """
+    path = Path(path)
+    meta = _read_json(path)
+    if meta.get("camera_model", "OPENCV") not in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE"):
+        raise CameraError(f"{path}: camera_model {meta['camera_model']!r} is not a pinhole model")
+    c2ws, intrinsics, files, sizes = [], [], [], []
+    for i, frame in enumerate(meta["frames"]):
+        where = f"frame {i}"
+        if not isinstance(frame, dict):
+            raise CameraError(f"{path}: {where} is not a JSON object")
+        merged = {**{k: v for k, v in meta.items() if k != "frames"}, **frame}
+        missing = [k for k in ("transform_matrix", "file_path") if k not in frame]
+        if missing:
+            raise CameraError(f"{path}: {where} is missing {missing}")
+        c2w_gl = _matrix(frame["transform_matrix"], path, where, "transform_matrix")
+        _check_rigid(c2w_gl, path, i, "transform_matrix")
+        c2ws.append(c2w_gl @ _GL_TO_CV)
+        file_path = str(frame["file_path"])
+        files.append(file_path if Path(file_path).suffix else file_path + ".png")
+        w, h = _nerfstudio_size(merged, path, where, width, height, files[-1])
+        sizes.append((w, h))
+        intrinsics.append(_nerfstudio_intrinsics(merged, path, where, w, h))
+    width, height = _one_size(sizes, path)
+    _check_unique(files, path)
+    _warn_ignored_lens_keys([meta, *meta["frames"]], path)
+    cameras = Cameras(torch.stack(c2ws).float(), torch.stack(intrinsics).float(), width, height)
+    validate_cameras(cameras, path)
+    return cameras, files
+
+
+def _nerfstudio_size(merged: dict, path: Path, where: str, width, height, file_path: str) -> tuple[int, int]:
+    if "w" in merged or "h" in merged:
+        if "w" not in merged or "h" not in merged:
+            raise CameraError(f"{path}: {where} gives only one of 'w', 'h'")
+        size = (_size(merged["w"], path, where, "w"), _size(merged["h"], path, where, "h"))
+        if width is not None and (width, height) != size:
+            raise CameraError(f"{path}: {where} declares {size[0]}x{size[1]} but {width}x{height} was passed")
+        return size
+    if width is not None and height is not None:
+        return width, height
+    image = path.parent / file_path
+    try:
+        with PIL.Image.open(image) as img:  # reads the header only
+            return img.size
+    except OSError as err:  # missing, unreadable or not an image
+        raise CameraError(
+            f"{path}: {where} has no 'w'/'h' and its image {image} cannot give the size ({err}); "
+            "pass width and height"
+        ) from None
+
+
+def _nerfstudio_intrinsics(merged: dict, path: Path, where: str, w: int, h: int) -> Tensor:
+    """(fx, fy, cx, cy) [4] float64 from explicit focal lengths or NeRF-synthetic field-of-view angles."""
+    if "fl_x" in merged:
+        fx = _number(merged["fl_x"], path, where, "fl_x")
+        fy = _number(merged.get("fl_y", merged["fl_x"]), path, where, "fl_y")
+    elif "camera_angle_x" in merged:
+        fx = 0.5 * w / math.tan(0.5 * _number(merged["camera_angle_x"], path, where, "camera_angle_x"))
+        fy = fx
+        if "camera_angle_y" in merged:
+            fy = 0.5 * h / math.tan(0.5 * _number(merged["camera_angle_y"], path, where, "camera_angle_y"))
+    else:
+        raise CameraError(f"{path}: {where} has neither 'fl_x' nor 'camera_angle_x' (no focal length)")
+    cx = _number(merged.get("cx", 0.5 * w), path, where, "cx")
+    cy = _number(merged.get("cy", 0.5 * h), path, where, "cy")
+    return torch.tensor([fx, fy, cx, cy], dtype=torch.float64)
+
+
 # ---- validation ------------------------------------------------------------------------------
 
 
 def _check_rigid(matrix: Tensor, path, frame: int, name: str, atol: float = 1e-4) -> None:
     """Raise unless `matrix` [4, 4] is finite, rotation orthonormal with det +1, last row 0 0 0 1."""
     if not torch.isfinite(matrix).all():
-        raise CameraError(f"{path}: frame {frame} {name} has non-finite values")
+        raise CameraError(f"{path}: frame {frame} {name} has non-finite values (NaN or inf)")
     rot = matrix[:3, :3].double()
     err = (rot @ rot.T - torch.eye(3, dtype=rot.dtype)).abs().max().item()
     if err > atol:
@@ -206,10 +368,11 @@ def validate_cameras(cameras: Cameras, source: str | Path = "<cameras>") -> None
     """Check every camera of a [V] set; raise CameraError naming `source`, the frame and the defect.
 
     Checks: finite values, orthonormal rotations with det +1, positive focal lengths, principal
-    point inside the image, and that the cameras look at a common region (each optical axis
-    passes in front of its camera near the least-squares intersection of all axes).
+    point inside the image, and (for V >= 2) that the cameras look at a common region: each
+    camera must see, within its field of view, the point where the other cameras' optical axes
+    meet (leave-one-out, so one camera that looks away cannot hide among good ones).
     """
-    assert cameras.c2w.ndim == 3, "validate a [V] set of cameras"
+    assert cameras.c2w.ndim == 3, f"validate a [V] set of cameras, got c2w {tuple(cameras.c2w.shape)}"
     for i in range(len(cameras)):
         _check_rigid(cameras.c2w[i], source, i, "c2w")
         fx, fy, cx, cy = cameras.intrinsics[i].tolist()
@@ -218,41 +381,43 @@ def validate_cameras(cameras: Cameras, source: str | Path = "<cameras>") -> None
         if fx <= 0 or fy <= 0:
             raise CameraError(f"{source}: frame {i} focal lengths must be positive, got fx={fx}, fy={fy}")
         if not (0 < cx < cameras.width and 0 < cy < cameras.height):
-            raise CameraError(
-                f"{source}: frame {i} principal point ({cx}, {cy}) is outside the {cameras.width}x{cameras.height} image"
-            )
+            raise CameraError(f"{source}: frame {i} principal point ({cx}, {cy}) is outside the "
+                              f"{cameras.width}x{cameras.height} image")
     if len(cameras) >= 2:
         _check_common_region(cameras, source)
 
 
 def optical_axes_intersection(c2w: Tensor) -> Tensor:
-    """Least-squares point [3] closest to all optical axes (+z of each camera) of c2w [V, 4, 4]."""
+    """Least-squares point [3] (float64) closest to all optical axes (+z lines) of c2w [V, 4, 4], V >= 2."""
+    assert c2w.ndim == 3 and c2w.shape[1:] == (4, 4), f"c2w must be [V, 4, 4], got {tuple(c2w.shape)}"
     c2w = c2w.double()
-    origins, dirs = c2w[:, :3, 3], torch.nn.functional.normalize(c2w[:, :3, 2], dim=-1)
-    proj = torch.eye(3, dtype=c2w.dtype) - dirs[:, :, None] * dirs[:, None, :]  # [V, 3, 3]
+    origins, dirs = c2w[:, :3, 3], torch.nn.functional.normalize(c2w[:, :3, 2], dim=-1)  # [V, 3]
+    proj = torch.eye(3, dtype=c2w.dtype) - dirs[:, :, None] * dirs[:, None, :]  # [V, 3, 3] onto each axis' normal plane
     lhs, rhs = proj.sum(0), (proj @ origins[:, :, None]).sum(0)[:, 0]
-    if torch.linalg.matrix_rank(lhs).item() < 3:
-        raise CameraError("optical axes are parallel; their intersection is undefined")
+    if torch.linalg.cond(lhs).item() > 1e8:
+        raise CameraError("optical axes are (nearly) parallel; their intersection is undefined")
     return torch.linalg.solve(lhs, rhs)
 
 
 def _check_common_region(cameras: Cameras, source) -> None:
-    try:
-        point = optical_axes_intersection(cameras.c2w)
-    except CameraError as err:
-        raise CameraError(f"{source}: the cameras do not look at a common region ({err})") from None
     c2w = cameras.c2w.double()
-    to_point = point - c2w[:, :3, 3]  # [V, 3]
-    dist = to_point.norm(dim=-1)
-    forward = c2w[:, :3, 2]
-    cos = (forward * to_point).sum(-1) / dist.clamp_min(1e-12)
-    for i in range(len(cameras)):
-        # The common point must be in front of every camera and within its field of view.
-        half_fov = math.atan(0.5 * max(cameras.width / cameras.intrinsics[i, 0].item(),
-                                       cameras.height / cameras.intrinsics[i, 1].item()))
-        angle = math.degrees(math.acos(max(-1.0, min(1.0, cos[i].item()))))
-        if angle > math.degrees(half_fov) * 1.5:
-            raise CameraError(
-                f"{source}: frame {i} looks away from the region the other cameras share "
-                f"({angle:.0f} deg off its optical axis)"
-            )
+    num = len(cameras)
+    angles = []  # [V] degrees between each optical axis and the direction to the others' meeting point
+    for i in range(num):
+        others = [j for j in range(num) if j != i] if num >= 3 else list(range(num))
+        try:
+            point = optical_axes_intersection(c2w[others])
+        except CameraError as err:
+            raise CameraError(f"{source}: the cameras do not look at a common region ({err})") from None
+        to_point = point - c2w[i, :3, 3]
+        cos = (c2w[i, :3, 2] @ to_point / to_point.norm().clamp_min(1e-12)).clamp(-1.0, 1.0)
+        angles.append(math.degrees(math.acos(cos.item())))
+    # Blame the worst camera: with one bad camera, its leave-one-out point is clean, so it stands out.
+    worst = max(range(num), key=angles.__getitem__)
+    fx, fy = cameras.intrinsics[worst, :2].tolist()
+    half_diagonal_fov = math.degrees(math.atan(0.5 * math.hypot(cameras.width / fx, cameras.height / fy)))
+    if angles[worst] > half_diagonal_fov:
+        raise CameraError(
+            f"{source}: frame {worst} looks away from the region the other cameras look at "
+            f"({angles[worst]:.0f} deg off its optical axis; its half field of view is {half_diagonal_fov:.0f} deg)"
+        )
