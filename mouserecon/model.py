@@ -1,0 +1,217 @@
+"""GS-LRM: posed images -> 3D Gaussians, numerically identical to FaceLift's GS-LRM.
+
+The model only models: no loss, rendering or file I/O (see `checkpoints.py` for loading FaceLift
+weights). Dimension names: b batch, v views, h w image, p patch, n Gaussians, d width.
+
+Pipeline (see ../shared/golden/README.md for the reference maths):
+  posed images [b, v, 9, h, w] = (2 rgb - 1, ray direction, ray point nearest the origin)
+  -> patchify (hp wp) tokens with features (ph pw c) -> bias-free linear -> prepend n_gaussians
+  learned tokens -> input LayerNorm -> pre-norm transformer blocks (SDPA, GELU MLP x4)
+  -> token head (LN + linear) and pixel head (LN + linear to p*p Gaussians per patch token)
+  -> split [3, 3K, 3, 4, 1]; log-scale = (s - 2.3) clamped at max -1.2; opacity logit = o - 2;
+  pixel Gaussians placed on their pixel's ray at depth (2 sigmoid(mean xyz) - 1) * 1.8 - o.d.
+
+Output order (CONVENTIONS.md C8): the token Gaussians first, then patch-major
+(view, patch row, patch column, row in patch, column in patch).
+
+Precision: the model runs in the dtype of its parameters; bf16 autocast on CUDA is the caller's
+choice (`with torch.autocast("cuda", torch.bfloat16): model(...)`). Ray geometry and the pixel
+alignment stay in fp32 because they are computed from the fp32 cameras outside any matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mouserecon.cameras import Cameras
+from mouserecon.gaussians import Gaussians
+
+LN_EPS = 1e-5
+SCALE_BIAS, SCALE_MAX = 2.3, -1.2  # log_scales = (s - 2.3).clamp(max=-1.2)
+OPACITY_BIAS = 2.0  # opacity_logits = o - 2
+DEPTH_RANGE = 1.8  # pixel depth = (2 sigmoid(.) - 1) * 1.8 + t0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GS-LRM architecture. `image_size` is the nominal (training) resolution; the model accepts
+    any H, W that are multiples of `patch_size`. `grad_checkpoint` recomputes each block in the
+    backward pass (training memory only; no numerical effect)."""
+
+    d: int
+    d_head: int
+    n_layer: int
+    patch_size: int
+    image_size: int
+    in_channels: int = 9
+    n_gaussians: int = 2
+    sh_degree: int = 0
+    clip_xyz: bool = False  # clamp pixel-aligned xyz to [-1, 1]; never active in FaceLift's shipped config
+    grad_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d % self.d_head:
+            raise ValueError(f"d={self.d} is not a multiple of d_head={self.d_head}")
+        if self.in_channels != 9:
+            raise ValueError(f"in_channels must be 9 (rgb, ray direction, nearest point), got {self.in_channels}")
+        if not 0 <= self.sh_degree <= 3:
+            raise ValueError(f"sh_degree must be 0..3, got {self.sh_degree}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if min(self.d, self.n_layer, self.patch_size, self.n_gaussians) < 1:
+            raise ValueError(f"non-positive size in {self}")
+
+    @property
+    def n_sh(self) -> int:  # K = (deg + 1)^2
+        return (self.sh_degree + 1) ** 2
+
+    @property
+    def gaussian_channels(self) -> int:  # G = xyz 3 + sh 3K + scale 3 + quat 4 + opacity 1
+        return 11 + 3 * self.n_sh
+
+    @staticmethod
+    def preset(name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    # FaceLift's configs/gslrm.yaml: 303.6 M parameters.
+    "facelift": ModelConfig(d=1024, d_head=64, n_layer=24, patch_size=8, image_size=512),
+    # Trains on a 2-core CPU in hours at 128 px: 4.7 M parameters, ~22 GFLOP per 5-view forward.
+    "small": ModelConfig(d=256, d_head=32, n_layer=6, patch_size=8, image_size=128),
+    # For tests: runs in milliseconds.
+    "tiny": ModelConfig(d=64, d_head=16, n_layer=2, patch_size=8, image_size=64),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)). No biases anywhere."""
+
+    def __init__(self, d: int, d_head: int):
+        super().__init__()
+        self.d_head = d_head
+        self.norm1 = nn.LayerNorm(d, eps=LN_EPS, bias=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.norm2 = nn.LayerNorm(d, eps=LN_EPS, bias=False)
+        self.mlp_in = nn.Linear(d, 4 * d, bias=False)
+        self.mlp_out = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, n, d] -> [b, n, d]
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x))  # [b, n, 3d]; q = [0, d), k = [d, 2d), v = [2d, 3d)
+        qkv = qkv.view(b, n, 3, d // self.d_head, self.d_head).permute(2, 0, 3, 1, 4)  # [3, b, nh, n, dh]
+        att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [b, nh, n, dh]
+        x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))  # [b, n, d]
+        return x + self.mlp_out(F.gelu(self.mlp_in(self.norm2(x))))  # [b, n, d]
+
+
+def patch_major(x: Tensor, p: int) -> Tensor:
+    """[b, v, h, w, c] raster pixels -> [b, v*h*w, c] in patch-major order (v, hp, wp, ph, pw)."""
+    b, v, h, w, c = x.shape
+    x = x.reshape(b, v, h // p, p, w // p, p, c)  # [b, v, hp, ph, wp, pw, c]
+    return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, v * h * w, c)  # [b, v*hp*wp*ph*pw, c]
+
+
+def posed_images(images: Tensor, cameras: Cameras) -> Tensor:
+    """Network input [b, v, 9, h, w]: (2 rgb - 1, unit ray direction, ray point nearest the origin).
+
+    images [b, v, 3, h, w] in [0, 1]; cameras [b, v] with the images' width and height.
+    """
+    b, v, _, h, w = images.shape
+    assert images.shape[2] == 3, f"images must be [b, v, 3, h, w], got {tuple(images.shape)}"
+    assert cameras.batch_shape == (b, v), f"cameras {tuple(cameras.batch_shape)} vs images {(b, v)}"
+    assert (cameras.height, cameras.width) == (h, w), f"cameras are {cameras.width}x{cameras.height}, images {w}x{h}"
+    origins, dirs = cameras.rays()  # [b, v, h, w, 3] each
+    t0 = (-origins * dirs).sum(-1, keepdim=True)  # [b, v, h, w, 1]
+    nearest = origins + t0 * dirs  # [b, v, h, w, 3]
+    geometry = torch.cat([dirs, nearest], -1).permute(0, 1, 4, 2, 3)  # [b, v, 6, h, w]
+    return torch.cat([images * 2 - 1, geometry.to(images.dtype)], 2)  # [b, v, 9, h, w]
+
+
+class GSLRM(nn.Module):
+    """images [b, v, 3, h, w] in [0, 1] + cameras [b, v] -> Gaussians [b, n], n = n_gaussians + v*h*w."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.gaussian_tokens = nn.Parameter(torch.empty(c.n_gaussians, c.d))
+        self.patch_embed = nn.Linear(c.patch_size**2 * c.in_channels, c.d, bias=False)
+        self.input_norm = nn.LayerNorm(c.d, eps=LN_EPS, bias=False)
+        self.blocks = nn.ModuleList(Block(c.d, c.d_head) for _ in range(c.n_layer))
+        self.token_head_norm = nn.LayerNorm(c.d, eps=LN_EPS, bias=False)
+        self.token_head = nn.Linear(c.d, c.gaussian_channels, bias=False)
+        self.pixel_head_norm = nn.LayerNorm(c.d, eps=LN_EPS, bias=False)
+        self.pixel_head = nn.Linear(c.d, c.patch_size**2 * c.gaussian_channels, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """FaceLift's initialisation: linears N(0, 0.02), tokens trunc-normal 0.02, LayerNorms 1."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+        nn.init.trunc_normal_(self.gaussian_tokens, std=0.02)
+
+    def forward(self, images: Tensor, cameras: Cameras) -> Gaussians:
+        c, p = self.config, self.config.patch_size
+        b, v, _, h, w = images.shape
+        assert h % p == 0 and w % p == 0, f"image size {w}x{h} is not a multiple of the patch size {p}"
+        posed = posed_images(images, cameras)  # [b, v, 9, h, w]
+
+        tokens = posed.reshape(b, v, c.in_channels, h // p, p, w // p, p)  # [b, v, c, hp, ph, wp, pw]
+        tokens = tokens.permute(0, 1, 3, 5, 4, 6, 2).reshape(b, v * (h // p) * (w // p), -1)  # [b, v*P, p*p*c]
+        x = torch.cat([self.gaussian_tokens.expand(b, -1, -1), self.patch_embed(tokens)], 1)  # [b, ng + v*P, d]
+        x = self.input_norm(x)
+        for block in self.blocks:
+            if c.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)  # [b, ng + v*P, d]
+
+        gauss_tok, img_tok = x.split([c.n_gaussians, x.shape[1] - c.n_gaussians], 1)
+        raw_tok = self.token_head(self.token_head_norm(gauss_tok))  # [b, ng, G]
+        raw_pix = self.pixel_head(self.pixel_head_norm(img_tok))  # [b, v*P, p*p*G]
+        raw_pix = raw_pix.reshape(b, v * h * w, c.gaussian_channels)  # [b, v*h*w, G], patch-major
+        xyz_tok, sh_tok, s_tok, q_tok, o_tok = raw_tok.split([3, 3 * c.n_sh, 3, 4, 1], -1)
+        xyz_pix, sh_pix, s_pix, q_pix, o_pix = raw_pix.split([3, 3 * c.n_sh, 3, 4, 1], -1)
+
+        origins, dirs = (patch_major(r, p) for r in cameras.rays())  # [b, v*h*w, 3] each
+        t0 = (-origins * dirs).sum(-1, keepdim=True)  # [b, v*h*w, 1]
+        depth = (2 * torch.sigmoid(xyz_pix.mean(-1, keepdim=True)) - 1) * DEPTH_RANGE + t0  # [b, v*h*w, 1]
+        xyz_pix = origins + depth * dirs  # [b, v*h*w, 3] on each pixel's ray
+        if c.clip_xyz:
+            xyz_pix = xyz_pix.clamp(-1.0, 1.0)
+
+        raw = torch.cat([torch.cat(t, 1) for t in ((sh_tok, sh_pix), (s_tok, s_pix), (q_tok, q_pix), (o_tok, o_pix))], -1)
+        sh, scales, quats, opacity = raw.split([3 * c.n_sh, 3, 4, 1], -1)  # [b, n, *]
+        return Gaussians(
+            means=torch.cat([xyz_tok.to(xyz_pix.dtype), xyz_pix], 1),  # [b, n, 3]
+            sh=sh.reshape(b, -1, c.n_sh, 3),  # [b, n, K, 3]; sh[n, k, c] = raw[3 + 3k + c]
+            log_scales=(scales - SCALE_BIAS).clamp(max=SCALE_MAX),  # [b, n, 3]
+            quats=quats,  # [b, n, 4] wxyz, unnormalised
+            opacity_logits=opacity[..., 0] - OPACITY_BIAS,  # [b, n]
+        )
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+
+def forward_flops(config: ModelConfig, views: int, height: int, width: int) -> int:
+    """Analytic FLOPs (2 per multiply-add) of one forward pass for one item: linears + attention."""
+    c, p = config, config.patch_size
+    pixels = views * height * width
+    patches = pixels // p**2
+    n = c.n_gaussians + patches
+    per_block = 2 * n * (3 * c.d * c.d + c.d * c.d + 8 * c.d * c.d) + 2 * 2 * n * n * c.d  # linears + QK^T, AV
+    heads = 2 * c.n_gaussians * c.d * c.gaussian_channels + 2 * patches * c.d * p**2 * c.gaussian_channels
+    return 2 * patches * p**2 * c.in_channels * c.d + c.n_layer * per_block + heads
+

@@ -1,0 +1,260 @@
+"""GS-LRM: golden FaceLift outputs, an independent reference on non-square views, Gaussian order."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mouserecon.cameras import Cameras
+from mouserecon.checkpoints import load_checkpoint
+from mouserecon.model import GSLRM, PRESETS, ModelConfig, forward_flops, posed_images
+
+ATOL = RTOL = 1e-5  # the golden README's recommendation (fp32 op-order noise is ~2e-6)
+
+
+def _golden_files(shared_dir):
+    files = sorted((shared_dir / "golden").glob("gslrm_golden_*.pt"))
+    assert files, f"no gslrm_golden_*.pt in {shared_dir / 'golden'}"
+    return [(path, torch.load(path, weights_only=True)) for path in files]
+
+
+def _golden_model(golden, tmp_path, clip_xyz=False):
+    """The golden FaceLift-format checkpoint written to a file and read through our loader."""
+    mcfg = golden["config"]["model"]
+    assert mcfg["hard_pixelalign"] and mcfg["use_custom_plucker"] and not mcfg["add_refsrc_marker"]
+    path = tmp_path / "facelift_ckpt.pt"
+    torch.save(golden["checkpoint"], path)
+    model, info = load_checkpoint(path, d_head=mcfg["transformer"]["d_head"])
+    assert info.format == "facelift" and info.config.n_layer == mcfg["transformer"]["n_layer"]
+    if clip_xyz:
+        clipped = GSLRM(replace(model.config, clip_xyz=True))
+        clipped.load_state_dict(model.state_dict())
+        model = clipped.eval()
+    return model
+
+
+def _golden_cameras(inputs):
+    h, w = inputs["image"].shape[-2:]
+    return Cameras(inputs["c2w"], inputs["fxfycxcy"], width=w, height=h)
+
+
+def test_golden_facelift_outputs(shared_dir, tmp_path):
+    """Every golden file (A here; B with non-square 48x40 views when present) through our loader."""
+    for path, golden in _golden_files(shared_dir):
+        inputs, ref = golden["inputs"], golden["outputs"]
+        cameras = _golden_cameras(inputs)
+        torch.testing.assert_close(posed_images(inputs["image"], cameras), golden["intermediates"]["posed_images"],
+                                   atol=ATOL, rtol=RTOL, msg=lambda m: f"{path.name} posed_images: {m}")
+        for clip, key in ((False, "inference_true"), (True, "inference_false")):
+            model = _golden_model(golden, tmp_path, clip_xyz=clip)
+            with torch.no_grad():
+                out = model(inputs["image"], cameras)
+            expected = ref[key]
+            pairs = {"xyz": out.means, "features": out.sh, "scaling": out.log_scales, "rotation": out.quats,
+                     "opacity": out.opacity_logits[..., None]}
+            for name, actual in pairs.items():
+                torch.testing.assert_close(actual, expected[name], atol=ATOL, rtol=RTOL,
+                                           msg=lambda m: f"{path.name} {key} {name}: {m}")
+
+
+def _cross(a, b):
+    return torch.linalg.cross(a, b, dim=-1)
+
+
+def test_convention_gaussian_order(shared_dir, tmp_path):
+    """C8: token Gaussians first, then patch-major pixels. Read patch-major, every pixel Gaussian lies on
+    its own pixel's ray (golden outputs and ours); read in raster order, it does not."""
+    for path, golden in _golden_files(shared_dir):
+        inputs = golden["inputs"]
+        b, v, _, h, w = inputs["image"].shape
+        p = golden["config"]["model"]["image_tokenizer"]["patch_size"]
+        ng = golden["config"]["model"]["gaussians"]["n_gaussians"]
+        dirs = golden["intermediates"]["posed_images"][:, :, 3:6].permute(0, 1, 3, 4, 2)  # [b, v, h, w, 3]
+        origins = inputs["c2w"][:, :, None, None, :3, 3]  # [b, v, 1, 1, 3]
+        model = _golden_model(golden, tmp_path)
+        with torch.no_grad():
+            ours = model(inputs["image"], _golden_cameras(inputs)).means
+        for xyz in (golden["outputs"]["inference_true"]["xyz"], ours):
+            pix = xyz[:, ng:]  # [b, v*h*w, 3]
+            patch_major = pix.reshape(b, v, h // p, w // p, p, p, 3).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, v, h, w, 3)
+            raster = pix.reshape(b, v, h, w, 3)
+            on_ray = _cross(patch_major - origins, dirs).norm(dim=-1)
+            off_ray = _cross(raster - origins, dirs).norm(dim=-1)
+            assert on_ray.max() < 1e-5, f"{path.name}: patch-major xyz off its ray by {on_ray.max():.2e}"
+            assert off_ray.mean() > 0.1, f"{path.name}: raster order unexpectedly lies on the rays"
+
+
+# ---- an independent reference, written from the golden README maths -------------------------------
+
+
+def _reference_forward(state, cfg, images, c2w, fxfycxcy):
+    """Straight from ../shared/golden/README.md: explicit pixel grids, F.unfold patches, manual softmax
+    attention, explicit index arithmetic for the patch-major order. Returns dict of FaceLift outputs."""
+    b, v, _, h, w = images.shape
+    p, ng, d, nh = cfg.patch_size, cfg.n_gaussians, cfg.d, cfg.d // cfg.d_head
+    k_sh = (cfg.sh_degree + 1) ** 2
+    # rays through pixel centres, normalised in camera and again in world
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")  # [h, w]
+    fx, fy, cx, cy = (fxfycxcy[..., i, None, None] for i in range(4))  # [b, v, 1, 1]
+    d_cam = torch.stack([(xs - cx) / fx, (ys - cy) / fy, torch.ones(b, v, h, w)], -1)  # [b, v, h, w, 3]
+    d_cam = d_cam / d_cam.norm(dim=-1, keepdim=True)
+    ray_d = torch.einsum("bvij,bvhwj->bvhwi", c2w[:, :, :3, :3], d_cam)
+    ray_d = ray_d / ray_d.norm(dim=-1, keepdim=True)  # [b, v, h, w, 3]
+    ray_o = c2w[:, :, None, None, :3, 3].expand_as(ray_d)  # [b, v, h, w, 3]
+    t0 = (-ray_o * ray_d).sum(-1, keepdim=True)
+    posed = torch.cat([images.permute(0, 1, 3, 4, 2) * 2 - 1, ray_d, ray_o + t0 * ray_d], -1)  # [b, v, h, w, 9]
+    # patches: F.unfold gives features (c, ph, pw); reorder to (ph, pw, c)
+    cols = F.unfold(posed.permute(0, 1, 4, 2, 3).reshape(b * v, 9, h, w), p, stride=p)  # [bv, 9*p*p, P]
+    cols = cols.reshape(b * v, 9, p * p, -1).permute(0, 3, 2, 1).reshape(b, -1, p * p * 9)  # [b, v*P, p*p*9]
+
+    def ln(x, weight):
+        return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) * weight
+
+    x = torch.cat([state["gaussian_tokens"].expand(b, -1, -1), cols @ state["patch_embed.weight"].T], 1)
+    x = ln(x, state["input_norm.weight"])
+    for i in range(cfg.n_layer):
+        s = {k.split(".", 2)[2]: t for k, t in state.items() if k.startswith(f"blocks.{i}.")}
+        q, k, vv = (ln(x, s["norm1.weight"]) @ s["qkv.weight"].T).split(d, -1)
+        q, k, vv = (t.reshape(b, -1, nh, cfg.d_head).transpose(1, 2) for t in (q, k, vv))  # [b, nh, n, dh]
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head), -1) @ vv
+        x = x + att.transpose(1, 2).reshape(b, -1, d) @ s["proj.weight"].T
+        hidden = ln(x, s["norm2.weight"]) @ s["mlp_in.weight"].T
+        x = x + 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2))) @ s["mlp_out.weight"].T
+    raw_tok = ln(x[:, :ng], state["token_head_norm.weight"]) @ state["token_head.weight"].T
+    raw_pix = ln(x[:, ng:], state["pixel_head_norm.weight"]) @ state["pixel_head.weight"].T
+    raw = torch.cat([raw_tok, raw_pix.reshape(b, v * h * w, -1)], 1)  # [b, N, G]
+    # where each pixel Gaussian sits: n = ng + ((((v*Hp + hp)*Wp + wp)*p + ph)*p + pw)
+    m = torch.arange(v * h * w)
+    pw, ph = m % p, (m // p) % p
+    wp, hp = (m // (p * p)) % (w // p), (m // (p * p * (w // p))) % (h // p)
+    view = m // (h * w)
+    y, xcol = hp * p + ph, wp * p + pw
+    o_n, d_n = ray_o[:, view, y, xcol], ray_d[:, view, y, xcol]  # [b, v*h*w, 3]
+    sig = torch.sigmoid(raw[:, ng:, :3].mean(-1, keepdim=True))
+    xyz_pix = o_n + ((2 * sig - 1) * 1.8 + (-o_n * d_n).sum(-1, keepdim=True)) * d_n
+    return {
+        "xyz": torch.cat([raw[:, :ng, :3], xyz_pix], 1),
+        "features": raw[..., 3:3 + 3 * k_sh].reshape(b, -1, k_sh, 3),
+        "scaling": (raw[..., 3 + 3 * k_sh:6 + 3 * k_sh] - 2.3).clamp(max=-1.2),
+        "rotation": raw[..., 6 + 3 * k_sh:10 + 3 * k_sh],
+        "opacity": raw[..., 10 + 3 * k_sh] - 2.0,
+    }
+
+
+def _orbit_cameras(b, v, h, w, generator):
+    """Look-at cameras on a 2.7 sphere, world up +Z, fy = 1.03 fx, cx != cy."""
+    az = torch.rand(b, v, generator=generator) * 2 * math.pi
+    el = (torch.rand(b, v, generator=generator) - 0.3) * 1.2
+    eye = 2.7 * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)  # [b, v, 3]
+    fwd = F.normalize(-eye, dim=-1)
+    right = F.normalize(torch.linalg.cross(fwd, torch.tensor([0.0, 0.0, 1.0]).expand_as(fwd), dim=-1), dim=-1)
+    down = torch.linalg.cross(fwd, right, dim=-1)
+    c2w = torch.eye(4).repeat(b, v, 1, 1)
+    c2w[..., :3, :3] = torch.stack([right, down, fwd], -1)
+    c2w[..., :3, 3] = eye
+    fx = 1.07 * w
+    intr = torch.tensor([fx, 1.03 * fx, 0.45 * w, 0.55 * h]).expand(b, v, 4).clone()
+    return Cameras(c2w, intr, width=w, height=h)
+
+
+def _perturbed(model, generator):
+    """Random weights where every parameter matters (LayerNorm weights away from 1, large heads)."""
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            std = 0.2 if "norm" in name else 0.15 if "head" in name else 0.05
+            t.add_(torch.randn(t.shape, generator=generator) * std)
+    return model.eval()
+
+
+def test_matches_independent_reference_non_square():
+    g = torch.Generator().manual_seed(7)
+    cfg = ModelConfig(d=48, d_head=16, n_layer=3, patch_size=8, image_size=48, sh_degree=1)
+    model = _perturbed(GSLRM(cfg), g)
+    b, v, h, w = 2, 6, 48, 40
+    images = torch.rand(b, v, 3, h, w, generator=g)
+    cameras = _orbit_cameras(b, v, h, w, g)
+    with torch.no_grad():
+        out = model(images, cameras)
+        ref = _reference_forward(dict(model.state_dict()), cfg, images, cameras.c2w, cameras.intrinsics)
+    assert out.means.shape == (b, 2 + v * h * w, 3) and out.sh.shape == (b, 2 + v * h * w, 4, 3)
+    assert (ref["scaling"] == -1.2).float().mean() > 0.02, "the scale clamp must fire for this test to mean much"
+    for name, actual in {"xyz": out.means, "features": out.sh, "scaling": out.log_scales,
+                         "rotation": out.quats, "opacity": out.opacity_logits}.items():
+        torch.testing.assert_close(actual, ref[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_clip_xyz_clamps_only_pixel_gaussians():
+    g = torch.Generator().manual_seed(3)
+    cfg = replace(PRESETS["tiny"], clip_xyz=True)
+    model = _perturbed(GSLRM(cfg), g)
+    with torch.no_grad():
+        model.gaussian_tokens.mul_(50)  # push token xyz far outside [-1, 1]
+        images = torch.rand(1, 2, 3, 16, 24, generator=g)
+        clipped = model(images, _orbit_cameras(1, 2, 16, 24, g))
+    assert clipped.means[:, 2:].abs().max() <= 1.0
+    assert clipped.means[:, :2].abs().max() > 1.0, "token Gaussians are never clamped"
+
+
+def test_forward_flops_matches_torch_flop_counter():
+    cfg = PRESETS["tiny"]
+    model = GSLRM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, 3, 32, 48, generator=g)
+    # The math backend runs attention as counted matmuls (the fused CPU kernel is not counted).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(images, _orbit_cameras(1, 3, 32, 48, g))
+    rays = 2 * (2 * 9 * 3 * 32 * 48)  # Cameras.rays() (called twice) rotates each pixel's direction: 3x3 @ 3
+    assert counter.get_total_flops() == forward_flops(cfg, views=3, height=32, width=48) + rays
+
+
+def test_grad_checkpoint_gives_same_gradients():
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(1, 2, 3, 16, 16, generator=g)
+    cameras = _orbit_cameras(1, 2, 16, 16, g)
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = GSLRM(replace(PRESETS["tiny"], grad_checkpoint=flag)).train()
+        out = model(images, cameras)
+        (out.means.square().sum() + out.sh.sum() + out.opacity_logits.sum()).backward()
+        grads.append([t.grad.clone() for t in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_presets_and_shapes():
+    with torch.device("meta"):
+        assert GSLRM(PRESETS["facelift"]).num_parameters() == 303_565_824  # golden README, FaceLift's yaml
+        small = GSLRM(PRESETS["small"])
+    assert 1e6 < small.num_parameters() < 1e7
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset("huge")
+    with pytest.raises(ValueError, match="multiple of d_head"):
+        ModelConfig(d=50, d_head=16, n_layer=1, patch_size=8, image_size=64)
+    model = GSLRM(PRESETS["tiny"]).eval()
+    cams = _orbit_cameras(1, 2, 16, 16, torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError, match="cameras are 16x16, images 24x16"):
+        model(torch.rand(1, 2, 3, 16, 24), cams)
+    odd = _orbit_cameras(1, 2, 12, 16, torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError, match="multiple of the patch size"):
+        model(torch.rand(1, 2, 3, 12, 16), odd)
+
+
+def test_bf16_autocast_close_to_fp32():
+    g = torch.Generator().manual_seed(2)
+    model = GSLRM(PRESETS["tiny"]).eval()
+    images = torch.rand(1, 2, 3, 16, 16, generator=g)
+    cameras = _orbit_cameras(1, 2, 16, 16, g)
+    with torch.no_grad():
+        ref = model(images, cameras)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(images, cameras)
+    assert low.means.dtype == torch.float32, "pixel alignment stays fp32 under autocast"
+    torch.testing.assert_close(low.means.float(), ref.means, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(low.opacity_logits.float(), ref.opacity_logits, atol=5e-2, rtol=5e-2)
