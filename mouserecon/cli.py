@@ -54,10 +54,30 @@ def eval_() -> None:
 # ---- view --------------------------------------------------------------------------------------
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def view() -> None:
-    """Open a .ply in a viser web viewer."""
-    _not_built("view", "issue 7")
+@main.command()
+@click.argument("plys", nargs=-1, required=True, type=click.Path())
+@click.option("--cameras", "camera_file", type=click.Path(),
+              help="opencv_cameras.json (or transforms.json) whose cameras and images to show.")
+@click.option("--sample", "sample_dir", type=click.Path(), help="Sample folder whose cameras to show.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--up", default="+z", show_default=True, type=click.Choice(["+x", "-x", "+y", "-y", "+z", "-z"]),
+              help="World up axis (+z for the FaceLift rig).")
+@click.option("--render-dir", type=click.Path(), default=".", show_default=True,
+              help="Where 'Save render (PNG)' writes render_NNN.png.")
+def view(plys, camera_file, sample_dir, host, port, up, render_dir) -> None:
+    """Open PLY files (one toggleable layer each) in a viser web viewer; Ctrl-C stops it."""
+    from mouserecon.viewer.app import ViewerError, serve
+
+    if camera_file is not None and sample_dir is not None:
+        raise click.UsageError("give --cameras or --sample, not both")
+    try:
+        viewer = serve(list(plys), sample=camera_file or sample_dir, host=host, port=port, up=up,
+                       render_dir=render_dir, block=False)
+    except ViewerError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"mouserecon viewer: {viewer.url}  (Ctrl-C to stop)")
+    viewer.serve_until_interrupted()
 
 
 # ---- synth -------------------------------------------------------------------------------------
