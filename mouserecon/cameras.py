@@ -297,7 +297,9 @@ def load_nerfstudio_transforms(
         c2ws.append(c2w_gl @ _GL_TO_CV)
         file_path = str(frame["file_path"])
         files.append(file_path if Path(file_path).suffix else file_path + ".png")
-        w, h = _nerfstudio_size(merged, path, where, width, height, files[-1])
+        if width is None and height is None and "w" not in merged and "h" not in merged:
+            width, height = _image_size(path, where, files[-1])  # the first frame's image, once
+        w, h = _nerfstudio_size(merged, path, where, width, height)
         sizes.append((w, h))
         intrinsics.append(_nerfstudio_intrinsics(merged, path, where, w, h))
     width, height = _one_size(sizes, path)
@@ -308,7 +310,7 @@ def load_nerfstudio_transforms(
     return cameras, files
 
 
-def _nerfstudio_size(merged: dict, path: Path, where: str, width, height, file_path: str) -> tuple[int, int]:
+def _nerfstudio_size(merged: dict, path: Path, where: str, width, height) -> tuple[int, int]:
     if "w" in merged or "h" in merged:
         if "w" not in merged or "h" not in merged:
             raise CameraError(f"{path}: {where} gives only one of 'w', 'h'")
@@ -316,8 +318,12 @@ def _nerfstudio_size(merged: dict, path: Path, where: str, width, height, file_p
         if width is not None and (width, height) != size:
             raise CameraError(f"{path}: {where} declares {size[0]}x{size[1]} but {width}x{height} was passed")
         return size
-    if width is not None and height is not None:
-        return width, height
+    if width is None or height is None:
+        raise CameraError(f"{path}: {where} has no 'w'/'h' and only one of width, height was passed")
+    return width, height
+
+
+def _image_size(path: Path, where: str, file_path: str) -> tuple[int, int]:
     image = path.parent / file_path
     try:
         with PIL.Image.open(image) as img:  # reads the header only
