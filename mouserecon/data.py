@@ -1,0 +1,347 @@
+"""Samples and datasets: multi-view images plus cameras, loaded exactly and resized consistently.
+
+A *sample* is a folder with `opencv_cameras.json` (FaceLift format) or a nerfstudio
+`transforms.json`, and one image per frame (`file_path` relative to the camera file's folder).
+A *dataset* is a folder of sample folders or a text file listing them.
+
+Images (CONVENTIONS.md C5): float32 in [0, 1], [V, 3, H, W], composited on white,
+`rgb = alpha * fg + (1 - alpha)`; masks [V, 1, H, W] are the foreground mask. Decoding is exact:
+8-bit values / 255, 16-bit values / 65535 (PNG alpha is straight, not premultiplied). RGBA and
+grey+alpha PNGs take the mask from alpha; RGB, grey and JPEG images are taken as already on white
+and get a mask from a near-white threshold (background where every channel >= `white_threshold`).
+`Sample.mask_source` says which ("alpha" or "threshold:<t>"); one sample never mixes the two.
+
+Resizing to the model resolution: if the requested aspect ratio differs from the image's, the
+largest centred window with the requested aspect is cropped first (`Cameras.crop`); then colour
+and mask are resampled with antialiased bilinear filtering (`F.interpolate(..., antialias=True,
+align_corners=False)`, i.e. the pixel-centre convention of C3) and intrinsics are scaled with
+`Cameras.resize`. Resampling the white-composited colour equals compositing the resampled
+premultiplied colour, `resize(alpha * fg) + (1 - resize(alpha))`, because the filter is linear with
+weights summing to one, so no colour bleeds in from transparent pixels.
+
+View order is the order of frames in the camera file (or of `views`, when given); never shuffled.
+Every defect raises SampleError naming the file and the defect; no sample is ever substituted.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision.io
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mouserecon.cameras import CameraError, Cameras, load_nerfstudio_transforms, load_opencv_cameras
+
+log = logging.getLogger(__name__)
+
+CAMERA_FILES = ("opencv_cameras.json", "transforms.json")  # looked for in this order
+WHITE_THRESHOLD = 0.97
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+# PNG IHDR colour type -> (name, has alpha); palette images (type 3) are not supported.
+_PNG_COLOUR_TYPES = {0: ("grey", False), 2: ("RGB", False), 4: ("grey+alpha", True), 6: ("RGBA", True)}
+
+
+class SampleError(ValueError):
+    """A sample or dataset violates the contract; the message names the file and the defect."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One multi-view sample.
+
+    images:      [V, 3, H, W] float32 in [0, 1], composited on white.
+    masks:       [V, 1, H, W] float32 in [0, 1], foreground mask (alpha, or near-white threshold).
+    cameras:     Cameras [V] for the (cropped, resized) images.
+    image_paths: the V source image files, in view order.
+    sample_id:   the sample folder's name.
+    path:        the sample folder.
+    mask_source: "alpha" or "threshold:<t>".
+    """
+
+    images: Tensor
+    masks: Tensor
+    cameras: Cameras
+    image_paths: tuple[Path, ...]
+    sample_id: str
+    path: Path
+    mask_source: str
+
+    def __post_init__(self) -> None:
+        v, c, h, w = self.images.shape
+        assert c == 3 and self.images.dtype == torch.float32, f"images must be [V, 3, H, W] float32"
+        assert self.masks.shape == (v, 1, h, w), f"masks {tuple(self.masks.shape)} vs images {(v, c, h, w)}"
+        assert self.cameras.batch_shape == (v,), f"cameras {tuple(self.cameras.batch_shape)} for {v} views"
+        assert (self.cameras.height, self.cameras.width) == (h, w), "cameras and images differ in size"
+        assert len(self.image_paths) == v, f"{len(self.image_paths)} image paths for {v} views"
+
+    @property
+    def num_views(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """Samples stacked by `collate`: images [B, V, 3, H, W], masks [B, V, 1, H, W], cameras [B, V]."""
+
+    images: Tensor
+    masks: Tensor
+    cameras: Cameras
+    sample_ids: tuple[str, ...]
+    paths: tuple[Path, ...]
+    mask_sources: tuple[str, ...]
+
+    def to(self, *args, **kwargs) -> SampleBatch:
+        return replace(self, images=self.images.to(*args, **kwargs), masks=self.masks.to(*args, **kwargs),
+                       cameras=self.cameras.to(*args, **kwargs))
+
+
+# ---- one sample ------------------------------------------------------------------------------
+
+
+def find_camera_file(folder: str | Path) -> Path | None:
+    """The camera file of a sample folder (`opencv_cameras.json` preferred), or None."""
+    for name in CAMERA_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def load_sample(
+    folder: str | Path,
+    resolution: int | tuple[int, int] | None = None,
+    views: Sequence[int] | None = None,
+    white_threshold: float = WHITE_THRESHOLD,
+) -> Sample:
+    """Load a sample folder (or its camera file) -> Sample.
+
+    resolution: None keeps the image size; an int n means (n, n); (H, W) otherwise. A different
+        aspect ratio is centre-cropped first (see the module docstring).
+    views: indices into the camera file's frames, returned in the order given (at least 2,
+        distinct); None takes all frames in file order.
+    white_threshold: for images without alpha, pixels with every channel >= this are background.
+    Raises SampleError naming the file and the defect (camera defects included).
+    """
+    folder = Path(folder)
+    camera_file = folder if folder.is_file() else find_camera_file(folder)
+    if camera_file is None:
+        raise SampleError(f"{folder}: not a sample folder (no {' or '.join(CAMERA_FILES)})")
+    folder = camera_file.parent
+    try:
+        if camera_file.name.startswith("opencv_cameras"):
+            cameras, file_paths = load_opencv_cameras(camera_file)
+        else:
+            cameras, file_paths = load_nerfstudio_transforms(camera_file)
+    except CameraError as err:
+        raise SampleError(str(err)) from err
+    image_paths = _check_image_files(camera_file, folder, file_paths)
+    views = _check_views(camera_file, len(file_paths), views)
+    target = _target_size(cameras, resolution, camera_file)
+
+    images, masks, has_alpha = [], [], []
+    for i in views:
+        rgb, mask = _read_image(image_paths[i], cameras.width, cameras.height, white_threshold)
+        images.append(rgb)
+        masks.append(mask)
+        has_alpha.append(mask is not None)
+    if any(has_alpha) and not all(has_alpha):
+        first = has_alpha.index(not has_alpha[0])
+        raise SampleError(f"{image_paths[views[first]]}: {'has' if has_alpha[first] else 'has no'} alpha channel, "
+                          f"unlike {image_paths[views[0]]}; a sample's images must all have alpha or all lack it")
+    images_t = torch.stack(images)  # [V, 3, H, W]
+    if has_alpha[0]:
+        masks_t, mask_source = torch.stack(masks), "alpha"  # [V, 1, H, W]
+    else:
+        masks_t = (images_t < white_threshold).any(1, keepdim=True).float()  # [V, 1, H, W]
+        mask_source = f"threshold:{white_threshold:g}"
+    cameras = cameras[list(views)]
+    images_t, masks_t, cameras = _crop_and_resize(images_t, masks_t, cameras, target)
+    log.debug("loaded %s: %d views at %dx%d, mask from %s", folder, len(views), target[1], target[0], mask_source)
+    return Sample(images_t, masks_t, cameras, tuple(image_paths[i] for i in views), folder.name, folder, mask_source)
+
+
+def _check_image_files(camera_file: Path, folder: Path, file_paths: list[str]) -> list[Path]:
+    paths = [folder / p for p in file_paths]
+    if len(paths) < 2:
+        raise SampleError(f"{camera_file}: one view only; a sample needs at least 2 views")
+    seen: dict[Path, int] = {}
+    for i, path in enumerate(paths):
+        key = path.resolve()
+        if key in seen:
+            raise SampleError(f"{camera_file}: frames {seen[key]} and {i} use the same image file {path}")
+        seen[key] = i
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SampleError(f"{missing[0]}: image file missing (listed in {camera_file}; {len(missing)} missing)")
+    return paths
+
+
+def _check_views(camera_file: Path, num_frames: int, views: Sequence[int] | None) -> list[int]:
+    if views is None:
+        return list(range(num_frames))
+    views = [int(v) for v in views]
+    if len(views) < 2:
+        raise SampleError(f"{camera_file}: views={views} selects one view only; a sample needs at least 2 views")
+    if len(set(views)) != len(views) or not all(0 <= v < num_frames for v in views):
+        raise SampleError(f"{camera_file}: views={views} must be distinct indices in [0, {num_frames})")
+    return views
+
+
+def _target_size(cameras: Cameras, resolution, camera_file: Path) -> tuple[int, int]:
+    """(H, W) to resize to."""
+    if resolution is None:
+        return cameras.height, cameras.width
+    height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+        raise SampleError(f"{camera_file}: resolution must be a positive int or (H, W), got {resolution!r}")
+    return height, width
+
+
+def _crop_and_resize(images: Tensor, masks: Tensor, cameras: Cameras, target: tuple[int, int]):
+    """Centre-crop to the target aspect, then antialiased bilinear resize; cameras follow."""
+    height, width = target
+    h, w = images.shape[-2:]
+    if w * height != h * width:  # aspect differs: crop the largest centred window with the target aspect
+        crop_w, crop_h = (round(h * width / height), h) if w * height > h * width else (w, round(w * height / width))
+        left, top = (w - crop_w) // 2, (h - crop_h) // 2
+        images = images[..., top:top + crop_h, left:left + crop_w]
+        masks = masks[..., top:top + crop_h, left:left + crop_w]
+        cameras = cameras.crop(left, top, crop_w, crop_h)
+    if images.shape[-2:] != (height, width):
+        both = torch.cat([images, masks], 1)  # [V, 4, h, w]
+        both = F.interpolate(both, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        both = both.clamp_(0.0, 1.0)  # rounding only: the filter weights are non-negative and sum to one
+        images, masks = both[:, :3].contiguous(), both[:, 3:].contiguous()
+        cameras = cameras.resize(height, width)
+    return images, masks, cameras
+
+
+# ---- one image -------------------------------------------------------------------------------
+
+
+def _read_image(path: Path, width: int, height: int, white_threshold: float) -> tuple[Tensor, Tensor | None]:
+    """Decode one image exactly -> (rgb [3, H, W] on white, alpha [1, H, W] or None)."""
+    data = path.read_bytes()
+    if data.startswith(_PNG_SIGNATURE):
+        _check_png_header(path, data, width, height)
+    elif not data.startswith(_JPEG_SIGNATURE):
+        raise SampleError(f"{path}: unsupported image format (not PNG or JPEG)")
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (pinned <0.30)
+            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+            raw = torchvision.io.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                              mode=torchvision.io.ImageReadMode.UNCHANGED)  # [C, H, W]
+    except RuntimeError as err:
+        raise SampleError(f"{path}: corrupt or unreadable image ({str(err).splitlines()[0]})") from None
+    channels, h, w = raw.shape
+    if (w, h) != (width, height):
+        raise SampleError(f"{path}: image is {w}x{h} but the camera file declares {width}x{height}")
+    if data.startswith(_JPEG_SIGNATURE) and channels not in (1, 3):
+        raise SampleError(f"{path}: unsupported JPEG mode ({channels} channels, e.g. CMYK); use RGB or grey")
+    scale = 65535.0 if raw.dtype == torch.uint16 else 255.0
+    values = raw.to(torch.float32) / scale  # exact decode: [C, H, W] in [0, 1]
+    colour = values[:3] if channels >= 3 else values[:1].expand(3, h, w)
+    if channels in (2, 4):  # straight alpha: composite on white (C5)
+        alpha = values[-1:]
+        return alpha * colour + (1.0 - alpha), alpha
+    return colour.contiguous(), None
+
+
+def _check_png_header(path: Path, data: bytes, width: int, height: int) -> None:
+    """Validate the PNG IHDR (size, bit depth, colour type) before decoding."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise SampleError(f"{path}: corrupt PNG (no IHDR header)")
+    w, h, depth, colour_type = struct.unpack(">IIBB", data[16:26])
+    if colour_type not in _PNG_COLOUR_TYPES:
+        kind = "palette" if colour_type == 3 else f"colour type {colour_type}"
+        raise SampleError(f"{path}: unsupported PNG mode ({kind}); use RGB, RGBA, grey or grey+alpha")
+    if depth not in (8, 16) and not (colour_type == 0 and depth in (1, 2, 4)):
+        raise SampleError(f"{path}: unsupported PNG bit depth {depth} for {_PNG_COLOUR_TYPES[colour_type][0]}")
+    if (w, h) != (width, height):
+        raise SampleError(f"{path}: image is {w}x{h} but the camera file declares {width}x{height}")
+
+
+# ---- datasets --------------------------------------------------------------------------------
+
+
+def find_samples(source: str | Path) -> list[Path]:
+    """Sample folders of a dataset, in a stable order.
+
+    source: a sample folder (a one-sample dataset); a folder whose subfolders are samples (sorted
+    by name; hidden folders skipped; every other subfolder must be a sample); or a text file with
+    one sample folder per line (relative to the list file's folder; blank lines and lines starting
+    with '#' ignored; order kept). Checks only that each folder has a camera file.
+    """
+    source = Path(source)
+    if source.is_file():
+        samples = []
+        for number, line in enumerate(source.read_text().splitlines(), start=1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            folder = source.parent / entry
+            if find_camera_file(folder) is None:
+                defect = "missing folder" if not folder.is_dir() else f"no {' or '.join(CAMERA_FILES)}"
+                raise SampleError(f"{source}: line {number}: {folder}: {defect}")
+            samples.append(folder)
+    elif source.is_dir():
+        if find_camera_file(source) is not None:
+            return [source]
+        subfolders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+        not_samples = [p.name for p in subfolders if find_camera_file(p) is None]
+        if not_samples:
+            raise SampleError(f"{source}: subfolders without {' or '.join(CAMERA_FILES)}: {not_samples}")
+        samples = subfolders
+    else:
+        raise SampleError(f"{source}: dataset not found (expected a folder of samples or a list file)")
+    if not samples:
+        raise SampleError(f"{source}: no samples")
+    return samples
+
+
+class MouseDataset(Dataset):
+    """A torch Dataset of Samples (see `find_samples` for `source`).
+
+    `__getitem__` returns a Sample; use `collate` as the DataLoader's `collate_fn` to get a
+    SampleBatch. Resolution and views are fixed at construction. A bad sample raises SampleError
+    with its path when it is loaded; it is never replaced by another.
+    """
+
+    def __init__(self, source: str | Path, resolution: int | tuple[int, int] | None = None,
+                 views: Sequence[int] | None = None, white_threshold: float = WHITE_THRESHOLD) -> None:
+        self.source = Path(source)
+        self.sample_dirs = find_samples(self.source)
+        self.resolution = resolution
+        self.views = None if views is None else tuple(views)
+        self.white_threshold = white_threshold
+
+    def __len__(self) -> int:
+        return len(self.sample_dirs)
+
+    def __getitem__(self, index: int) -> Sample:
+        return load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold)
+
+
+def collate(samples: Sequence[Sample]) -> SampleBatch:
+    """Stack samples with equal view count and size -> SampleBatch ([B, V, ...], cameras [B, V])."""
+    shapes = {(s.images.shape, s.cameras.width, s.cameras.height) for s in samples}
+    if len(shapes) != 1:
+        listing = ", ".join(f"{s.path} {tuple(s.images.shape)}" for s in samples)
+        raise SampleError(f"cannot batch samples of different view counts or sizes: {listing}")
+    return SampleBatch(
+        images=torch.stack([s.images for s in samples]),  # [B, V, 3, H, W]
+        masks=torch.stack([s.masks for s in samples]),  # [B, V, 1, H, W]
+        cameras=Cameras.stack([s.cameras for s in samples]),  # [B, V]
+        sample_ids=tuple(s.sample_id for s in samples),
+        paths=tuple(s.path for s in samples),
+        mask_sources=tuple(s.mask_source for s in samples),
+    )
