@@ -13,6 +13,7 @@ OpenCV); it is never applied implicitly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,9 +42,12 @@ class Similarity:
         object.__setattr__(self, "scale", float(self.scale))
         assert self.rotation.shape == (3, 3), f"rotation must be [3, 3], got {tuple(self.rotation.shape)}"
         assert self.translation.shape == (3,), f"translation must be [3], got {tuple(self.translation.shape)}"
-        assert self.scale > 0 and torch.isfinite(torch.tensor(self.scale)), f"scale must be > 0, got {self.scale}"
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"similarity scale must be finite and > 0, got {self.scale}")
         orthonormal = torch.allclose(self.rotation @ self.rotation.T, torch.eye(3, dtype=torch.float64), atol=1e-6)
-        assert orthonormal and torch.linalg.det(self.rotation) > 0, f"not a rotation: {self.rotation.tolist()}"
+        if not (orthonormal and torch.linalg.det(self.rotation) > 0 and torch.isfinite(self.translation).all()):
+            raise ValueError(f"not a similarity: rotation {self.rotation.tolist()}, translation "
+                             f"{self.translation.tolist()}")
 
     @staticmethod
     def identity() -> Similarity:
@@ -154,7 +158,11 @@ def normalize_cameras(
     mean_distance = (cameras.centers.double() - center).norm(dim=-1).mean().item()
     if not mean_distance > 0:
         raise CameraError(f"cameras have mean distance {mean_distance} to the centre; cannot scale")
-    rotation = rotation_between(torch.as_tensor(up, dtype=torch.float64), torch.tensor([0.0, 0.0, 1.0]))
+    up = torch.as_tensor(up, dtype=torch.float64)
+    assert up.shape == (3,), f"up must be [3], got {tuple(up.shape)}"
+    if not (torch.isfinite(up).all() and up.norm() > 0):
+        raise CameraError(f"the up axis must be a finite non-zero vector, got {up.tolist()}")
+    rotation = rotation_between(up, torch.tensor([0.0, 0.0, 1.0]))
     scale = target_distance / mean_distance
     similarity = Similarity(rotation, -scale * rotation @ center, scale)
     return similarity.apply_cameras(cameras), similarity

@@ -178,6 +178,14 @@ def test_convention_normalised_rig(shared_dir):
     assert torch.allclose(optical_axes_intersection(normalised.c2w), torch.zeros(3, dtype=torch.float64), atol=1e-4)
     assert normalised.centers.norm(dim=-1).mean().item() == pytest.approx(2.7, abs=1e-5)
     assert torch.allclose(sim.rotation @ up, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    # The same rig expressed y-up (z -> y): told its up, it normalises to the same elevations,
+    # i.e. the up that was given, not the frame's z, ends up as +Z.
+    z_to_y = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=torch.float64)  # z -> y, y -> -z
+    y_up_rig = Similarity(z_to_y, torch.tensor([5.0, -3.0, 7.0]), 1.0).apply_cameras(cams)
+    from_y_up, _ = normalize_cameras(y_up_rig, up=z_to_y @ up)
+    elevations = [torch.asin(c[2] / c.norm()) for c in (normalised.centers, from_y_up.centers)]
+    assert torch.allclose(elevations[0], elevations[1], atol=1e-5)
+    assert torch.allclose(from_y_up.centers.norm(dim=-1), normalised.centers.norm(dim=-1), atol=1e-5)
     # The FaceLift sample already is the model rig: normalising it is the identity.
     facelift, _ = load_opencv_cameras(shared_dir / "data" / FACELIFT)
     same, sim = normalize_cameras(facelift)
@@ -471,6 +479,10 @@ def test_similarity_inverse_and_record():
     assert record.scale == sim.scale
     with pytest.raises(ValueError, match="keys rotation, translation, scale"):
         Similarity.from_dict({**sim.to_dict(), "shear": 0})
+    with pytest.raises(ValueError, match="not a similarity"):
+        Similarity.from_dict({**sim.to_dict(), "rotation": (2 * rot).tolist()})
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        Similarity.from_dict({**sim.to_dict(), "scale": -1.0})
     # Cameras move with the points: a point keeps its pixel.
     rig = ring_rig()
     world = torch.randn(len(rig), 5, 3) * 0.3
