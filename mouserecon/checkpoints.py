@@ -100,7 +100,7 @@ def save_checkpoint(
         "model": state,
         "recipe": recipe,
         "step": step,
-        "versions": {"mouserecon": version("mouserecon"), "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"mouserecon": version("mouserecon"), "torch": str(torch.__version__), "python": platform.python_version()},
     }
     if metrics is not None:
         payload["metrics"] = metrics
@@ -179,10 +179,10 @@ def _read(path: str | Path) -> dict:
         # mmap: FaceLift files also hold the optimizer state (2x the weights), which is never read.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0]
+        reason = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line] or [str(err)]
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain data "
-            f"(weights_only=True): {first}"
+            f"(weights_only=True): {reason[0][:300]}"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None

@@ -33,6 +33,19 @@ def reconstruct() -> None:
     _not_built("reconstruct", "issue 4")
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--d-head", type=int, default=None, help="Attention head width (FaceLift checkpoints with d != 1024).")
+def info(checkpoint: str, d_head: int | None) -> None:
+    """Show what a checkpoint (ours or FaceLift's) holds: format, config, parameters, step, recipe."""
+    from mouserecon.checkpoints import CheckpointError, describe_checkpoint
+
+    try:
+        click.echo(describe_checkpoint(checkpoint, d_head=d_head))
+    except CheckpointError as err:
+        raise click.ClickException(str(err)) from None
+
+
 # ---- finetune ----------------------------------------------------------------------------------
 
 
