@@ -87,7 +87,7 @@ def parse_rig_geometry(text: str) -> tuple[list[float], dict[int, dict[str, floa
 # ---- conventions (CONVENTIONS.md C1-C4) --------------------------------------------------------
 
 
-def test_convention_opencv_axes(shared_dir):
+def test_convention_opencv_axes():
     cam = Cameras(torch.eye(4)[None], torch.tensor([[100.0, 120.0, 32.0, 24.0]]), 64, 48)
     uv, depth = cam.project(torch.tensor([[[0.0, 0.0, 3.0], [1.0, 0.0, 3.0], [0.0, 1.0, 3.0]]]))
     assert torch.allclose(uv[0, 0], torch.tensor([32.0, 24.0]))  # +z forward -> principal point
@@ -97,13 +97,6 @@ def test_convention_opencv_axes(shared_dir):
     # The central ray is the camera's +z axis.
     _, dirs = Cameras(torch.eye(4)[None], torch.tensor([[10.0, 10.0, 1.0, 1.0]]), 2, 2).rays()
     assert torch.allclose(dirs[0].mean((0, 1)) / dirs[0].mean((0, 1)).norm(), torch.tensor([0.0, 0.0, 1.0]))
-    # FaceLift's documented rig (z-up, cam_000 at +x looking at the origin): world +Z appears up
-    # (smaller v) in every view, and in cam_000 world +y appears to the right.
-    cams, _ = load_opencv_cameras(shared_dir / "data" / FACELIFT)
-    points = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.3], [0.0, 0.3, 0.0]]).expand(len(cams), 3, 3)
-    uv, _ = cams.project(points)
-    assert (uv[:, 1, 1] < uv[:, 0, 1] - 20).all()
-    assert uv[0, 2, 0] > uv[0, 0, 0] + 20
 
 
 def test_convention_w2c_on_disk(tmp_path):
@@ -170,29 +163,23 @@ def test_convention_pixel_centres():
     assert torch.allclose(uv[0, 0], torch.tensor([1.75, 0.75]), atol=1e-4)
 
 
-def test_convention_normalised_rig(shared_dir):
-    path = shared_dir / "data" / NATIVE
-    cams, _ = load_opencv_cameras(path)
-    up = torch.tensor(json.loads(path.read_text())["world_up"], dtype=torch.float64)
+def test_convention_normalised_rig():
+    # A y-up millimetre rig like the real one: six cameras 300-330 mm from an aim point, elevations
+    # 1-20 deg, all looking at the aim point (closed form: the optical axes meet exactly there).
+    aim, up = torch.tensor([40.0, 20.0, 60.0], dtype=torch.float64), (0.0, 1.0, 0.0)
+    radii = torch.tensor([300.0, 330.0, 310.0, 305.0, 325.0, 315.0], dtype=torch.float64)
+    elev = torch.deg2rad(torch.tensor([2.0, 18.0, 4.0, 1.0, 20.0, 15.0], dtype=torch.float64))
+    azim = torch.deg2rad(torch.tensor([0.0, 55.0, 120.0, 180.0, 235.0, 300.0], dtype=torch.float64))
+    offsets = torch.stack([elev.cos() * azim.cos(), elev.sin(), elev.cos() * azim.sin()], -1) * radii[:, None]
+    c2w = torch.stack([look_at_c2w((aim + o).tolist(), aim.tolist(), up) for o in offsets])
+    cams = Cameras(c2w.float(), torch.tensor([[1600.0, 1600.0, 576.0, 512.0]] * 6), 1152, 1024)
     normalised, sim = normalize_cameras(cams, up=up)
-    assert torch.allclose(optical_axes_intersection(normalised.c2w), torch.zeros(3, dtype=torch.float64), atol=1e-4)
-    assert normalised.centers.norm(dim=-1).mean().item() == pytest.approx(2.7, abs=1e-5)
-    assert torch.allclose(sim.rotation @ up, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
-    # The same rig expressed y-up (z -> y): told its up, it normalises to the same elevations,
-    # i.e. the up that was given, not the frame's z, ends up as +Z.
-    z_to_y = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=torch.float64)  # z -> y, y -> -z
-    y_up_rig = Similarity(z_to_y, torch.tensor([5.0, -3.0, 7.0]), 1.0).apply_cameras(cams)
-    from_y_up, _ = normalize_cameras(y_up_rig, up=z_to_y @ up)
-    elevations = [torch.asin(c[2] / c.norm()) for c in (normalised.centers, from_y_up.centers)]
-    assert torch.allclose(elevations[0], elevations[1], atol=1e-5)
-    assert torch.allclose(from_y_up.centers.norm(dim=-1), normalised.centers.norm(dim=-1), atol=1e-5)
-    # The FaceLift sample already is the model rig: normalising it is the identity.
-    facelift, _ = load_opencv_cameras(shared_dir / "data" / FACELIFT)
-    same, sim = normalize_cameras(facelift)
-    assert sim.scale == pytest.approx(1.0, abs=1e-5)
-    assert torch.allclose(sim.rotation, torch.eye(3, dtype=torch.float64))
-    assert torch.allclose(sim.translation, torch.zeros(3, dtype=torch.float64), atol=1e-5)
-    assert torch.allclose(same.c2w, facelift.c2w, atol=1e-5)
+    assert torch.allclose(sim.apply_points(aim), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+    dist = normalised.centers.double().norm(dim=-1)
+    assert torch.allclose(dist, radii * 2.7 / radii.mean(), atol=1e-5)  # uniform scale, mean 2.7
+    assert torch.allclose(torch.asin(normalised.centers.double()[:, 2] / dist), elev, atol=1e-6)  # up -> +Z
+    assert torch.allclose(-normalised.c2w[:, 2, 1].double(), elev.cos(), atol=1e-6)  # image up tilts to +Z
+    assert torch.allclose(sim.inverse().apply_c2w(normalised.c2w.double()), c2w, atol=1e-4)
 
 
 # ---- reference data ----------------------------------------------------------------------------
@@ -206,6 +193,9 @@ def test_real_rig_normalises_to_its_documented_geometry(shared_dir):
     up = load_world_up(path)
     assert up.tolist() == json.loads(path.read_text())["world_up"]
     normalised, sim = normalize_cameras(cams, up=up)
+    assert normalised.centers.norm(dim=-1).mean().item() == pytest.approx(2.7, abs=1e-5)
+    assert torch.allclose(sim.rotation @ up, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(optical_axes_intersection(normalised.c2w), torch.zeros(3, dtype=torch.float64), atol=1e-4)
     # The origin of the model frame is the documented aim point (given to 0.01 mm).
     back_origin = sim.inverse().apply_points(torch.zeros(3, dtype=torch.float64))
     assert torch.allclose(back_origin, torch.tensor(aim, dtype=torch.float64), atol=0.02)
@@ -223,6 +213,13 @@ def test_real_rig_normalises_to_its_documented_geometry(shared_dir):
     assert torch.allclose(back.c2w[:, :3, :3], cams.c2w[:, :3, :3], atol=1e-6)
     assert torch.allclose(back.c2w[:, :3, 3], cams.c2w[:, :3, 3], atol=1e-3)  # mm
     assert torch.equal(back.intrinsics, cams.intrinsics)
+    # The same rig expressed y-up: told its up, it normalises to the same distances and elevations.
+    z_to_y = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=torch.float64)  # z -> y, y -> -z
+    y_up_rig = Similarity(z_to_y, torch.tensor([5.0, -3.0, 7.0]), 1.0).apply_cameras(cams)
+    from_y_up, _ = normalize_cameras(y_up_rig, up=z_to_y @ up)
+    elevations = [torch.asin(c[:, 2] / c.norm(dim=-1)) for c in (normalised.centers, from_y_up.centers)]
+    assert torch.allclose(elevations[0], elevations[1], atol=1e-5)
+    assert torch.allclose(from_y_up.centers.norm(dim=-1), normalised.centers.norm(dim=-1), atol=1e-5)
 
 
 def test_real_rig_matches_facelift_fork_m5(shared_dir):
@@ -266,6 +263,18 @@ def test_facelift_sample_is_the_model_rig(shared_dir):
     assert torch.allclose(cams.centers, blender, atol=1e-5)
     assert torch.allclose(cams.centers[:, 2], torch.full((32,), 2.7 * math.sin(math.radians(20))), atol=1e-5)
     validate_cameras(cams, path)
+    # It already is the model rig (C4): normalising it is the identity.
+    same, sim = normalize_cameras(cams)
+    assert sim.scale == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(sim.rotation, torch.eye(3, dtype=torch.float64))
+    assert torch.allclose(sim.translation, torch.zeros(3, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(same.c2w, cams.c2w, atol=1e-5)
+    # The documented rig read through C1 (z-up, cam_000 at +x looking at the origin): world +Z
+    # appears up (smaller v) in every view, and in cam_000 world +y appears to the right.
+    points = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.3], [0.0, 0.3, 0.0]]).expand(len(cams), 3, 3)
+    uv, _ = cams.project(points)
+    assert (uv[:, 1, 1] < uv[:, 0, 1] - 20).all()
+    assert uv[0, 2, 0] > uv[0, 0, 0] + 20
 
 
 def test_lens_keys_warn_once(shared_dir, caplog, monkeypatch, tmp_path):
