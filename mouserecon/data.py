@@ -6,7 +6,8 @@ A *dataset* is a folder of sample folders or a text file listing them.
 
 Images (CONVENTIONS.md C5): float32 in [0, 1], [V, 3, H, W], composited on white,
 `rgb = alpha * fg + (1 - alpha)`; masks [V, 1, H, W] are the foreground mask. Decoding is exact:
-8-bit values / 255, 16-bit values / 65535 (PNG alpha is straight, not premultiplied). RGBA and
+8-bit values / 255, 16-bit values / 65535 (PNG alpha is straight, not premultiplied); EXIF
+orientation is not applied, since calibrations refer to the stored pixel grid. RGBA and
 grey+alpha PNGs take the mask from alpha; RGB, grey and JPEG images are taken as already on white
 and get a mask from a near-white threshold (background where every channel >= `white_threshold`).
 `Sample.mask_source` says which ("alpha" or "threshold:<t>"); one sample never mixes the two.
@@ -30,7 +31,7 @@ import struct
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ class Sample:
 
     def __post_init__(self) -> None:
         v, c, h, w = self.images.shape
-        assert c == 3 and self.images.dtype == torch.float32, f"images must be [V, 3, H, W] float32"
+        assert c == 3 and self.images.dtype == torch.float32, "images must be [V, 3, H, W] float32"
         assert self.masks.shape == (v, 1, h, w), f"masks {tuple(self.masks.shape)} vs images {(v, c, h, w)}"
         assert self.cameras.batch_shape == (v,), f"cameras {tuple(self.cameras.batch_shape)} for {v} views"
         assert (self.cameras.height, self.cameras.width) == (h, w), "cameras and images differ in size"
@@ -149,7 +150,7 @@ def load_sample(
 
     images, masks, has_alpha = [], [], []
     for i in views:
-        rgb, mask = _read_image(image_paths[i], cameras.width, cameras.height, white_threshold)
+        rgb, mask = _read_image(image_paths[i], cameras.width, cameras.height)
         images.append(rgb)
         masks.append(mask)
         has_alpha.append(mask is not None)
@@ -200,10 +201,10 @@ def _target_size(cameras: Cameras, resolution, camera_file: Path) -> tuple[int, 
     """(H, W) to resize to."""
     if resolution is None:
         return cameras.height, cameras.width
-    height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+    size = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(n, int) and n > 0 for n in size)):
         raise SampleError(f"{camera_file}: resolution must be a positive int or (H, W), got {resolution!r}")
-    return height, width
+    return tuple(size)
 
 
 def _crop_and_resize(images: Tensor, masks: Tensor, cameras: Cameras, target: tuple[int, int]):
@@ -228,7 +229,7 @@ def _crop_and_resize(images: Tensor, masks: Tensor, cameras: Cameras, target: tu
 # ---- one image -------------------------------------------------------------------------------
 
 
-def _read_image(path: Path, width: int, height: int, white_threshold: float) -> tuple[Tensor, Tensor | None]:
+def _read_image(path: Path, width: int, height: int) -> tuple[Tensor, Tensor | None]:
     """Decode one image exactly -> (rgb [3, H, W] on white, alpha [1, H, W] or None)."""
     data = path.read_bytes()
     if data.startswith(_PNG_SIGNATURE):
@@ -268,6 +269,14 @@ def _check_png_header(path: Path, data: bytes, width: int, height: int) -> None:
         raise SampleError(f"{path}: unsupported PNG bit depth {depth} for {_PNG_COLOUR_TYPES[colour_type][0]}")
     if (w, h) != (width, height):
         raise SampleError(f"{path}: image is {w}x{h} but the camera file declares {width}x{height}")
+    pos = 8
+    while pos + 8 <= len(data):  # ancillary chunks before the image data
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            break
+        if kind == b"tRNS":  # a transparency key the decoder would drop: refuse rather than lose it
+            raise SampleError(f"{path}: unsupported PNG mode (transparency key, tRNS); save with an alpha channel")
+        pos += 12 + length
 
 
 # ---- datasets --------------------------------------------------------------------------------

@@ -197,6 +197,17 @@ def test_opaque_formats_exact_with_threshold_mask(tmp_path, channels, dtype):
         assert sample.masks[view, 0, :4].sum() == 0
 
 
+def test_one_bit_grey_png(tmp_path):
+    folder = make_sample(tmp_path / "s", random_images(2, 3))
+    bits = random_images(2, 1, seed=3)
+    for view, image in enumerate(bits):
+        PIL.Image.fromarray(image[..., 0] > 127).save(folder / "images" / f"cam_{view:03d}.png")
+    sample = load_sample(folder)
+    for view, image in enumerate(bits):
+        expected = np.broadcast_to((image[..., 0] > 127).astype(np.float32), (3, *image.shape[:2]))
+        np.testing.assert_array_equal(sample.images[view].numpy(), expected)
+
+
 def test_jpeg_matches_pillow(tmp_path):
     images = random_images(2, 3, size=(16, 24))
     sample = load_sample(make_sample(tmp_path / "s", images, ext=".jpg"))
@@ -383,6 +394,8 @@ def test_unsupported_modes(tmp_path):
     PIL.Image.fromarray(random_images(1, 3)[0]).convert("P").save(buffer, "PNG")
     path.write_bytes(buffer.getvalue())
     _raises("unsupported PNG mode \\(palette\\)", lambda: load_sample(folder), path)
+    PIL.Image.fromarray(random_images(1, 3)[0]).save(path, "PNG", transparency=(0, 0, 0))
+    _raises("unsupported PNG mode \\(transparency key", lambda: load_sample(folder), path)
     path.write_bytes(b"GIF89a" + bytes(64))
     _raises("unsupported image format", lambda: load_sample(folder), path)
     PIL.Image.fromarray(random_images(1, 3)[0]).convert("CMYK").save(path, "JPEG")
@@ -420,6 +433,7 @@ def test_bad_views_and_resolution(tmp_path):
     _raises("distinct indices", lambda: load_sample(folder, views=[0, 0]), folder / "opencv_cameras.json")
     _raises("distinct indices", lambda: load_sample(folder, views=[0, 3]), folder / "opencv_cameras.json")
     _raises("resolution", lambda: load_sample(folder, resolution=(0, 4)), folder / "opencv_cameras.json")
+    _raises("resolution", lambda: load_sample(folder, resolution=64.0), folder / "opencv_cameras.json")
     _raises("not a sample folder", lambda: load_sample(tmp_path), tmp_path)
 
 
