@@ -174,8 +174,9 @@ class Gaussians:
         """Remove Gaussians with any non-finite parameter, logging how many."""
         keep = self.finite_mask()
         dropped = int((~keep).sum())
-        if dropped:
-            log.warning("dropping %d of %d Gaussians with non-finite parameters", dropped, self.num)
+        if not dropped:
+            return self
+        log.warning("dropping %d of %d Gaussians with non-finite parameters", dropped, self.num)
         return self.select(keep)
 
     def prune(self, min_opacity: float = 0.0, max_scale: float | None = None) -> Gaussians:

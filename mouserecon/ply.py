@@ -36,6 +36,7 @@ _PLY_TYPES = {
 }
 _REST_COUNT_TO_DEGREE = {0: 0, 9: 1, 24: 2, 45: 3}
 _MAX_HEADER_LINES = 10_000
+_MAX_LINE_BYTES = 4096
 
 
 class PlyError(ValueError):
@@ -141,7 +142,7 @@ def load_ply(path: str | Path) -> Gaussians:
     if ignored:
         log.debug("%s: ignoring vertex properties %s", path, ignored)
 
-    table = torch.from_numpy(recfunctions.structured_to_unstructured(records[required]).astype(np.float32))
+    table = torch.from_numpy(recfunctions.structured_to_unstructured(records[required]))
     table = table.reshape(count, len(required))  # [N, P] in our file order, without normals
     k = (degree + 1) ** 2
     n_rest = 3 * (k - 1)
@@ -165,27 +166,29 @@ def _read_header(path: Path) -> tuple[list[str], int, list[tuple[str, str]], int
     props: list[tuple[str, str]] = []
     format_seen = False
     with path.open("rb") as f:
-        magic = f.readline()
+        magic = f.readline(16)
         if not magic:
             raise PlyError(f"{path}: empty file (0 bytes), not a PLY")
         if magic.rstrip(b"\r\n") != b"ply":
             raise PlyError(f"{path}: not a PLY file (first line {magic[:20]!r}, expected 'ply')")
         for line_no in range(2, _MAX_HEADER_LINES):
-            raw = f.readline()
-            if not raw:
+            raw = f.readline(_MAX_LINE_BYTES)
+            if not raw.endswith(b"\n"):
+                if len(raw) == _MAX_LINE_BYTES:
+                    raise PlyError(f"{path}: header line {line_no} is longer than {_MAX_LINE_BYTES} bytes")
                 raise PlyError(f"{path}: header ends without 'end_header' (truncated file?)")
             try:
                 line = raw.decode("ascii").rstrip("\r\n")
             except UnicodeDecodeError:
                 raise PlyError(f"{path}: header line {line_no} is not ASCII") from None
             words = line.split()
-            if not words or words[0] in ("comment", "obj_info"):
-                if words and words[0] == "comment":
-                    comments.append(line.partition("comment")[2].strip())
+            if not words or words[0] == "obj_info":
                 continue
-            if words[0] == "end_header":
+            if words[0] == "comment":
+                comments.append(line.partition("comment")[2].strip())
+            elif words[0] == "end_header":
                 break
-            if words[0] == "format":
+            elif words[0] == "format":
                 format_seen = True
                 if words[1:] != ["binary_little_endian", "1.0"]:
                     raise PlyError(f"{path}: format {' '.join(words[1:])!r} not supported; "

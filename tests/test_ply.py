@@ -273,6 +273,7 @@ MALFORMED = {  # name: (mutation of a valid degree-1 file with 3 Gaussians, expe
     "second_element": (lambda b: b.replace(b"end_header", b"element face 0\nend_header"), "single 'vertex'"),
     "compressed": (lambda b: b.replace(b"element vertex", b"element chunk 1\nelement vertex"), "single 'vertex'"),
     "no_end_header": (lambda b: b.partition(b"end_header")[0], "without 'end_header'"),
+    "long_line": (lambda b: b.replace(b"format", b"comment " + b"a" * 5000 + b"\nformat"), "longer than"),
     "bad_count": (lambda b: b.replace(b"element vertex 3", b"element vertex -3"), "bad vertex count"),
     "bad_type": (lambda b: b.replace(b"float x", b"half x"), "bad property line"),
     "duplicate": (lambda b: b.replace(b"float y", b"float x"), "duplicate property 'x'"),
