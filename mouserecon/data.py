@@ -27,11 +27,12 @@ Every defect raises SampleError naming the file and the defect; no sample is eve
 from __future__ import annotations
 
 import logging
+import operator
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,10 @@ class Sample:
     def num_views(self) -> int:
         return self.images.shape[0]
 
+    def to(self, *args, **kwargs) -> Sample:
+        return replace(self, images=self.images.to(*args, **kwargs), masks=self.masks.to(*args, **kwargs),
+                       cameras=self.cameras.to(*args, **kwargs))
+
 
 @dataclass(frozen=True)
 class SampleBatch:
@@ -100,6 +105,12 @@ class SampleBatch:
     sample_ids: tuple[str, ...]
     paths: tuple[Path, ...]
     mask_sources: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        b, v, c, h, w = self.images.shape
+        assert c == 3 and self.masks.shape == (b, v, 1, h, w), f"images {(b, v, c, h, w)}, masks {self.masks.shape}"
+        assert self.cameras.batch_shape == (b, v), f"cameras {tuple(self.cameras.batch_shape)} for {(b, v)}"
+        assert len(self.sample_ids) == len(self.paths) == len(self.mask_sources) == b
 
     def to(self, *args, **kwargs) -> SampleBatch:
         return replace(self, images=self.images.to(*args, **kwargs), masks=self.masks.to(*args, **kwargs),
@@ -189,7 +200,10 @@ def _check_image_files(camera_file: Path, folder: Path, file_paths: list[str]) -
 def _check_views(camera_file: Path, num_frames: int, views: Sequence[int] | None) -> list[int]:
     if views is None:
         return list(range(num_frames))
-    views = [int(v) for v in views]
+    try:
+        views = [operator.index(v) for v in views]  # integers only: no silent truncation of 1.5
+    except TypeError:
+        raise SampleError(f"{camera_file}: views={list(views)!r} must be integer indices") from None
     if len(views) < 2:
         raise SampleError(f"{camera_file}: views={views} selects one view only; a sample needs at least 2 views")
     if len(set(views)) != len(views) or not all(0 <= v < num_frames for v in views):

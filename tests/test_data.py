@@ -432,6 +432,7 @@ def test_bad_views_and_resolution(tmp_path):
     folder = make_sample(tmp_path / "s", random_images(3, 4))
     _raises("distinct indices", lambda: load_sample(folder, views=[0, 0]), folder / "opencv_cameras.json")
     _raises("distinct indices", lambda: load_sample(folder, views=[0, 3]), folder / "opencv_cameras.json")
+    _raises("integer indices", lambda: load_sample(folder, views=[0, 1.5]), folder / "opencv_cameras.json")
     _raises("resolution", lambda: load_sample(folder, resolution=(0, 4)), folder / "opencv_cameras.json")
     _raises("resolution", lambda: load_sample(folder, resolution=64.0), folder / "opencv_cameras.json")
     _raises("not a sample folder", lambda: load_sample(tmp_path), tmp_path)
@@ -474,6 +475,7 @@ def test_dataset_over_list_file(tmp_path):
     dataset = MouseDataset(listing)
     assert [p.name for p in dataset.sample_dirs] == ["z", "x"]  # file order kept
     assert [dataset[i].sample_id for i in range(len(dataset))] == ["z", "x"]
+    assert find_samples(tmp_path / "data" / "y") == [tmp_path / "data" / "y"]  # one sample folder
 
 
 def test_list_file_pointing_at_missing_folder(tmp_path):
