@@ -199,6 +199,8 @@ class Gaussians:
             f"rotation must be [3, 3] and translation [3], got {tuple(rotation.shape)}, {tuple(translation.shape)}"
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"similarity scale must be finite and > 0, got {scale}")
+        if not torch.isfinite(translation).all():
+            raise ValueError(f"similarity translation must be finite, got {translation.tolist()}")
         r64 = rotation.detach().double().cpu()
         if not (torch.allclose(r64 @ r64.T, torch.eye(3, dtype=torch.float64), atol=1e-5)
                 and torch.det(r64) > 0):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -84,16 +84,17 @@ def save_ply(path: str | Path, gaussians: Gaussians, comments: tuple[str, ...] |
               f"element vertex {n}", *(f"property float {name}" for name in names), "end_header"]
     payload = table.numpy().astype("<f4", copy=False).tobytes()
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not tempfile.mkstemp: its 0600 mode would survive the rename; open(..., "xb") honours the umask.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with tmp.open("xb") as f:
             f.write(("\n".join(header) + "\n").encode("ascii"))
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     log.info("wrote %d Gaussians (SH degree %d) to %s%s", n, g.sh_degree, path,
              f"; {total - n} non-finite dropped" if n < total else "")

@@ -134,6 +134,8 @@ def test_transform_rejects_bad_similarities():
         g.transform(2 * torch.eye(3, dtype=torch.float64), t, 1.0)
     with pytest.raises(ValueError, match="scale"):
         g.transform(torch.eye(3, dtype=torch.float64), t, -1.0)
+    with pytest.raises(ValueError, match="translation"):
+        g.transform(torch.eye(3, dtype=torch.float64), torch.tensor([0.0, float("nan"), 0.0]), 1.0)
     with pytest.raises(ValueError, match="SH"):
         random_gaussians(3, sh_degree=1).transform(torch.eye(3, dtype=torch.float64), t, 1.0)
 

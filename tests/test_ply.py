@@ -242,6 +242,9 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "g.ply"
     save_ply(path, random_gaussians(10, 0))
     before = path.read_bytes()
+    (tmp_path / "plain").write_bytes(b"")  # the temporary file must not leave its own mode on the result
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").unlink()
 
     def failing_fsync(fd):
         raise OSError("disk full")
@@ -292,6 +295,18 @@ def test_malformed_files_fail_clearly(tmp_path, name):
     with pytest.raises(PlyError, match=match) as err:
         load_ply(path)
     assert str(path) in str(err.value)
+
+
+def test_nonfinite_values_in_a_foreign_file_are_read_and_reported(tmp_path, caplog):
+    plyfile = pytest.importorskip("plyfile")
+    arr = np.zeros(4, dtype=[(name, "<f4") for name in inria_names(0)])
+    arr["scale_1"][2] = np.nan
+    path = tmp_path / "nan.ply"
+    plyfile.PlyData([plyfile.PlyElement.describe(arr, "vertex")], byte_order="<").write(str(path))
+    with caplog.at_level(logging.WARNING, logger="mouserecon.ply"):
+        g = load_ply(path)
+    assert g.num == 4 and torch.isnan(g.log_scales[2, 1])
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: 1 of 4 Gaussians have non-finite parameters"]
 
 
 def test_missing_file(tmp_path):
