@@ -205,9 +205,8 @@ class Gaussians:
         if not (torch.allclose(r64 @ r64.T, torch.eye(3, dtype=torch.float64), atol=1e-5)
                 and torch.det(r64) > 0):
             raise ValueError(f"not a rotation matrix (orthonormal, det +1):\n{rotation}")
-        rotation = rotation.to(self.means)
-        means = scale * self.means @ rotation.T + translation.to(self.means)
-        q_r = _rotmat_to_quat(rotation)
+        means = scale * self.means @ rotation.to(self.means).T + translation.to(self.means)
+        q_r = _rotmat_to_quat(r64).to(self.quats)  # from the float64 matrix, for accuracy
         quats = _quat_multiply(q_r.expand_as(self.quats), self.quats)
         return replace(self, means=means, quats=quats, log_scales=self.log_scales + math.log(scale))
 
