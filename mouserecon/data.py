@@ -159,22 +159,16 @@ def load_sample(
     views = _check_views(camera_file, len(file_paths), views)
     target = _target_size(cameras, resolution, camera_file)
 
-    images, masks, has_alpha = [], [], []
-    for i in views:
-        rgb, mask = _read_image(image_paths[i], cameras.width, cameras.height)
-        images.append(rgb)
-        masks.append(mask)
-        has_alpha.append(mask is not None)
+    images_t = torch.empty(len(views), 3, cameras.height, cameras.width)  # [V, 3, H, W]
+    masks_t = torch.empty(len(views), 1, cameras.height, cameras.width)  # [V, 1, H, W]
+    has_alpha = [_read_image(image_paths[i], images_t[k], masks_t[k]) for k, i in enumerate(views)]
     if any(has_alpha) and not all(has_alpha):
         first = has_alpha.index(not has_alpha[0])
         raise SampleError(f"{image_paths[views[first]]}: {'has' if has_alpha[first] else 'has no'} alpha channel, "
                           f"unlike {image_paths[views[0]]}; a sample's images must all have alpha or all lack it")
-    images_t = torch.stack(images)  # [V, 3, H, W]
-    if has_alpha[0]:
-        masks_t, mask_source = torch.stack(masks), "alpha"  # [V, 1, H, W]
-    else:
-        masks_t = (images_t < white_threshold).any(1, keepdim=True).float()  # [V, 1, H, W]
-        mask_source = f"threshold:{white_threshold:g}"
+    mask_source = "alpha" if has_alpha[0] else f"threshold:{white_threshold:g}"
+    if not has_alpha[0]:
+        masks_t = (images_t < white_threshold).any(1, keepdim=True).float()  # background: all channels >= t
     cameras = cameras[list(views)]
     images_t, masks_t, cameras = _crop_and_resize(images_t, masks_t, cameras, target)
     log.debug("loaded %s: %d views at %dx%d, mask from %s", folder, len(views), target[1], target[0], mask_source)
@@ -243,8 +237,12 @@ def _crop_and_resize(images: Tensor, masks: Tensor, cameras: Cameras, target: tu
 # ---- one image -------------------------------------------------------------------------------
 
 
-def _read_image(path: Path, width: int, height: int) -> tuple[Tensor, Tensor | None]:
-    """Decode one image exactly -> (rgb [3, H, W] on white, alpha [1, H, W] or None)."""
+def _read_image(path: Path, rgb_out: Tensor, alpha_out: Tensor) -> bool:
+    """Decode one image exactly into rgb_out [3, H, W] (on white) and alpha_out [1, H, W].
+
+    Returns whether the image has alpha; alpha_out is left untouched when it has none.
+    """
+    height, width = rgb_out.shape[-2:]
     data = path.read_bytes()
     if data.startswith(_PNG_SIGNATURE):
         _check_png_header(path, data, width, height)
@@ -262,13 +260,15 @@ def _read_image(path: Path, width: int, height: int) -> tuple[Tensor, Tensor | N
         raise SampleError(f"{path}: image is {w}x{h} but the camera file declares {width}x{height}")
     if data.startswith(_JPEG_SIGNATURE) and channels not in (1, 3):
         raise SampleError(f"{path}: unsupported JPEG mode ({channels} channels, e.g. CMYK); use RGB or grey")
-    scale = 65535.0 if raw.dtype == torch.uint16 else 255.0
-    values = raw.to(torch.float32) / scale  # exact decode: [C, H, W] in [0, 1]
+    values = raw.to(torch.float32).div_(65535.0 if raw.dtype == torch.uint16 else 255.0)  # exact: [C, H, W]
     colour = values[:3] if channels >= 3 else values[:1].expand(3, h, w)
-    if channels in (2, 4):  # straight alpha: composite on white (C5)
-        alpha = values[-1:]
-        return alpha * colour + (1.0 - alpha), alpha
-    return colour.contiguous(), None
+    if channels in (1, 3):
+        rgb_out.copy_(colour)
+        return False
+    alpha = values[-1:]  # straight alpha: composite on white, rgb = alpha * fg + (1 - alpha) (C5)
+    torch.mul(alpha, colour, out=rgb_out).add_(1.0 - alpha)
+    alpha_out.copy_(alpha)
+    return True
 
 
 def _check_png_header(path: Path, data: bytes, width: int, height: int) -> None:
