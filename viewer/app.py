@@ -128,7 +128,7 @@ class Viewer:
         return self.server.get_port()
 
     def redraw_splats(self) -> None:
-        """Send every visible layer with the current opacity threshold and splat scale."""
+        """Re-send every layer (with its visibility) under the current opacity threshold and splat scale."""
         with self._lock:
             for name, arrays in self.layers.items():
                 shown = displayed(arrays, self.gui["opacity"].value, self.gui["splat_scale"].value)
@@ -164,7 +164,8 @@ class Viewer:
 
     def save_render(self, path: str | Path | None = None, client: viser.ClientHandle | None = None) -> Path:
         """Ask a browser (default: the first connected) for a render of its current view at its canvas
-        size and write it as an RGBA PNG (transparent background); returns the path written."""
+        size, background colour included and GUI excluded, and write it as a PNG (default: the next
+        free `render_NNN.png` in `render_dir`); returns the path written."""
         client = client or self.wait_for_client(timeout=0.0)
         if path is None:
             self.render_dir.mkdir(parents=True, exist_ok=True)
@@ -280,13 +281,19 @@ def _build_scene(viewer: Viewer, up: str, images: list[np.ndarray] | None) -> No
     gui["splat_scale"].on_update(lambda _: viewer.redraw_splats())
     gui["background"].on_update(lambda _: _set_background(server, gui["background"].value))
     gui["show_axes"].on_update(lambda _: setattr(server.scene.world_axes, "visible", gui["show_axes"].value))
-    gui["save_render"].on_click(lambda event: viewer.save_render(client=event.client))
+    gui["save_render"].on_click(lambda event: _save_render_clicked(viewer, event.client))
     server.scene.world_axes.axes_length = 0.5 * radius
     server.scene.world_axes.axes_radius = 0.01 * radius
     _set_background(server, gui["background"].value)
     viewer.redraw_splats()
     if viewer.poses:
         _add_cameras(viewer, images, centre)
+
+
+def _save_render_clicked(viewer: Viewer, client: viser.ClientHandle | None) -> None:
+    path = viewer.save_render(client=client)
+    if client is not None:
+        client.add_notification("Render saved", str(path.resolve()), auto_close_seconds=5.0)
 
 
 def _set_background(server: viser.ViserServer, rgb: tuple[int, int, int]) -> None:
@@ -301,7 +308,7 @@ def _set_initial_camera(server: viser.ViserServer, up: str, centre: np.ndarray, 
     front = np.cross(up_vec, side)
     elevation = np.radians(25.0)
     direction = np.cos(elevation) * (side + front) / np.sqrt(2.0) + np.sin(elevation) * up_vec
-    server.initial_camera.position = centre + 3.0 * radius * direction
+    server.initial_camera.position = centre + 4.0 * radius * direction
     server.initial_camera.look_at = centre
     server.initial_camera.up = up_vec
     server.initial_camera.near = 0.01 * radius
