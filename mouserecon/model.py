@@ -125,12 +125,20 @@ def posed_images(images: Tensor, cameras: Cameras) -> Tensor:
 
     images [b, v, 3, h, w] in [0, 1]; cameras [b, v] with the images' width and height.
     """
+    _check_inputs(images, cameras)
+    return _posed(images, *cameras.rays())
+
+
+def _check_inputs(images: Tensor, cameras: Cameras) -> None:
+    assert images.ndim == 5 and images.shape[2] == 3, f"images must be [b, v, 3, h, w], got {tuple(images.shape)}"
     b, v, _, h, w = images.shape
-    assert images.shape[2] == 3, f"images must be [b, v, 3, h, w], got {tuple(images.shape)}"
     assert cameras.batch_shape == (b, v), f"cameras {tuple(cameras.batch_shape)} vs images {(b, v)}"
     assert (cameras.height, cameras.width) == (h, w), f"cameras are {cameras.width}x{cameras.height}, images {w}x{h}"
-    origins, dirs = cameras.rays()  # [b, v, h, w, 3] each
-    t0 = (-origins * dirs).sum(-1, keepdim=True)  # [b, v, h, w, 1]
+
+
+def _posed(images: Tensor, origins: Tensor, dirs: Tensor) -> Tensor:
+    """images [b, v, 3, h, w], ray origins and unit directions [b, v, h, w, 3] -> [b, v, 9, h, w]."""
+    t0 = (-origins * dirs).sum(-1, keepdim=True)  # [b, v, h, w, 1] ray parameter of the point nearest the origin
     nearest = origins + t0 * dirs  # [b, v, h, w, 3]
     geometry = torch.cat([dirs, nearest], -1).permute(0, 1, 4, 2, 3)  # [b, v, 6, h, w]
     return torch.cat([images * 2 - 1, geometry.to(images.dtype)], 2)  # [b, v, 9, h, w]
@@ -163,9 +171,11 @@ class GSLRM(nn.Module):
 
     def forward(self, images: Tensor, cameras: Cameras) -> Gaussians:
         c, p = self.config, self.config.patch_size
+        _check_inputs(images, cameras)
         b, v, _, h, w = images.shape
         assert h % p == 0 and w % p == 0, f"image size {w}x{h} is not a multiple of the patch size {p}"
-        posed = posed_images(images, cameras)  # [b, v, 9, h, w]
+        origins, dirs = cameras.rays()  # [b, v, h, w, 3] each
+        posed = _posed(images, origins, dirs)  # [b, v, 9, h, w]
 
         tokens = posed.reshape(b, v, c.in_channels, h // p, p, w // p, p)  # [b, v, c, hp, ph, wp, pw]
         tokens = tokens.permute(0, 1, 3, 5, 4, 6, 2).reshape(b, v * (h // p) * (w // p), -1)  # [b, v*P, p*p*c]
@@ -181,21 +191,19 @@ class GSLRM(nn.Module):
         raw_tok = self.token_head(self.token_head_norm(gauss_tok))  # [b, ng, G]
         raw_pix = self.pixel_head(self.pixel_head_norm(img_tok))  # [b, v*P, p*p*G]
         raw_pix = raw_pix.reshape(b, v * h * w, c.gaussian_channels)  # [b, v*h*w, G], patch-major
-        xyz_tok, sh_tok, s_tok, q_tok, o_tok = raw_tok.split([3, 3 * c.n_sh, 3, 4, 1], -1)
-        xyz_pix, sh_pix, s_pix, q_pix, o_pix = raw_pix.split([3, 3 * c.n_sh, 3, 4, 1], -1)
+        raw = torch.cat([raw_tok, raw_pix], 1)  # [b, n, G]
+        xyz, sh, scales, quats, opacity = raw.split([3, 3 * c.n_sh, 3, 4, 1], -1)
 
-        origins, dirs = (patch_major(r, p) for r in cameras.rays())  # [b, v*h*w, 3] each
+        # Pixel Gaussians sit on their own pixel's ray; the token Gaussians keep their raw xyz.
+        origins, dirs = patch_major(origins, p), patch_major(dirs, p)  # [b, v*h*w, 3] each
         t0 = (-origins * dirs).sum(-1, keepdim=True)  # [b, v*h*w, 1]
-        depth = (2 * torch.sigmoid(xyz_pix.mean(-1, keepdim=True)) - 1) * DEPTH_RANGE + t0  # [b, v*h*w, 1]
-        xyz_pix = origins + depth * dirs  # [b, v*h*w, 3] on each pixel's ray
+        depth = (2 * torch.sigmoid(xyz[:, c.n_gaussians:].mean(-1, keepdim=True)) - 1) * DEPTH_RANGE + t0
+        xyz_pix = origins + depth * dirs  # [b, v*h*w, 3]
         if c.clip_xyz:
             xyz_pix = xyz_pix.clamp(-1.0, 1.0)
-
-        raw = torch.cat([torch.cat(t, 1) for t in ((sh_tok, sh_pix), (s_tok, s_pix), (q_tok, q_pix), (o_tok, o_pix))], -1)
-        sh, scales, quats, opacity = raw.split([3 * c.n_sh, 3, 4, 1], -1)  # [b, n, *]
         return Gaussians(
-            means=torch.cat([xyz_tok.to(xyz_pix.dtype), xyz_pix], 1),  # [b, n, 3]
-            sh=sh.reshape(b, -1, c.n_sh, 3),  # [b, n, K, 3]; sh[n, k, c] = raw[3 + 3k + c]
+            means=torch.cat([xyz[:, : c.n_gaussians].to(xyz_pix.dtype), xyz_pix], 1),  # [b, n, 3]
+            sh=sh.reshape(b, -1, c.n_sh, 3),  # [b, n, K, 3]; sh[n, k, c] = raw[n, 3 + 3k + c]
             log_scales=(scales - SCALE_BIAS).clamp(max=SCALE_MAX),  # [b, n, 3]
             quats=quats,  # [b, n, 4] wxyz, unnormalised
             opacity_logits=opacity[..., 0] - OPACITY_BIAS,  # [b, n]

@@ -209,7 +209,7 @@ def test_forward_flops_matches_torch_flop_counter():
     # The math backend runs attention as counted matmuls (the fused CPU kernel is not counted).
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(images, _orbit_cameras(1, 3, 32, 48, g))
-    rays = 2 * (2 * 9 * 3 * 32 * 48)  # Cameras.rays() (called twice) rotates each pixel's direction: 3x3 @ 3
+    rays = 2 * 9 * 3 * 32 * 48  # Cameras.rays() rotates each pixel's direction: 3x3 @ 3
     assert counter.get_total_flops() == forward_flops(cfg, views=3, height=32, width=48) + rays
 
 
