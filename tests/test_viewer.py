@@ -28,7 +28,7 @@ from mouserecon.cli import main
 from mouserecon.gaussians import SH_C0, Gaussians, quat_to_rotmat
 from mouserecon.ply import save_ply
 from mouserecon.viewer import app
-from mouserecon.viewer.app import ViewerError, load_camera_views, load_layers, serve, serve_gaussians
+from mouserecon.viewer.app import ViewerError, load_camera_views, load_layers, serve_gaussians
 from mouserecon.viewer.scene import (
     camera_poses,
     choose_scene_scale,
