@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mouserecon.cameras import CameraError, Cameras, load_nerfstudio_transforms, load_opencv_cameras
+from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,23 @@ class SampleBatch:
     def to(self, *args, **kwargs) -> SampleBatch:
         return replace(self, images=self.images.to(*args, **kwargs), masks=self.masks.to(*args, **kwargs),
                        cameras=self.cameras.to(*args, **kwargs))
+
+
+def normalize_sample(sample: Sample, center=None, up=None) -> tuple[Sample, Similarity]:
+    """Map a sample's cameras to the model rig (CONVENTIONS.md C4) -> (sample, user-to-model similarity).
+
+    up: the user's world up; default the camera file's "world_up" when it has one, else +Z.
+    center: the point to put at the origin; default the least-squares intersection of the optical axes.
+    """
+    if up is None:
+        camera_file = find_camera_file(sample.path)
+        recorded = load_world_up(camera_file) if camera_file and camera_file.name == CAMERA_FILES[0] else None
+        up = (0.0, 0.0, 1.0) if recorded is None else recorded
+    try:
+        cameras, similarity = normalize_cameras(sample.cameras, center=center, up=up)
+    except CameraError as err:
+        raise SampleError(f"{sample.path}: cannot normalise the cameras ({err})") from err
+    return replace(sample, cameras=cameras), similarity
 
 
 # ---- one sample ------------------------------------------------------------------------------
@@ -340,8 +358,10 @@ class MouseDataset(Dataset):
     """
 
     def __init__(self, source: str | Path, resolution: int | tuple[int, int] | None = None,
-                 views: Sequence[int] | None = None, white_threshold: float = WHITE_THRESHOLD) -> None:
+                 views: Sequence[int] | None = None, white_threshold: float = WHITE_THRESHOLD,
+                 normalize: bool = False) -> None:
         self.source = Path(source)
+        self.normalize = normalize  # map each sample's cameras to the model rig (normalize_sample)
         self.sample_dirs = find_samples(self.source)
         self.resolution = resolution
         self.views = None if views is None else tuple(views)
@@ -351,7 +371,8 @@ class MouseDataset(Dataset):
         return len(self.sample_dirs)
 
     def __getitem__(self, index: int) -> Sample:
-        return load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold)
+        sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold)
+        return normalize_sample(sample)[0] if self.normalize else sample
 
 
 def collate(samples: Sequence[Sample]) -> SampleBatch:

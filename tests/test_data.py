@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mouserecon.cameras import Cameras, save_opencv_cameras
-from mouserecon.data import MouseDataset, Sample, SampleError, collate, find_samples, load_sample
+from mouserecon.data import MouseDataset, Sample, SampleError, collate, find_samples, load_sample, normalize_sample
 
 # ---- independent PNG codec (from the PNG specification) ------------------------------------------
 
@@ -509,3 +509,25 @@ def test_collate_rejects_mismatched_samples(tmp_path):
     make_sample(tmp_path / "b", random_images(2, 4))
     _raises("different view counts", lambda: collate([load_sample(tmp_path / "a"), load_sample(tmp_path / "b")]),
             tmp_path / "a", tmp_path / "b")
+
+
+def test_normalize_sample_uses_recorded_world_up(tmp_path):
+    # A ring in millimetres whose world is y-up, recorded as such in the camera file: after
+    # normalisation the mean distance is 2.7, the ring centre is the origin and the recorded up is +Z.
+    ring = ring_cameras(4, 16, 12, radius=300.0)
+    to_y_up = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # z-up -> y-up world
+    shifted = to_y_up @ ring.c2w
+    shifted[:, :3, 3] += torch.tensor([10.0, -20.0, 5.0])
+    cams = Cameras(shifted, ring.intrinsics, ring.width, ring.height)
+    folder = make_sample(tmp_path / "s", random_images(4, 4, size=(12, 16)), cameras=cams)
+    meta = json.loads((folder / "opencv_cameras.json").read_text())
+    meta["world_up"] = [0.0, 1.0, 0.0]
+    (folder / "opencv_cameras.json").write_text(json.dumps(meta))
+
+    sample, similarity = normalize_sample(load_sample(folder))
+    assert sample.cameras.centers.norm(dim=-1).mean().item() == pytest.approx(2.7, rel=1e-5)
+    assert similarity.apply_points(torch.tensor([[10.0, -20.0, 5.0]], dtype=torch.float64)).abs().max() < 1e-4
+    up_model = similarity.rotation @ torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(up_model, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-6)
+    # images are untouched, only cameras move
+    assert torch.equal(sample.images, load_sample(folder).images)
