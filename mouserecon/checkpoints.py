@@ -19,6 +19,7 @@ import os
 import pickle
 import platform
 import re
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
@@ -175,14 +176,16 @@ def _read(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a torch.save zip archive (truncated, corrupt, or a legacy-format file)")
     try:
         # mmap: FaceLift files also hold the optimizer state (2x the weights), which is never read.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        reason = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line] or [str(err)]
+        reason = re.findall(r"Unsupported global: GLOBAL \S+", str(err)) or [str(err)]
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain data "
-            f"(weights_only=True): {reason[0][:300]}"
+            f"(weights_only=True): {reason[0]}"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
