@@ -27,10 +27,62 @@ def main(verbose: bool) -> None:
 # ---- reconstruct / info (model) ----------------------------------------------------------------
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def reconstruct() -> None:
-    """Reconstruct a sample folder of calibrated views into a 3DGS .ply."""
-    _not_built("reconstruct", "issue 4")
+def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated frame indices such as 0,1,2,3,4, got {value!r}") from None
+
+
+@main.command()
+@click.argument("views_dir", metavar="VIEWS", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .ply to write.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Ours or FaceLift's; default: the bundled demo.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: auto (CUDA when available).")
+@click.option("--views", callback=_view_list, help="Input frame indices, e.g. 0,1,2,3,4 (default: the first 5).")
+@click.option("--resolution", type=int, help="Square image side for the model (default: the model's).")
+@click.option("--units", type=click.Choice(["input", "model"]),
+              help="input (default): the camera file's frame and units (e.g. mm); model: the normalised rig.")
+@click.option("--min-opacity", type=float, help="Prune Gaussians below this opacity (default 0.005).")
+@click.option("--previews", "previews_dir", type=click.Path(file_okay=False),
+              help="Write inputs.png, heldout.png and a turntable here.")
+@click.option("--turntable", "turntable_frames", type=int, help="Turntable frames with --previews (default 36; 0: none).")
+@click.option("--turntable-format", type=click.Choice(["gif", "mp4"]), help="Default gif; mp4 needs imageio-ffmpeg.")
+def reconstruct(views_dir: str, output: str, **given) -> None:
+    """Reconstruct a sample folder of calibrated views (VIEWS) into a 3DGS .ply plus a sidecar .json."""
+    from mouserecon.cameras import CameraError
+    from mouserecon.checkpoints import CheckpointError
+    from mouserecon.data import SampleError
+    from mouserecon.reconstruct import ReconstructError, ReconstructOptions
+    from mouserecon.reconstruct import reconstruct as run
+
+    # Progress goes to stdout (plain lines); warnings and errors to stderr with their level.
+    package_log = logging.getLogger("mouserecon")
+    progress = logging.StreamHandler(sys.stdout)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    problems.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    verbose = click.get_current_context().find_root().params.get("verbose")
+    level, propagate = package_log.level, package_log.propagate
+    package_log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    package_log.propagate = False
+    package_log.addHandler(progress)
+    package_log.addHandler(problems)
+    try:
+        # Defaults live in ReconstructOptions only: pass what was given.
+        options = ReconstructOptions(views_dir, output, **{k: v for k, v in given.items() if v is not None})
+        result = run(options)
+    except (ReconstructError, SampleError, CameraError, CheckpointError) as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        package_log.removeHandler(progress)
+        package_log.removeHandler(problems)
+        package_log.propagate = propagate
+        package_log.setLevel(level)
+    click.echo(f"{result.ply_path}: {result.num_written} Gaussians ({result.units} units); {result.sidecar_path}")
 
 
 @main.command()

@@ -1,0 +1,336 @@
+"""`mouserecon reconstruct`: CLI and Python API end to end with a tiny checkpoint.
+
+References: PLY files are read with plyfile (an independent reader); the mapping back to the
+user's frame is checked against the similarity inverted in numpy and against the user's own
+camera matrices (each pixel's Gaussian projects back onto that pixel); the turntable cameras
+against closed forms; preview grids against the source PNGs and an independent render path
+(user-frame PLY + the user's cameras). Samples are written here by hand (a y-up world in mm),
+or the demo sample assets/demo_mouse when present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import plyfile
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mouserecon.cameras import Cameras, load_opencv_cameras
+from mouserecon.checkpoints import save_checkpoint
+from mouserecon.cli import main
+from mouserecon.model import GSLRM, ModelConfig
+from mouserecon.ply import load_ply, property_names
+from mouserecon.reconstruct import ReconstructError, ReconstructOptions, reconstruct, turntable_cameras
+from mouserecon.render import render
+
+DEMO_SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "demo_mouse"
+PATCH = 8
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, GSLRM(ModelConfig.preset("tiny")))
+    return path
+
+
+def look_at_w2c(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """OpenCV world-to-camera [4, 4]: +z towards target, +y down (against `up`)."""
+    forward = (target - eye) / np.linalg.norm(target - eye)
+    right = np.cross(forward, up)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    c2w = np.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, down, forward, eye
+    return np.linalg.inv(c2w)
+
+
+def write_sample(folder: Path, n: int = 6, size: int = 64) -> Path:
+    """A y-up world in mm: n cameras 300 mm from (40, -15, 25), elevations 5 / 20 deg alternating,
+    fx != fy, off-centre principal point; RGBA images of a coloured disc."""
+    (folder / "images").mkdir(parents=True)
+    centre, up = np.array([40.0, -15.0, 25.0]), np.array([0.0, 1.0, 0.0])
+    rng = np.random.default_rng(1)
+    frames = []
+    for i in range(n):
+        az, el = math.radians(20 + 360 * i / n), math.radians(5 if i % 2 else 20)
+        eye = centre + 300 * np.array([math.cos(el) * math.cos(az), math.sin(el), math.cos(el) * math.sin(az)])
+        s = size / 64
+        frames.append({"w": size, "h": size, "fx": 90.0 * s, "fy": 95.0 * s, "cx": 31.0 * s, "cy": 33.5 * s,
+                       "w2c": look_at_w2c(eye, centre, up).tolist(), "file_path": f"images/cam_{i:03d}.png"})
+        yy, xx = np.mgrid[:size, :size] + 0.5
+        alpha = np.clip(size / 4 - np.hypot(xx - size / 2, yy - size / 2), 0, 1)  # [H, W] antialiased disc
+        rgb = rng.uniform(0.1, 0.9, 3) * (1 - 0.3 * yy / size)[..., None]  # [H, W, 3]
+        rgba = np.concatenate([rgb, alpha[..., None]], -1)
+        iio.imwrite(folder / frames[-1]["file_path"], (rgba * 255).round().astype(np.uint8))
+    (folder / "opencv_cameras.json").write_text(json.dumps({"world_up": up.tolist(), "frames": frames}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mm_sample(tmp_path_factory) -> Path:
+    return write_sample(tmp_path_factory.mktemp("sample") / "mouse_mm")
+
+
+@pytest.fixture(scope="module")
+def demo_sample(tmp_path_factory) -> Path:
+    """The shipped demo sample (6 views); a hand-written 6-view stand-in until it is committed."""
+    if (DEMO_SAMPLE / "opencv_cameras.json").is_file():
+        return DEMO_SAMPLE
+    return write_sample(tmp_path_factory.mktemp("demo") / "demo_stand_in")
+
+
+def read_ply(path: Path) -> np.ndarray:
+    """Vertex records via plyfile, checking the 3DGS layout (float32, C7 order)."""
+    data = plyfile.PlyData.read(str(path))
+    assert [e.name for e in data.elements] == ["vertex"]
+    vertex = data["vertex"]
+    assert [p.name for p in vertex.properties] == property_names(0)
+    assert all(p.val_dtype in ("f4", "float32", "float") for p in vertex.properties)
+    return vertex.data
+
+
+def columns(records: np.ndarray, *names: str) -> np.ndarray:
+    return np.stack([records[name].astype(np.float64) for name in names], -1)
+
+
+def quat_to_matrix(q: np.ndarray) -> np.ndarray:
+    """[N, 4] wxyz (unnormalised) -> [N, 3, 3]."""
+    w, x, y, z = (q / np.linalg.norm(q, axis=-1, keepdims=True)).T
+    return np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)
+
+
+def covariances(records: np.ndarray) -> np.ndarray:
+    rot = quat_to_matrix(columns(records, "rot_0", "rot_1", "rot_2", "rot_3"))
+    scale = np.exp(columns(records, "scale_0", "scale_1", "scale_2"))
+    rs = rot * scale[:, None, :]
+    return rs @ rs.transpose(0, 2, 1)
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+
+def test_cli_demo_sample_writes_ply_sidecar_and_previews(demo_sample, tiny_checkpoint, tmp_path):
+    out = tmp_path / "mouse.ply"
+    result = CliRunner().invoke(main, [
+        "reconstruct", str(demo_sample), "-o", str(out), "--checkpoint", str(tiny_checkpoint),
+        "--resolution", "32", "--previews", str(tmp_path / "previews"), "--turntable", "2",
+    ])
+    assert result.exit_code == 0, result.output
+    for step in ("loading checkpoint ...", "loading sample ...", "normalised: centre", "running the model ...",
+                 "rendering previews ..."):
+        assert step in result.stdout
+    records = read_ply(out)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    num_frames = len(json.loads((demo_sample / "opencv_cameras.json").read_text())["frames"])
+    assert sidecar["views"] == [0, 1, 2, 3, 4] and sidecar["heldout_views"] == list(range(5, num_frames))
+    expected = 2 + 5 * 32 * 32  # token Gaussians + one per input pixel
+    opacity = 1 / (1 + np.exp(-records["opacity"].astype(np.float64)))
+    assert (opacity >= 0.005).all()
+    assert len(records) == expected - sidecar["counts"]["pruned"]
+    assert sidecar["counts"] == {"predicted": expected, "nonfinite": 0, "pruned": sidecar["counts"]["pruned"],
+                                 "written": len(records)}
+    assert sidecar["units"] == "input" and set(sidecar["similarity_user_to_model"]) == {"rotation", "translation", "scale"}
+
+    inputs = iio.imread(tmp_path / "previews" / "inputs.png")
+    assert inputs.shape == (64, 5 * 32, 3)
+    if num_frames > 5:
+        assert iio.imread(tmp_path / "previews" / "heldout.png").shape == (64, (num_frames - 5) * 32, 3)
+    assert iio.imread(tmp_path / "previews" / "turntable.gif", index=None).shape == (2, 32, 32, 3)
+
+
+def test_python_api_matches_cli_and_prunes_by_opacity(mm_sample, tiny_checkpoint, tmp_path):
+    cli_out = tmp_path / "cli.ply"
+    run = CliRunner().invoke(main, ["reconstruct", str(mm_sample), "-o", str(cli_out), "--checkpoint",
+                                    str(tiny_checkpoint), "--resolution", "32", "--min-opacity", "0"])
+    assert run.exit_code == 0, run.output
+    full = read_ply(cli_out)
+    assert len(full) == 2 + 5 * 32 * 32  # nothing pruned at 0
+
+    api = reconstruct(ReconstructOptions(mm_sample, tmp_path / "api.ply", tiny_checkpoint, resolution=32,
+                                         min_opacity=0.0))
+    assert api.num_written == len(full)
+    np.testing.assert_array_equal(columns(read_ply(api.ply_path), *property_names(0)), columns(full, *property_names(0)))
+
+    opacity = 1 / (1 + np.exp(-full["opacity"].astype(np.float64)))
+    threshold = float(np.median(opacity))  # prune about half
+    pruned = reconstruct(ReconstructOptions(mm_sample, tmp_path / "pruned.ply", tiny_checkpoint, resolution=32,
+                                            min_opacity=threshold))
+    kept = read_ply(pruned.ply_path)
+    assert pruned.num_pruned == int((opacity < threshold).sum()) > 0
+    np.testing.assert_array_equal(columns(kept, *property_names(0)),
+                                  columns(full[opacity >= threshold], *property_names(0)))
+
+
+def test_units_input_maps_back_with_the_inverse_similarity(mm_sample, tiny_checkpoint, tmp_path):
+    views = (4, 0, 2, 5, 1)  # a non-default order
+    size = 32
+    model = reconstruct(ReconstructOptions(mm_sample, tmp_path / "model.ply", tiny_checkpoint, views=views,
+                                           resolution=size, units="model", min_opacity=0.0))
+    user = reconstruct(ReconstructOptions(mm_sample, tmp_path / "user.ply", tiny_checkpoint, views=views,
+                                          resolution=size, units="input", min_opacity=0.0))
+    a, b = read_ply(model.ply_path), read_ply(user.ply_path)
+    record = json.loads(user.sidecar_path.read_text())["similarity_user_to_model"]
+    rot, t, s = np.array(record["rotation"]), np.array(record["translation"]), record["scale"]
+
+    # The similarity normalises the input rig: world up (+y here) -> +Z, mean camera distance 2.7.
+    w2c = np.array([f["w2c"] for f in json.loads((mm_sample / "opencv_cameras.json").read_text())["frames"]])
+    centres = np.linalg.inv(w2c)[:, :3, 3]  # [F, 3] mm
+    np.testing.assert_allclose(rot @ [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], atol=1e-12)
+    model_centres = s * centres[list(views)] @ rot.T + t
+    assert np.linalg.norm(model_centres, axis=-1).mean() == pytest.approx(2.7, rel=1e-6)  # float32 cameras
+
+    # Means: x_user = R^T (x_model - t) / s; covariances: R^T Sigma R / s^2.
+    xyz_a, xyz_b = columns(a, "x", "y", "z"), columns(b, "x", "y", "z")
+    np.testing.assert_allclose(xyz_b, (xyz_a - t) @ rot / s, atol=1e-4 * 300, rtol=1e-5)
+    np.testing.assert_allclose(covariances(b), rot.T @ covariances(a) @ rot / s**2, rtol=1e-3,
+                               atol=1e-6 * covariances(b).max())
+    np.testing.assert_array_equal(columns(b, "opacity", "f_dc_0", "f_dc_1", "f_dc_2"),
+                                  columns(a, "opacity", "f_dc_0", "f_dc_1", "f_dc_2"))
+
+    # Each pixel's Gaussian (patch-major order after the 2 token Gaussians) projects onto that
+    # pixel's centre with the user's own camera, scaled to the resolution.
+    rows, cols = np.mgrid[:size, :size]
+    order = ((rows // PATCH) * (size // PATCH) + cols // PATCH) * PATCH**2 + (rows % PATCH) * PATCH + cols % PATCH
+    frames = json.loads((mm_sample / "opencv_cameras.json").read_text())["frames"]
+    for k, frame in enumerate(views):
+        f = frames[frame]
+        ratio = size / f["w"]
+        points = xyz_b[2 + k * size * size + order.ravel()]  # [H*W, 3] raster order, mm
+        cam = points @ w2c[frame][:3, :3].T + w2c[frame][:3, 3]
+        assert (cam[:, 2] > 0).all()
+        u = f["fx"] * ratio * cam[:, 0] / cam[:, 2] + f["cx"] * ratio
+        v = f["fy"] * ratio * cam[:, 1] / cam[:, 2] + f["cy"] * ratio
+        np.testing.assert_allclose(u, cols.ravel() + 0.5, atol=2e-3)
+        np.testing.assert_allclose(v, rows.ravel() + 0.5, atol=2e-3)
+
+
+def test_previews_show_the_sample_and_match_a_user_frame_render(tmp_path, tiny_checkpoint):
+    size = 32
+    sample = write_sample(tmp_path / "s3", n=3, size=size)
+    out = reconstruct(ReconstructOptions(sample, tmp_path / "m.ply", tiny_checkpoint, views=(0, 1), resolution=size,
+                                         previews_dir=tmp_path / "previews", turntable_frames=0))
+    assert [p.name for p in out.preview_files] == ["inputs.png", "heldout.png"]
+    cameras, files = load_opencv_cameras(sample / "opencv_cameras.json")
+    user_frame = load_ply(out.ply_path)
+    for grid_file, frames in (("inputs.png", [0, 1]), ("heldout.png", [2])):
+        grid = iio.imread(tmp_path / "previews" / grid_file).astype(np.float64) / 255  # [2H, V*W, 3]
+        assert grid.shape == (2 * size, len(frames) * size, 3)
+        rgba = np.concatenate([iio.imread(sample / files[i]) for i in frames], 1) / 255  # [H, V*W, 4]
+        on_white = rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:]
+        np.testing.assert_allclose(grid[:size], on_white, atol=0.5 / 255 + 1e-9)
+        renders = render(user_frame, cameras[frames], size, size).images  # [V, 3, H, W] in mm
+        expected = torch.cat(list(renders), -1).permute(1, 2, 0).numpy()  # [H, V*W, 3]
+        np.testing.assert_allclose(grid[size:], expected, atol=1.5 / 255)
+
+
+# ---- turntable -----------------------------------------------------------------------------------
+
+
+def test_turntable_cameras_closed_form():
+    # Two input cameras in the model frame at different distances and elevations.
+    eyes = np.array([[2.0, 1.0, 0.8], [-1.5, 2.2, 1.6]])
+    w2c = np.stack([look_at_w2c(e, np.zeros(3), np.array([0.0, 0.0, 1.0])) for e in eyes])
+    inputs = Cameras(torch.tensor(np.linalg.inv(w2c), dtype=torch.float32),
+                     torch.tensor([[60.0, 64.0, 30.0, 34.0], [70.0, 66.0, 33.0, 31.0]]), 64, 48)
+    n = 7
+    cams = turntable_cameras(inputs, n)
+    assert cams.batch_shape == (n,) and (cams.width, cams.height) == (64, 48)
+    distance = np.linalg.norm(eyes, axis=-1).mean()
+    elevation = np.arcsin(eyes[:, 2] / np.linalg.norm(eyes, axis=-1)).mean()
+    c2w = cams.c2w.double().numpy()
+    centres = c2w[:, :3, 3]
+    np.testing.assert_allclose(np.linalg.norm(centres, axis=-1), distance, rtol=1e-6)
+    np.testing.assert_allclose(centres[:, 2], distance * np.sin(elevation), rtol=1e-6)
+    azimuths = np.unwrap(np.arctan2(centres[:, 1], centres[:, 0]))
+    np.testing.assert_allclose(np.diff(azimuths), 2 * np.pi / n, rtol=1e-6)
+    assert azimuths[0] == pytest.approx(math.atan2(1.0, 2.0), abs=1e-6)  # starts at the first camera
+    rot = c2w[:, :3, :3]
+    np.testing.assert_allclose(rot.transpose(0, 2, 1) @ rot, np.broadcast_to(np.eye(3), (n, 3, 3)), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.det(rot), 1.0, atol=1e-6)
+    assert np.abs(rot[:, 2, 0]).max() < 1e-6  # camera x is horizontal: no roll
+    assert (rot[:, 2, 1] < 0).all()  # image down points down the world: +Z is up on screen
+    # The origin projects to the image centre, in front of every camera.
+    fx, fy, cx, cy = cams.intrinsics.double().numpy().T
+    origin_cam = np.einsum("nji,nj->ni", rot, -centres)  # R^T (0 - c)
+    assert (origin_cam[:, 2] > 0).all()
+    np.testing.assert_allclose(fx * origin_cam[:, 0] / origin_cam[:, 2] + cx, 32.0, atol=1e-4)
+    np.testing.assert_allclose(fy * origin_cam[:, 1] / origin_cam[:, 2] + cy, 24.0, atol=1e-4)
+    np.testing.assert_allclose(fx, 65.0, rtol=1e-6)
+    np.testing.assert_allclose(fy, 65.0, rtol=1e-6)
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, ["reconstruct", *args])
+
+
+def test_bad_inputs_are_clear_errors(mm_sample, tiny_checkpoint, tmp_path):
+    ckpt, out = str(tiny_checkpoint), str(tmp_path / "m.ply")
+    not_sample = tmp_path / "empty"
+    not_sample.mkdir()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cases = [
+        (["nowhere", "-o", out, "--checkpoint", ckpt], ["nowhere", "views folder not found"]),
+        ([str(not_sample), "-o", out, "--checkpoint", ckpt], ["empty", "not a sample folder"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--views", "0,1,9"], ["opencv_cameras.json", "out of range", "6 frames"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--views", "0,0"], ["distinct"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--views", "0,a"], ["comma-separated"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--resolution", "60"], ["60", "patch size 8"]),
+        ([str(mm_sample), "-o", str(tmp_path / "no" / "m.ply"), "--checkpoint", ckpt], ["output folder", "does not exist"]),
+        ([str(mm_sample), "-o", str(tmp_path / "m.obj"), "--checkpoint", ckpt], ["m.obj", ".ply"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", str(tmp_path / "none.pt")], ["none.pt", "not found"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", str(garbage)], ["garbage.pt", "torch"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--min-opacity", "1.5"], ["min_opacity", "[0, 1)"]),
+    ]
+    for args, words in cases:
+        result = _invoke(*args)
+        # 1: ClickException, 2: usage error; never an uncaught exception with a traceback.
+        assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), (args, result.output)
+        for word in words:
+            assert word in result.output, (args, result.output)
+    assert not (tmp_path / "m.ply").exists()
+
+
+def test_without_checkpoint_says_one_is_needed(mm_sample, tmp_path):
+    result = _invoke(str(mm_sample), "-o", str(tmp_path / "m.ply"))
+    assert result.exit_code == 1
+    assert "demo checkpoint" in result.output and "--checkpoint" in result.output
+
+
+def test_broken_sample_names_the_file(tmp_path, tiny_checkpoint):
+    sample = write_sample(tmp_path / "broken", n=3, size=32)
+    (sample / "images" / "cam_001.png").unlink()
+    result = _invoke(str(sample), "-o", str(tmp_path / "m.ply"), "--checkpoint", str(tiny_checkpoint))
+    assert result.exit_code == 1 and "cam_001.png" in result.output and "missing" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(mm_sample, tiny_checkpoint, tmp_path):
+    with pytest.raises(ReconstructError, match="no CUDA GPU"):
+        reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", tiny_checkpoint, device="cuda"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("imageio_ffmpeg") is not None, reason="imageio-ffmpeg is installed")
+def test_mp4_without_imageio_ffmpeg_is_refused_before_any_work(mm_sample, tiny_checkpoint, tmp_path):
+    options = ReconstructOptions(mm_sample, tmp_path / "m.ply", tiny_checkpoint, previews_dir=tmp_path / "p",
+                                 turntable_format="mp4")
+    with pytest.raises(ReconstructError, match="imageio-ffmpeg"):
+        reconstruct(options)
+    assert not (tmp_path / "m.ply").exists()
