@@ -160,6 +160,9 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     config = info.config
     log.info("checkpoint %s: %s format, d=%d, %d layers, patch %d, %s parameters, step %s",
              checkpoint_path, info.format, config.d, config.n_layer, config.patch_size, f"{info.n_params:,}", info.step)
+    if o.units == "input" and config.sh_degree > 0:
+        raise ReconstructError(f"{checkpoint_path}: SH degree {config.sh_degree} Gaussians cannot be mapped to the "
+                               "input frame (view-dependent colour would need rotating); use units 'model'")
     resolution = o.resolution or config.image_size
     if resolution % config.patch_size:
         raise ReconstructError(f"resolution {resolution} is not a multiple of the model's patch size "
@@ -173,7 +176,9 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
              f"{resolution}x{resolution}", sample.mask_source, list(views), list(heldout))
 
     up = load_world_up(camera_file)
-    up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64) if up is None else up
+    if up is None:
+        log.info("%s records no world_up: taking +Z as the world up axis", camera_file.name)
+        up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     with _timed("normalising cameras", timings):
         _, similarity = normalize_cameras(sample.cameras[list(views)], up=up)
     cameras = similarity.apply_cameras(sample.cameras)  # [F] all frames in the model frame
