@@ -53,7 +53,7 @@ DEMO_CHECKPOINT = "demo_checkpoint.pt"  # in the mouserecon.assets package (trai
 UNITS = ("model", "input")
 DEVICES = ("auto", "cpu", "cuda")
 TURNTABLE_FORMATS = ("gif", "mp4")
-RENDER_BATCH = 4  # views per render() call in previews (bounds memory on the CPU)
+RENDER_BATCH = {"cpu": 1, "cuda": 8}  # views per render() call in previews (the torch backend's memory grows with it)
 
 
 class ReconstructError(ValueError):
@@ -363,17 +363,18 @@ def write_previews(out_dir: Path, gaussians: Gaussians, sample: Sample, cameras:
     turntable; write inputs.png, heldout.png (when any) and turntable.gif/.mp4 (when frames > 0)."""
     out_dir.mkdir(exist_ok=True)
     files = []
-    for name, frames in (("inputs", views), ("heldout", heldout)):
+    for name, label, frames in (("inputs", "input views", views), ("heldout", "held-out views", heldout)):
         if not frames:
-            log.info("previews: no %s views", name)
+            log.info("previews: no %s", label)
             continue
-        renders = _render_views(gaussians, cameras[list(frames)])  # [V, 3, H, W]
+        renders = _render_views(gaussians, cameras[list(frames)], label)  # [V, 3, H, W]
         truth = sample.images[list(frames)]  # [V, 3, H, W]
         grid = torch.cat([torch.cat(list(truth), -1), torch.cat(list(renders), -1)], -2)  # [3, 2H, V*W]
         files.append(out_dir / f"{name}.png")
         iio.imwrite(files[-1], _to_uint8(grid))
     if turntable_frames:
-        frames = _render_views(gaussians, turntable_cameras(cameras[list(views)], turntable_frames))  # [N, 3, H, W]
+        frames = _render_views(gaussians, turntable_cameras(cameras[list(views)], turntable_frames),
+                               "turntable frames")  # [N, 3, H, W]
         files.append(out_dir / f"turntable.{turntable_format}")
         pixels = np.stack([_to_uint8(f) for f in frames])  # [N, H, W, 3]
         if turntable_format == "gif":
@@ -384,13 +385,17 @@ def write_previews(out_dir: Path, gaussians: Gaussians, sample: Sample, cameras:
     return tuple(files)
 
 
-def _render_views(gaussians: Gaussians, cameras: Cameras) -> Tensor:
-    """Gaussians [N] into cameras [V] -> images [V, 3, H, W] on white, CPU."""
+def _render_views(gaussians: Gaussians, cameras: Cameras, what: str) -> Tensor:
+    """Gaussians [N] into cameras [V] -> images [V, 3, H, W] on white, CPU; logs progress."""
     out = []
+    batch = RENDER_BATCH[gaussians.device.type]
+    start_time = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, len(cameras), RENDER_BATCH):
-            chunk = cameras[start:start + RENDER_BATCH]
+        for start in range(0, len(cameras), batch):
+            chunk = cameras[start:start + batch]
             out.append(render(gaussians, chunk, chunk.height, chunk.width).images.cpu())
+            log.info("  rendered %d/%d %s (%.1f s)", start + len(chunk), len(cameras), what,
+                     time.perf_counter() - start_time)
     return torch.cat(out)
 
 
