@@ -194,7 +194,7 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     log.info("Gaussians: %d predicted, %d non-finite dropped, %d with opacity < %g pruned, %d kept",
              num_predicted, num_predicted - finite.num, finite.num - kept.num, o.min_opacity, kept.num)
 
-    written = kept if o.units == "model" else _to_user_frame(kept, similarity)
+    written = kept if o.units == "model" else _to_user_frame(kept, similarity).drop_nonfinite()  # float32 overflow
     with _timed("writing PLY", timings):
         save_ply(o.output, written, comments=(f"mouserecon reconstruct; units {o.units}; sidecar "
                                               f"{o.output.with_suffix('.json').name}",))
@@ -207,7 +207,7 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     result = ReconstructResult(
         ply_path=o.output, sidecar_path=o.output.with_suffix(".json"), gaussians=written, similarity=similarity,
         units=o.units, views=views, heldout_views=heldout, resolution=resolution, num_predicted=num_predicted,
-        num_nonfinite=num_predicted - finite.num, num_pruned=finite.num - kept.num,
+        num_nonfinite=num_predicted - finite.num + kept.num - written.num, num_pruned=finite.num - kept.num,
         preview_files=preview_files, timings=timings,
     )
     _write_sidecar(result, o, info, sample, up, str(device))
@@ -227,7 +227,8 @@ def demo_checkpoint() -> Path:
 def _check_paths(o: ReconstructOptions) -> tuple[Path, Path]:
     """Cheap checks before any heavy work -> (camera file, checkpoint file)."""
     if not o.views_dir.is_dir():
-        raise ReconstructError(f"{o.views_dir}: views folder not found")
+        defect = "not a folder (give the sample folder)" if o.views_dir.exists() else "views folder not found"
+        raise ReconstructError(f"{o.views_dir}: {defect}")
     camera_file = find_camera_file(o.views_dir)
     if camera_file is None:
         raise SampleError(f"{o.views_dir}: not a sample folder (no opencv_cameras.json or transforms.json)")

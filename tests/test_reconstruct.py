@@ -237,6 +237,21 @@ def test_previews_show_the_sample_and_match_a_user_frame_render(tmp_path, tiny_c
         np.testing.assert_allclose(grid[size:], expected, atol=1.5 / 255)
 
 
+def test_nonfinite_gaussians_are_dropped_and_counted(mm_sample, tmp_path):
+    torch.manual_seed(0)
+    model = GSLRM(ModelConfig.preset("tiny"))
+    channels = model.config.gaussian_channels
+    with torch.no_grad():  # NaN opacity for the first pixel of every patch: rows j*G + c of the pixel head
+        model.pixel_head.weight[channels - 1] = float("nan")
+    checkpoint = tmp_path / "nan.pt"
+    save_checkpoint(checkpoint, model)
+    out = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, resolution=32))
+    patches = 5 * (32 // PATCH) ** 2
+    records = read_ply(out.ply_path)
+    assert out.num_nonfinite == patches and len(records) == 2 + 5 * 32 * 32 - patches
+    assert np.isfinite(columns(records, *property_names(0))).all()
+
+
 # ---- turntable -----------------------------------------------------------------------------------
 
 
