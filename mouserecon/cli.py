@@ -148,10 +148,20 @@ def view(plys, camera_file, sample_dir, host, port, up, render_dir) -> None:
 # ---- synth -------------------------------------------------------------------------------------
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def synth() -> None:
-    """Generate synthetic mouse samples (RGBA views + opencv_cameras.json)."""
-    _not_built("synth", "issue 2")
+@main.command()
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-n", "--n", "n", default=1, show_default=True, type=click.IntRange(min=1), help="Number of samples.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the first sample (then +1 each).")
+@click.option("--resolution", default=256, show_default=True, type=click.IntRange(min=8), help="Image size (px).")
+@click.option("--views", default=6, show_default=True, type=click.IntRange(min=2), help="Rig views per sample.")
+@click.option("--heldout", default=0, show_default=True, type=click.IntRange(min=0), help="Extra held-out views.")
+@click.option("--units", default="mm", show_default=True, type=click.Choice(["mm", "normalized"]),
+              help="Write the rig in millimetres or normalised to the model's rig.")
+def synth(out_dir: str, n: int, seed: int, resolution: int, views: int, heldout: int, units: str) -> None:
+    """Generate synthetic mouse samples (RGBA views + opencv_cameras.json + synth.json)."""
+    from mouserecon.synth import generate_dataset
+
+    generate_dataset(out_dir, n, seed, resolution=resolution, n_views=views, n_heldout=heldout, units=units)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""Write synthetic mouse samples in the user-facing sample format (DESIGN.md section 4).
+
+A sample folder holds `images/cam_000.png ...` (8-bit RGBA, alpha = coverage of the mouse,
+white where alpha is 0), `opencv_cameras.json` (w2c on disk; top-level `world_up` and, for
+normalised samples, the `normalization` similarity from mm) and `synth.json` (seed, mouse
+parameters, light, rig values, which frames are rig views and which are held out).
+Frames 0 .. n_views-1 are the rig views in azimuth order; held-out views follow them.
+
+Units: "mm" writes the raw world (mm, +Z up, ground z = 0, cameras ~300-330 mm from the aim
+point); "normalized" applies `mouserecon.normalize.normalize_cameras` (centre = least-squares
+intersection of the optical axes, mean rig-camera distance 2.7, +Z up) to the rig views and the
+same similarity to the held-out views. Everything is drawn from one numpy Generator seeded with
+`seed`, so a seed gives identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mouserecon.cameras import Cameras, save_opencv_cameras
+from mouserecon.normalize import normalize_cameras
+from mouserecon.synth.mouse import build_mouse, sample_params
+from mouserecon.synth.rig import RigConfig, sample_rig
+from mouserecon.synth.sdf import Shape
+from mouserecon.synth.trace import Light, TraceConfig, render_rgba
+
+log = logging.getLogger(__name__)
+
+UNITS = ("mm", "normalized")
+
+
+def sample_light(rng: np.random.Generator) -> Light:
+    """A key light from above at a random azimuth, random strength, tint, ambient and shadow."""
+    u = rng.uniform
+    az, el = math.radians(u(0, 360)), math.radians(u(25, 85))
+    warm = u(-0.08, 0.08)
+    tint = np.array([1 + warm, 1.0, 1 - warm])
+    key, ambient = u(0.7, 1.3) * tint, u(0.12, 0.45) * tint
+    return Light(direction=(math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)),
+                 key=tuple(key.tolist()), ambient=tuple(ambient.tolist()), shadow=u(0.4, 0.9),
+                 shininess=u(12, 40))
+
+
+def mouse_center(shape: Shape) -> np.ndarray:
+    """Centre [3] (mm) of the mouse's torso box (body and head, not the tail)."""
+    box = shape.parts[0].bounds().double().numpy()
+    return box.mean(0)
+
+
+def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_views: int = 6, n_heldout: int = 0,
+                    units: str = "mm", rig: RigConfig = RigConfig(), trace: TraceConfig = TraceConfig()) -> Path:
+    """Draw mouse, light and rig from `seed`, render, and write the sample folder `out_dir`.
+
+    Returns out_dir. Images are [resolution, resolution] RGBA; there are n_views + n_heldout frames.
+    The folder must not exist or be empty; it is written under a temporary name and renamed.
+    """
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: output folder exists and is not empty")
+    rng = np.random.default_rng(seed)
+    params = sample_params(rng)
+    shape = build_mouse(params)
+    light = sample_light(rng)
+    aim = mouse_center(shape) + rng.uniform(-5.0, 5.0, size=3)
+    drawn = sample_rig(rng, aim, resolution, n_views, n_heldout, rig)
+    rgba = render_rgba(shape, drawn.cameras, light, trace)  # [V, H, W, 4]
+
+    cameras, extra = drawn.cameras, {"world_up": [0.0, 0.0, 1.0]}
+    if units == "normalized":
+        _, similarity = normalize_cameras(cameras[:n_views])
+        cameras = similarity.apply_cameras(cameras)
+        extra["normalization"] = similarity.to_dict()
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    files = [f"images/cam_{i:03d}.png" for i in range(len(cameras))]
+    pixels = (rgba * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    for name, image in zip(files, pixels):
+        iio.imwrite(tmp / name, image)
+    save_opencv_cameras(tmp / "opencv_cameras.json", cameras, files, **extra)
+    record = {
+        "generator": "mouserecon.synth", "seed": seed, "units": units, "resolution": resolution,
+        "rig_views": list(range(n_views)), "heldout_views": list(range(n_views, n_views + n_heldout)),
+        "mouse": asdict(params), "mouse_center_mm": mouse_center(shape).tolist(),
+        "light": asdict(light), "rig": drawn.record(), "trace": asdict(trace),
+    }
+    (tmp / "synth.json").write_text(json.dumps(record, indent=1))
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, **sample_kwargs) -> list[Path]:
+    """Write n samples `out_dir/sample_00000 ...` with seeds seed, seed + 1, ...; returns their folders."""
+    assert n >= 1, f"n must be >= 1, got {n}"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for i in tqdm(range(n), desc="synth", unit="sample"):
+        folders.append(generate_sample(seed + i, out_dir / f"sample_{i:05d}", **sample_kwargs))
+    log.info("wrote %d synthetic samples to %s", n, out_dir)
+    return folders
+
+
+def render_cameras(seed: int, cameras: Cameras, trace: TraceConfig = TraceConfig()) -> torch.Tensor:
+    """The mouse and light of `seed` rendered from any cameras [V] in mm -> RGBA [V, H, W, 4]."""
+    rng = np.random.default_rng(seed)
+    shape = build_mouse(sample_params(rng))
+    return render_rgba(shape, cameras, sample_light(rng), trace)
