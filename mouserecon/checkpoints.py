@@ -128,7 +128,8 @@ def load_checkpoint(
 
     For FaceLift checkpoints the architecture is inferred from the weight shapes except `d_head`
     (not inferable: pass it, or `preset`; 64 is assumed for d=1024) and the nominal `image_size`
-    (default 512, FaceLift's). With `preset`, the weights must have that preset's shapes.
+    (default 512, FaceLift's). With `preset`, the weights must have that preset's shapes. Our
+    files describe themselves; d_head / preset / image_size, if given, must agree with them.
     """
     obj = _read(path)
     return model_from_checkpoint(obj, str(path), device, d_head=d_head, preset=preset, image_size=image_size)
@@ -198,6 +199,12 @@ def _parse(obj: dict, source: str, d_head: int | None, preset: str | None, image
     """-> (CheckpointInfo, state dict in our key names), validated against the config's shapes."""
     if obj.get("format") == FORMAT:
         info, state = _parse_ours(obj, source)
+        asked = {"d_head": d_head, "image_size": image_size}
+        if preset:  # the architecture must match; grad_checkpoint is a training-time switch
+            asked |= {k: v for k, v in asdict(ModelConfig.preset(preset)).items() if k != "grad_checkpoint"}
+        clash = {k: (getattr(info.config, k), v) for k, v in asked.items() if v is not None and getattr(info.config, k) != v}
+        if clash:
+            raise CheckpointError(f"{source}: the file's model_config disagrees with the request: (file, asked) = {clash}")
     elif "format" not in obj and isinstance(obj.get("model"), dict):
         info, state = _parse_facelift(obj, source, d_head, preset, image_size)
     else:

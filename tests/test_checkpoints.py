@@ -183,6 +183,9 @@ def test_our_format_round_trip(tmp_path):
     loaded, info = load_checkpoint(path)
     assert (info.format, info.step, info.recipe, info.metrics) == ("mouserecon", 1234, recipe, {"psnr": 21.5})
     assert info.config == model.config and set(info.versions) == {"mouserecon", "torch", "python"}
+    assert load_checkpoint(path, preset="tiny", d_head=16)[1].config == PRESETS["tiny"]
+    with pytest.raises(CheckpointError, match=r"disagrees with the request.*'d': \(64, 1024\)"):
+        load_checkpoint(path, preset="facelift")
     images, cameras = _inputs()
     with torch.no_grad():
         a, b = model(images, cameras), loaded(images, cameras)
