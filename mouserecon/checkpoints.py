@@ -278,9 +278,11 @@ def _infer_facelift_config(state, source, d_head, preset, image_size) -> ModelCo
         if image_size is not None:
             config = ModelConfig.preset(preset, image_size=image_size)
         inferred = {"d": d, "n_layer": n_layer, "patch_size": patch, "sh_degree": sh_degree, "n_gaussians": n_gaussians}
+        if d_head is not None:
+            inferred["d_head"] = d_head
         wrong = {k: (v, getattr(config, k)) for k, v in inferred.items() if getattr(config, k) != v}
         if wrong:
-            raise CheckpointError(f"{source}: weights do not fit preset {preset!r}: (checkpoint, preset) = {wrong}")
+            raise CheckpointError(f"{source}: checkpoint does not fit preset {preset!r}: (checkpoint, preset) = {wrong}")
         return config
     if d_head is None:
         if d != 1024:

@@ -99,8 +99,10 @@ def test_module_prefix_wrong_shape_and_d_head(tmp_path):
     model, info = load_checkpoint(path, d_head=16)
     assert (info.config.d, info.config.d_head, info.config.n_layer) == (64, 16, 2)
     assert torch.equal(model.blocks[1].qkv.weight, ckpt["model"]["transformer_layers.1.attn.to_qkv.weight"])
-    with pytest.raises(CheckpointError, match="do not fit preset 'facelift'"):
+    with pytest.raises(CheckpointError, match="does not fit preset 'facelift'"):
         load_checkpoint(path, preset="facelift")
+    with pytest.raises(CheckpointError, match=r"'d_head': \(32, 16\)"):
+        load_checkpoint(path, preset="tiny", d_head=32)
     model, info = load_checkpoint(path, preset="tiny")
     assert info.config == PRESETS["tiny"]
 
