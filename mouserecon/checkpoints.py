@@ -76,15 +76,15 @@ class CheckpointInfo:
 # ---- saving ------------------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    path: str | Path,
+def model_checkpoint(
     model: GSLRM,
     recipe: dict | None = None,
     step: int | None = None,
     metrics: dict | None = None,
     fp16: bool = False,
-) -> None:
-    """Write `model` in our format, atomically (temp file + rename). `fp16` halves the file size.
+) -> dict:
+    """Our checkpoint dict for `model` (CPU tensors). A trainer may add its own top-level keys
+    (optimizer, scheduler, ...) before saving; the loader ignores keys it does not use.
 
     `recipe` and `metrics` must be plain JSON-like data so the file loads with weights_only=True.
     """
@@ -92,7 +92,7 @@ def save_checkpoint(
         try:
             json.dumps(value, allow_nan=True)
         except TypeError as err:
-            raise CheckpointError(f"{path}: {name} must be plain JSON-like data ({err})") from None
+            raise CheckpointError(f"{name} must be plain JSON-like data ({err})") from None
     state = {k: (v.half() if fp16 else v).detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -105,6 +105,19 @@ def save_checkpoint(
     }
     if metrics is not None:
         payload["metrics"] = metrics
+    return payload
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: GSLRM,
+    recipe: dict | None = None,
+    step: int | None = None,
+    metrics: dict | None = None,
+    fp16: bool = False,
+) -> None:
+    """Write `model_checkpoint(...)` to `path` atomically (temp file + rename). `fp16` halves the size."""
+    payload = model_checkpoint(model, recipe=recipe, step=step, metrics=metrics, fp16=fp16)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -10,7 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from mouserecon.cameras import Cameras
-from mouserecon.checkpoints import CheckpointError, describe_checkpoint, load_checkpoint, save_checkpoint
+from mouserecon.checkpoints import (
+    CheckpointError,
+    describe_checkpoint,
+    load_checkpoint,
+    model_checkpoint,
+    save_checkpoint,
+)
 from mouserecon.cli import main
 from mouserecon.model import GSLRM, PRESETS
 
@@ -193,6 +199,18 @@ def test_our_format_round_trip(tmp_path):
         a, b = model(images, cameras), loaded(images, cameras)
     for name in ("means", "sh", "log_scales", "quats", "opacity_logits"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_trainer_keys_beside_our_payload(tmp_path):
+    """A trainer saves model_checkpoint(...) plus its own state; the file still loads as a model."""
+    model = _tiny_model(2)
+    path = tmp_path / "step_00000010.pt"
+    torch.save({**model_checkpoint(model, recipe={"name": "exp_c"}, step=10),
+                "optimizer": {"state": {}, "param_groups": []}, "rng": [torch.get_rng_state()]}, path)
+    loaded, info = load_checkpoint(path)
+    assert info.step == 10 and info.recipe == {"name": "exp_c"}
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, model.state_dict()[name]), name
 
 
 def test_fp16_storage_loads_into_fp32(tmp_path):
