@@ -14,12 +14,13 @@ paws, red eyes), plus brown and grey, each with per-sample brightness and tint v
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mouserecon.synth.sdf import Part, Shape
+from mouserecon.synth.trace import TraceConfig, one_thread, sphere_trace
 
 REFERENCE_LENGTH_MM = 87.0
 POSES = ("walk", "rear", "turn", "hunch")
@@ -87,7 +88,7 @@ def sample_params(rng: np.random.Generator) -> MouseParams:
         tail_length=u(0.8, 1.15), tail_curvature=u(-0.25, 0.25), tail_wiggle=u(0.0, 0.25),
         tail_lift=float(rng.uniform() < 0.15) * u(0.3, 1.0),
         strides=tuple(u(-7, 7, size=4).tolist()), coat=coat,
-        brightness=u(0.8, 1.2) if coat != "white" else u(0.92, 1.04), tint=tuple(u(0.93, 1.07, size=3).tolist()),
+        brightness=u(0.8, 1.2) if coat != "white" else u(0.92, 1.04), tint=tuple(u(0.96, 1.04, size=3).tolist()),
     )
 
 
@@ -229,7 +230,7 @@ def build_mouse(params: MouseParams) -> Shape:
         tail.capsule(point, nxt, radii[j], radii[j + 1], tail_c)
         point = nxt
 
-    parts = [torso.part("torso", 4.0, 0.0), limbs.part("limbs", 1.5, 3.0), tail.part("tail", 0.0, 2.5),
+    parts = [torso.part("torso", 4.0, 0.0), limbs.part("limbs", 1.0, 3.0), tail.part("tail", 0.0, 2.5),
              ears.part("ears", 0.0, 1.2), eyes.part("eyes", 0.0, 0.0)]
     shape = Shape(parts=tuple(parts), colour_blend=0.3)
     return _place(shape, p)
@@ -237,7 +238,7 @@ def build_mouse(params: MouseParams) -> Shape:
 
 def _place(shape: Shape, p: MouseParams) -> Shape:
     """Drop onto z = 0, scale to the body length, turn to the heading, move to the position."""
-    lift = -min(q.bounds()[0, 2].item() for q in shape.parts)  # unpadded primitive boxes
+    lift = -_lowest_point(shape)
     scale = p.body_length_mm / REFERENCE_LENGTH_MM
     yaw = math.radians(p.heading_deg)
     rot = torch.tensor([[math.cos(yaw), -math.sin(yaw), 0.0], [math.sin(yaw), math.cos(yaw), 0.0], [0, 0, 1.0]])
@@ -254,5 +255,30 @@ def _place(shape: Shape, p: MouseParams) -> Shape:
     return Shape(parts=tuple(parts), colour_blend=shape.colour_blend * scale)
 
 
-def params_dict(params: MouseParams) -> dict:
-    return asdict(params)
+def _lowest_point(shape: Shape) -> float:
+    """Height of the lowest surface point, found with vertical rays traced upwards.
+
+    The smooth unions grow the shape below the primitives where parts meet (e.g. at the
+    paws), so the primitives' boxes alone would leave the mouse sunk into the ground. The rays
+    start under each primitive's lowest point on a 7 x 7 grid of +-2 mm (a full grid under the
+    mouse costs seconds).
+    """
+    feet = []
+    for part in shape.parts:
+        if part.centers.shape[0]:
+            feet.append(part.centers[:, :2])
+        if part.a.shape[0]:
+            low_a = (part.a[:, 2] - part.radius_a < part.b[:, 2] - part.radius_b)[:, None]
+            feet.append(torch.where(low_a, part.a, part.b)[:, :2])
+    offsets = torch.cartesian_prod(torch.linspace(-2.0, 2.0, 7), torch.linspace(-2.0, 2.0, 7))  # [49, 2]
+    xy = (torch.cat(feet)[:, None, :] + offsets[None]).reshape(-1, 2)  # [n * 49, 2]
+    box = shape.bounds()
+    origins = torch.cat([xy, torch.full_like(xy[:, :1], box[0, 2].item() - 1.0)], dim=1)
+    dirs = torch.zeros_like(origins)
+    dirs[:, 2] = 1.0
+    n, height = origins.shape[0], (box[1, 2] - box[0, 2]).item() + 1.0
+    with one_thread():
+        t, hit, _ = sphere_trace(shape, origins, dirs, torch.zeros(n), torch.full((n,), height),
+                                 torch.full((n,), 1e-5), TraceConfig(n_steps=64))
+    assert hit.any(), "no vertical ray hit the mouse"
+    return (box[0, 2] - 1.0 + t[hit].min()).item()

@@ -23,7 +23,7 @@ CHUNK = 4  # primitives per culling chunk
 
 
 def sd_ellipsoid(points: Tensor, centers: Tensor, rotations: Tensor, radii: Tensor) -> Tensor:
-    """Approximate distance to ellipsoids (exact for spheres and along the principal axes).
+    """Approximate distance to ellipsoids (exact for spheres, at the centre, and outside along the axes).
 
     points [P, 3]; centers [E, 3]; rotations [E, 3, 3] (columns = local axes in world);
     radii [E, 3] semi-axes along the local axes. Returns [P, E]. Uses the bound
@@ -35,8 +35,10 @@ def sd_ellipsoid(points: Tensor, centers: Tensor, rotations: Tensor, radii: Tens
     flat = rotations.permute(1, 0, 2).reshape(3, n * 3)  # [3, E*3]
     local = (points @ flat - (centers[:, :, None] * rotations).sum(1).reshape(1, n * 3)).reshape(-1, n, 3)
     k0 = (local / radii).norm(dim=-1)  # [P, E]
-    k1 = (local / radii.square()).norm(dim=-1).clamp_min(1e-12)
-    return k0 * (k0 - 1.0) / k1
+    k1 = (local / radii.square()).norm(dim=-1)
+    # The bound is 0/0 at the centre, where the true distance is -(smallest semi-axis).
+    at_center = k1 < 1e-9 / radii.min(-1).values
+    return torch.where(at_center, -radii.min(-1).values, k0 * (k0 - 1.0) / k1.clamp_min(1e-12))
 
 
 def sd_capsule(points: Tensor, a: Tensor, b: Tensor, radius_a: Tensor, radius_b: Tensor) -> Tensor:
@@ -165,9 +167,9 @@ class Part:
             lows.append(self.centers - extent)
             highs.append(self.centers + extent)
         if self.a.shape[0]:
-            r = torch.maximum(self.radius_a, self.radius_b)[:, None]
-            lows.append(torch.minimum(self.a, self.b) - r)
-            highs.append(torch.maximum(self.a, self.b) + r)
+            ra, rb = self.radius_a[:, None], self.radius_b[:, None]  # the hull of the two end spheres
+            lows.append(torch.minimum(self.a - ra, self.b - rb))
+            highs.append(torch.maximum(self.a + ra, self.b + rb))
         return torch.stack([torch.cat(lows).min(0).values, torch.cat(highs).max(0).values])
 
 

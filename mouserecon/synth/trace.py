@@ -11,6 +11,7 @@ self-shadow + a Blinn-Phong highlight, then encoded back to sRGB.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +48,21 @@ class TraceConfig:
     step_scale: float = 0.9  # < 1 because the ellipsoid distance is only approximately 1-Lipschitz
     shadow_steps: int = 24
     shadow_softness: float = 8.0  # larger = harder shadow edges
+
+
+@contextmanager
+def one_thread():
+    """Run torch ops with one intra-op thread, restoring the previous count afterwards.
+
+    The tracer issues thousands of small ops; on a shared 2-core box two OpenMP threads made a
+    64 px sample take 20 s of CPU instead of 1.5 s. Parallelise over samples instead.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ray_box(origins: Tensor, dirs: Tensor, box: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,9 +164,7 @@ def _trace_rays(scene: Scene, cameras: Cameras, box: Tensor, config: TraceConfig
 def render_rgba(scene: Scene, cameras: Cameras, light: Light, config: TraceConfig = TraceConfig()) -> Tensor:
     """Render cameras [V] -> RGBA [V, H, W, 4] float32 in [0, 1] (straight alpha, white where alpha is 0).
 
-    Runs with one intra-op thread (restored afterwards): the tracer issues thousands of small
-    ops, and on a shared 2-core box two OpenMP threads made a 64 px sample take 20 s of CPU
-    instead of 1.5 s. Parallelise over samples instead.
+    Runs under `one_thread()`.
 
     Coarse to fine: one ray per pixel first; pixels whose 3x3 neighbourhood is all hits are
     fully covered and shaded once; pixels near the silhouette (a neighbour hit, or the ray passed
@@ -158,12 +172,8 @@ def render_rgba(scene: Scene, cameras: Cameras, light: Light, config: TraceConfi
     the fraction that hit. Pixels far from the mouse stay background.
     """
     assert cameras.c2w.ndim == 3, "render a [V] set of cameras"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _render(scene, cameras, light, config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _render(scene: Scene, cameras: Cameras, light: Light, config: TraceConfig) -> Tensor:
