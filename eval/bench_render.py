@@ -1,6 +1,6 @@
 """Benchmark of the torch render backend against a dense baseline (DESIGN.md §8: a script, not a timed test).
 
-    python -m mouserecon.eval.bench_render [--cases a,b] [--baseline-fraction 0.03125]
+    python -m mouserecon.eval.bench_render [--cases a,b] [--baseline-rows 2] [--repeats 3]
 
 Scene: pixel-aligned Gaussians placed as the GS-LRM places them: one per pixel of 5 input views
 (the first 5 of 6 cameras on a ring of radius 2.7 at 20 deg elevation, looking at the origin,
@@ -10,23 +10,28 @@ random colours (SH degree 0) and opacities; rendered into all 6 views at the inp
 Baseline: gsplat's pure-PyTorch projection (`gsplat.cuda._torch_impl._fully_fused_projection`)
 plus a dense compositor that evaluates every visible Gaussian at every pixel (depth-sorted,
 cumulative-product transmittance, same alpha rules), autograd for the backward. Its cost is
-linear in the number of pixels, so it is timed on a band of image rows (`--baseline-fraction`)
-and scaled to the full image; the table says so.
+linear in the number of pixels, so it is timed on the first `--baseline-rows` image rows
+and scaled to the full image (x size / rows); the table says so.
 
-Memory: CPU peak resident set size (ru_maxrss) growth of the process during each measurement,
-in MiB. ru_maxrss is a high-water mark: a measurement that does not exceed the previous peak
-reports 0, so cases run from the smallest allocation to the largest, and the numbers are an
-upper bound on nothing and a lower bound on the extra memory; on CUDA torch's allocator peak.
+Memory: each measurement runs in a freshly forked process; the column is that process's peak
+resident set size (ru_maxrss) minus its resident size when it started (which holds the scene), in
+MiB: the peak extra CPU memory of the render (tensors, autograd graph and allocator slack).
+Time: best wall-clock time over --repeats runs (baseline: one run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import resource
+import subprocess
+import sys
 import time
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from mouserecon import render_torch
 from mouserecon.cameras import Cameras
@@ -34,6 +39,7 @@ from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
 from mouserecon.render import render
 
 RADIUS = 2.7
+SIZES = {"a": 128, "b": 256}
 
 
 def ring_cameras(num_views: int, size: int, elevation_deg: float = 20.0, fov_deg: float = 49.0) -> Cameras:
@@ -76,9 +82,22 @@ def pixel_aligned_scene(size: int, num_inputs: int = 5, seed: int = 0) -> tuple[
 # ---- dense baseline ------------------------------------------------------------------------------
 
 
-def _dense_baseline(g: Gaussians, cams: Cameras, size: int, rows: int):
+def _dense_block(pix, m2, con, op, col):
+    """Composite every Gaussian (depth-sorted) at pixels pix [p, 2] -> rgb [p, 3] on white."""
+    d = pix[:, None, :] - m2[None]  # [p, G, 2]
+    sigma = 0.5 * (con[:, 0] * d[..., 0] ** 2 + con[:, 2] * d[..., 1] ** 2) + con[:, 1] * d[..., 0] * d[..., 1]
+    raw = op * torch.exp(-sigma)
+    alpha = torch.where(raw < render_torch.ALPHA_MIN, 0.0, raw.clamp_max(render_torch.ALPHA_MAX))
+    t_after = torch.cumprod(1 - alpha, -1)
+    t_before = torch.cat([torch.ones_like(t_after[:, :1]), t_after[:, :-1]], -1)
+    w = torch.where(t_after > render_torch.T_MIN, alpha * t_before, 0.0)
+    return w @ col + (1 - w.sum(-1, keepdim=True))
+
+
+def _dense_baseline(g: Gaussians, cams: Cameras, size: int, rows: int, block: int = 64):
     """Dense render of the first `rows` image rows of every view: gsplat's torch projection, then every
-    visible Gaussian at every pixel. Returns images [V, 3, rows, size]."""
+    visible Gaussian at every pixel, `block` pixels at a time (checkpointed so memory stays bounded;
+    the backward recomputes each block). Returns images [V, 3, rows, size]."""
     from gsplat.cuda._torch_impl import _fully_fused_projection
 
     covars = g.covariances()[0]
@@ -93,36 +112,33 @@ def _dense_baseline(g: Gaussians, cams: Cameras, size: int, rows: int):
     for v in range(len(cams.c2w[0])):
         vis = (radii[v] > 0).all(-1)
         order = torch.argsort(depths[v][vis])
-        m2, con, op, col = means2d[v][vis][order], conics[v][vis][order], opac[vis][order], colors[vis][order]
-        rows_out = []
-        for block in pix.split(256):
-            d = block[:, None, :] - m2[None]  # [p, G, 2]
-            sigma = 0.5 * (con[:, 0] * d[..., 0] ** 2 + con[:, 2] * d[..., 1] ** 2) + con[:, 1] * d[..., 0] * d[..., 1]
-            raw = op * torch.exp(-sigma)
-            alpha = torch.where(raw < render_torch.ALPHA_MIN, 0.0, raw.clamp_max(render_torch.ALPHA_MAX))
-            t_after = torch.cumprod(1 - alpha, -1)
-            t_before = torch.cat([torch.ones_like(t_after[:, :1]), t_after[:, :-1]], -1)
-            w = torch.where(t_after > render_torch.T_MIN, alpha * t_before, 0.0)
-            t_final = 1 - w.sum(-1, keepdim=True)
-            rows_out.append(w @ col + t_final)
-        images.append(torch.cat(rows_out).reshape(rows, size, 3).permute(2, 0, 1))
+        args = means2d[v][vis][order], conics[v][vis][order], opac[vis][order], colors[vis][order]
+        out = [checkpoint(_dense_block, p, *args, use_reentrant=False) for p in pix.split(block)]
+        images.append(torch.cat(out).reshape(rows, size, 3).permute(2, 0, 1))
     return torch.stack(images)
 
 
 # ---- measurement ---------------------------------------------------------------------------------
 
 
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _leaves(g: Gaussians) -> Gaussians:
     return Gaussians(**{k: v.detach().clone().requires_grad_(True) for k, v in vars(g).items()})
 
 
-def _measure(fn, g: Gaussians, backward: bool, repeats: int) -> tuple[float, float]:
-    """Best wall time (s) over repeats and maxrss growth (MiB) of fn(g) (+ backward of a weighted sum)."""
-    before, best = _maxrss_mib(), float("inf")
+def _measure_here(case: str, method: str, backward: bool, repeats: int, rows: int) -> dict:
+    """Best wall time (s) over repeats and peak RSS growth (MiB) of this process."""
+    size = SIZES[case]
+    g, cams = pixel_aligned_scene(size)
+    if method == "torch":
+        fn = lambda x: render(x, cams, size, size, backend="torch").images  # noqa: E731
+    else:
+        fn = lambda x: _dense_baseline(x, cams, size, rows)  # noqa: E731
+    start_rss, best = _rss_mib(), float("inf")
     for _ in range(repeats):
         leaves = _leaves(g)
         start = time.perf_counter()
@@ -133,40 +149,48 @@ def _measure(fn, g: Gaussians, backward: bool, repeats: int) -> tuple[float, flo
             with torch.no_grad():
                 fn(leaves)
         best = min(best, time.perf_counter() - start)
-    return best, _maxrss_mib() - before
+        del leaves
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": best, "mib": peak - start_rss, "gaussians": g.num}
+
+
+def _measure(case: str, method: str, backward: bool, repeats: int, rows: int) -> dict:
+    """Run one measurement in a fresh Python process so its peak memory is its own."""
+    cmd = [sys.executable, "-m", "mouserecon.eval.bench_render", "--_child",
+           json.dumps([case, method, backward, repeats, rows])]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="a,b", help="a: 5x128^2 into 6x128^2, b: 5x256^2 into 6x256^2")
-    parser.add_argument("--baseline-fraction", type=float, default=1 / 32, help="share of rows the baseline renders")
+    parser.add_argument("--baseline-rows", type=int, default=2, help="image rows the dense baseline renders")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sizes = {"a": 128, "b": 256}
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load {open('/proc/loadavg').read().split()[:3]}")
-    header = f"{'case':<28}{'method':<34}{'fwd s':>9}{'fwd+bwd s':>11}{'fwd MiB':>9}{'f+b MiB':>9}"
+    if args._child:
+        print(json.dumps(_measure_here(*json.loads(args._child))))
+        return
+    load = lambda: " ".join(open("/proc/loadavg").read().split()[:3])  # noqa: E731
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {load()}")
+    header = f"{'case':<26}{'method':<36}{'fwd s':>8}{'fwd+bwd s':>11}{'fwd MiB':>9}{'f+b MiB':>9}"
     print(header)
     print("-" * len(header))
     for case in args.cases.split(","):
-        size = sizes[case]
-        g, cams = pixel_aligned_scene(size)
-        label = f"({case}) {g.num} G -> 6x{size}^2"
-        rows = max(1, round(size * args.baseline_fraction))
-        scale = size / rows
-        torch_fn = lambda x: render(x, cams, size, size, backend="torch").images  # noqa: E731
-        base_fn = lambda x: _dense_baseline(x, cams, size, rows)  # noqa: E731
-        results = {}
-        for name, fn, reps, factor in (
-            ("torch backend", torch_fn, args.repeats, 1.0),
-            (f"dense baseline (x{scale:g} from {rows} rows)", base_fn, 1, scale),
-        ):
-            fwd, fwd_mem = _measure(fn, g, False, reps)
-            both, both_mem = _measure(fn, g, True, reps)
-            results[name] = (fwd * factor, both * factor)
-            print(f"{label:<28}{name:<34}{fwd * factor:>9.3f}{both * factor:>11.3f}{fwd_mem:>9.0f}{both_mem:>9.0f}")
-        (t_fwd, t_both), (b_fwd, b_both) = results.values()
-        print(f"{label:<28}{'speed-up (baseline / torch)':<34}{b_fwd / t_fwd:>9.1f}{b_both / t_both:>11.1f}")
-    print(f"load after: {open('/proc/loadavg').read().split()[:3]}")
+        size, rows = SIZES[case], args.baseline_rows
+        times = {}
+        for method, repeats, factor in (("torch", args.repeats, 1.0), ("dense", 1, size / rows)):
+            fwd = _measure(case, method, False, repeats, rows)
+            both = _measure(case, method, True, repeats, rows)
+            times[method] = (fwd["seconds"] * factor, both["seconds"] * factor)
+            name = "torch backend" if method == "torch" else f"dense baseline (x{factor:g} from {rows} rows)"
+            label = f"({case}) {fwd['gaussians']} G -> 6x{size}^2"
+            print(f"{label:<26}{name:<36}{times[method][0]:>8.2f}{times[method][1]:>11.2f}"
+                  f"{fwd['mib']:>9.0f}{both['mib']:>9.0f}", flush=True)
+        ratio = [b / t for b, t in zip(times["dense"], times["torch"])]
+        print(f"{'':<26}{'speed-up (baseline / torch)':<36}{ratio[0]:>8.1f}{ratio[1]:>11.1f}", flush=True)
+    print(f"load after: {load()}")
 
 
 if __name__ == "__main__":
