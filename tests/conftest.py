@@ -23,6 +23,16 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def synth_mice(tmp_path_factory) -> Path:
+    """Six synthetic mice (6 views, 64 px, rig in millimetres), shared by the training and eval tests."""
+    from mouserecon.synth.generate import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth_mice")
+    generate_dataset(root, n=6, seed=100, resolution=64, units="mm")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,0 +1,84 @@
+"""Training losses: small modules, each returning a scalar; `Losses` weights and sums them.
+
+Every term is computed per image, optionally restricted to the ground-truth foreground, and then
+averaged over images, so a batch split across DDP ranks averages to the same loss as one process.
+Losses that need pretrained weights (LPIPS, VGG perceptual) are built, and their weights located,
+when `Losses` is constructed: a missing file fails at start-up, not mid-run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mouserecon.eval.metrics import lpips_distance, lpips_model, masked_mean, ssim
+from mouserecon.train.config import LossSection
+
+
+class L2Loss(nn.Module):
+    def forward(self, pred: Tensor, gt: Tensor, mask: Tensor | None) -> Tensor:
+        return masked_mean((pred - gt) ** 2, mask).mean()
+
+
+class SSIMLoss(nn.Module):
+    """1 - SSIM, with SSIM (masked or not) clamped to [0, 1] (DESIGN.md §1)."""
+
+    def forward(self, pred: Tensor, gt: Tensor, mask: Tensor | None) -> Tensor:
+        return (1 - ssim(pred, gt, mask).clamp(0, 1)).mean()
+
+
+class LPIPSLoss(nn.Module):
+    """LPIPS-vgg (as FaceLift's lpips loss), the same function `eval` reports."""
+
+    def __init__(self, net: str = "vgg"):
+        super().__init__()
+        self.model = lpips_model(net).requires_grad_(False)
+
+    def forward(self, pred: Tensor, gt: Tensor, mask: Tensor | None) -> Tensor:
+        return lpips_distance(self.model, pred, gt, mask).mean()
+
+
+class PerceptualLoss(nn.Module):
+    """VGG feature L1 loss (FaceLift's "perceptual"), on torchvision VGG16 ImageNet features."""
+
+    LAYERS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0)
+
+    def __init__(self):
+        super().__init__()
+        from mouserecon.eval.lpips_weights import imagenet_features
+
+        self.features = imagenet_features("vgg")[: self.LAYERS[-1] + 1]  # real ImageNet weights, frozen
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406])[:, None, None])
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225])[:, None, None])
+
+    def forward(self, pred: Tensor, gt: Tensor, mask: Tensor | None) -> Tensor:
+        x = (torch.cat([pred, gt]).reshape(-1, *pred.shape[-3:]) - self.mean) / self.std  # [2n, 3, h, w]
+        n = x.shape[0] // 2
+        total = pred.new_zeros(())
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.LAYERS:
+                diff = (x[:n] - x[n:]).abs().mean(1, keepdim=True)  # [n, 1, h', w']
+                m = None if mask is None else nn.functional.interpolate(
+                    mask.reshape(-1, *mask.shape[-3:]), size=diff.shape[-2:], mode="area")
+                total = total + self.WEIGHTS[self.LAYERS.index(i)] * masked_mean(diff, m).mean()
+        return total
+
+
+class Losses(nn.Module):
+    """Weighted sum of the recipe's losses. Returns {"l2": .., "ssim": .., ..., "total": ..}."""
+
+    def __init__(self, cfg: LossSection):
+        super().__init__()
+        self.weights = {k: w for k, w in (("l2", cfg.l2), ("ssim", cfg.ssim), ("lpips", cfg.lpips),
+                                          ("perceptual", cfg.perceptual)) if w > 0}
+        builders = {"l2": L2Loss, "ssim": SSIMLoss, "lpips": LPIPSLoss, "perceptual": PerceptualLoss}
+        self.terms = nn.ModuleDict({k: builders[k]() for k in self.weights})
+
+    def forward(self, pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """pred, gt [..., 3, h, w] in [0, 1]; mask [..., 1, h, w] or None (whole image)."""
+        assert pred.shape == gt.shape, f"pred {tuple(pred.shape)} vs gt {tuple(gt.shape)}"
+        out = {k: term(pred, gt, mask) for k, term in self.terms.items()}
+        out["total"] = sum(self.weights[k] * v for k, v in out.items())
+        return out
