@@ -149,10 +149,49 @@ def fetch_weights(what: str, source: str | None, nets: tuple[str, ...]) -> None:
 # ---- eval --------------------------------------------------------------------------------------
 
 
-@main.command(name="eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def eval_() -> None:
-    """Held-out PSNR / SSIM / LPIPS under an explicit protocol."""
-    _not_built("eval", "issue 6")
+@main.command(name="eval")
+@click.argument("data", type=click.Path())
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False),
+              help="A checkpoint to evaluate (repeat for several: one comparison, one protocol).")
+@click.option("--ply", "plys", multiple=True, type=click.Path(),
+              help="A .ply (one-sample DATA) or a folder of <sample_id>.ply to evaluate (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: report).")
+@click.option("--inputs", callback=_view_list, help="Input frame indices (default: 0,1,2,3,4).")
+@click.option("--heldout", callback=_view_list, help="Held-out frame indices (default: every other frame).")
+@click.option("--resolution", type=click.IntRange(min=1), help="Square image side (default: the first checkpoint's).")
+@click.option("--lpips", type=click.Choice(["alex", "vgg", "none"]), help="LPIPS network (default: alex).")
+@click.option("--mask", help="Foreground mask: alpha (default), alpha:<t>, or near_white:<t> for RGB data.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: auto (CUDA when available).")
+def eval_(data: str, **given) -> None:
+    """Held-out PSNR / SSIM / LPIPS (whole and foreground) and IoU under an explicit protocol."""
+    from mouserecon.cameras import CameraError
+    from mouserecon.checkpoints import CheckpointError
+    from mouserecon.data import SampleError
+    from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate
+    from mouserecon.eval.lpips_weights import LpipsWeightsMissing
+    from mouserecon.ply import PlyError
+    from mouserecon.reconstruct import ReconstructError
+
+    try:
+        # Defaults live in EvalOptions only: pass what was given.
+        report = evaluate(EvalOptions(data, **{k: v for k, v in given.items() if v not in (None, ())}))
+    except (EvalError, SampleError, CameraError, CheckpointError, PlyError, LpipsWeightsMissing,
+            ReconstructError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(report.table())
+    click.echo(f"report: {report.out_dir}")
+
+
+@main.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True))
+def compare(reports: tuple[str, ...]) -> None:
+    """Compare `mouserecon eval` REPORTS (folders or summary.json); refused unless their protocols are equal."""
+    from mouserecon.eval.report import compare_reports
+
+    try:
+        click.echo(compare_reports(list(reports)))
+    except (ValueError, FileNotFoundError) as err:  # ProtocolMismatch is a ValueError
+        raise click.ClickException(str(err)) from None
 
 
 # ---- view --------------------------------------------------------------------------------------
