@@ -174,6 +174,10 @@ def main() -> None:
         return
     load = lambda: " ".join(open("/proc/loadavg").read().split()[:3])  # noqa: E731
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {load()}")
+    probe = torch.randn(10_000_000)
+    start = time.perf_counter()
+    torch.exp(probe)
+    print(f"machine speed probe: torch.exp on 1e7 float32 takes {1e3 * (time.perf_counter() - start):.0f} ms")
     header = f"{'case':<26}{'method':<36}{'fwd s':>8}{'fwd+bwd s':>11}{'fwd MiB':>9}{'f+b MiB':>9}"
     print(header)
     print("-" * len(header))

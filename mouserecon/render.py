@@ -73,7 +73,10 @@ def render(
     cameras = cameras.to(dtype=means.dtype, device=means.device)
     num_batch, num_views = cameras.c2w.shape[:2]
     bg = torch.as_tensor(background, dtype=means.dtype, device=means.device)
-    bg = bg.expand(num_batch, num_views, 3)  # [B, V, 3]
+    target = (num_batch, num_views, 3)
+    if bg.ndim > 3 or bg.shape[-1:] != (3,) or any(s not in (1, t) for s, t in zip(reversed(bg.shape), reversed(target))):
+        raise ValueError(f"background must be RGB broadcastable to [B, V, 3] = {list(target)}, got {list(bg.shape)}")
+    bg = bg.expand(target)  # [B, V, 3]
 
     if backend == "auto":
         backend = "gsplat" if means.is_cuda else "torch"

@@ -16,18 +16,18 @@ Semantics follow gsplat 1.5.3 `rasterization(..., rasterize_mode="classic")` exa
   NOTE: gsplat 1.5.3 clamps alpha at 0.999 (RasterizeToPixels3DGSFwd.cu); the original 3DGS
   and DESIGN.md say 0.99. We follow gsplat so both backends agree: see `ALPHA_MAX`.
 
-Algorithm: Gaussians are binned into square tiles by their bounding box, and
-each tile's list is sorted by depth. Compositing walks all tiles' lists together in depth
-chunks of `chunk` Gaussians (defaults 4x4 px tiles, 64 Gaussians: small tiles waste less work
-on pixels a Gaussian does not reach and stop earlier) (a Python loop over chunks, never over Gaussians or pixels); a
-tile leaves the loop when every pixel in it has stopped. Inside a chunk the exponent of every
-Gaussian at every pixel is one batched matrix product (the quadratic form is expanded into a
-6-term polynomial in tile-centred pixel coordinates), the transmittance is a cumulative
-product, and colours accumulate by another matrix product. The backward pass is hand-derived
-(`_Composite`): it recomputes alphas chunk by chunk from back to front, carrying the colour
-"behind" each Gaussian exactly as the 3DGS backward does. Projection, SH and the per-tile
-polynomial coefficients are plain autograd, so gradients reach means, scales, quats, SH and
-opacities.
+Algorithm: Gaussians are binned into square tiles (default 4x4 px) by their bounding box and
+each tile's list is sorted by depth. Compositing walks all tiles' lists together in depth chunks
+of `chunk` Gaussians (default 64): a Python loop over chunks, never over Gaussians or pixels. A
+tile leaves the loop once every pixel in it has stopped; small tiles waste little work on pixels
+a Gaussian does not reach and stop early. Inside a chunk, log(alpha) of every Gaussian at every
+pixel is one matrix product (the quadratic form expanded into a 6-term polynomial in
+tile-centred pixel coordinates), the transmittance is a cumulative product and the colours
+accumulate by a batched matrix product. The backward pass is hand-derived (`_Composite`): it
+recomputes alphas chunk by chunk from back to front, carrying the colour "behind" each Gaussian
+exactly as the 3DGS backward does, and returns gradients for the screen-space means, conics,
+log-opacities and colours. Projection and SH are plain autograd, so gradients reach means,
+scales, quats, SH and opacity logits.
 """
 
 from __future__ import annotations

@@ -304,6 +304,8 @@ def test_render_argument_errors():
         render(g, cams, 29, 37, backend="opengl")
     with pytest.raises(ValueError, match="need cameras"):
         render(g, cams[None], 29, 37)
+    with pytest.raises(ValueError, match="background must be RGB"):
+        render(g, cams, 29, 37, background=(1.0, 1.0))
 
 
 @pytest.mark.cuda
