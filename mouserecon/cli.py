@@ -35,8 +35,7 @@ def _setup_logging(level: int) -> None:
     problems.setLevel(logging.WARNING)
     problems.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     package_log = logging.getLogger("mouserecon")
-    package_log.handlers = [progress, problems]
-    package_log.propagate = False
+    package_log.handlers = [progress, problems]  # replaced, not added to, on every invocation
     package_log.setLevel(level if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 

@@ -202,3 +202,18 @@ def test_ddp_matches_single_process_and_skips_on_every_rank(mice, tmp_path):
     assert all(torch.equal(one[k], two[k]) for k in one)
     records = [r for r in RunDir(tmp_path / "inject").read_metrics() if r["kind"] == "train"]
     assert [r["skipped"] for r in records] == [False, True, False]
+
+
+def test_starts_from_pretrained_checkpoint(mice, tmp_path):
+    from mouserecon.checkpoints import save_checkpoint
+    from mouserecon.model import GSLRM, ModelConfig
+
+    torch.manual_seed(7)
+    pretrained = GSLRM(ModelConfig.preset("tiny"))
+    save_checkpoint(tmp_path / "pre.pt", pretrained, step=123)
+    # lr so small that one step leaves the weights where they started
+    last = run(mice, tmp_path / "run", ["training.steps=1", "optim.lr=1e-20", "data.val_samples=0"],
+               pretrained=tmp_path / "pre.pt")
+    after = weights(last)
+    for k, v in pretrained.state_dict().items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-12, msg=k)

@@ -110,7 +110,7 @@ def finetune(opts: FinetuneOptions) -> Path:
 def _build_model(opts: FinetuneOptions, recipe: Recipe, device) -> GSLRM:
     if opts.pretrained is not None:
         model, ckpt_info = load_checkpoint(opts.pretrained, device="cpu")
-        log.info("starting from %s (%s)", opts.pretrained, ckpt_info.get("format", "?"))
+        log.info("starting from %s (%s checkpoint, step %s)", opts.pretrained, ckpt_info.format, ckpt_info.step)
     else:
         model = GSLRM(ModelConfig.preset(recipe.model.preset))
         log.info("starting from scratch: preset %s", recipe.model.preset)
