@@ -12,15 +12,16 @@
        (`reconstruct._predict`), drop non-finite Gaussians (nothing is pruned), render the held-out views;
      - .ply: render it with the sample's own cameras (the camera file's frame, e.g. mm), or, when its
        `reconstruct` sidecar says "units": "model", with the cameras mapped by the sidecar's recorded
-       similarity. A sidecar that names another sample, or input views other than the protocol's, is
-       refused (a .ply made from a held-out view would score its own input);
+       similarity. A sidecar that names another sample, or input views or a resolution other than the
+       protocol's, is refused (a .ply made from a held-out view would score its own input);
   3. metrics per held-out view (`metrics.view_metrics`: whole and foreground PSNR / SSIM / LPIPS, IoU
      of the rendered alpha); renders saved as float32 .npz (exact) and 8-bit PNG (to look at);
   4. the report (`eval.report`): summary.json, per_view.csv, comparison grids of the worst, median
      and best samples (by the first model's mean foreground PSNR) and a text table.
 
 .ply mapping (`--ply P`): P is a .ply file (the dataset must hold one sample) or a folder holding
-`<sample_id>.ply` for every sample. Model names are the checkpoint / .ply file or folder stems.
+`<sample_id>.ply` for every sample. Model names are the checkpoint / .ply file or folder stems
+(see `_model_list` for colliding stems).
 """
 
 from __future__ import annotations
@@ -160,16 +161,24 @@ def evaluate(options: EvalOptions) -> Report:
 
 
 def _model_list(o: EvalOptions) -> list[_Model]:
-    models = [_Model(p.stem, "checkpoint", p) for p in o.checkpoints] + [_Model(p.stem, "ply", p) for p in o.plys]
-    names = [m.name for m in models]
-    for model in models:
-        if not re.fullmatch(r"[A-Za-z0-9._+-]+", model.name):
-            raise EvalError(f"{model.path}: model name {model.name!r} (the file stem) may only hold letters, "
-                            "digits and . _ + -; rename the file")
-        if names.count(model.name) > 1:
-            raise EvalError(f"two models are named {model.name!r} (file stems must differ): "
-                            f"{[str(m.path) for m in models if m.name == model.name]}")
-    return models
+    """Models named by their file stems; where stems collide (runs/a/.../step_1.pt, runs/b/.../step_1.pt),
+    by the shortest tail of their paths that tells them apart, joined with "-" (a-checkpoints-step_1)."""
+    given = [("checkpoint", p) for p in o.checkpoints] + [("ply", p) for p in o.plys]
+    resolved = [p.resolve() for _, p in given]
+    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+    if twice:
+        raise EvalError(f"given more than once: {twice}")
+    parts = [p.with_suffix("").parts if kind == "checkpoint" or p.suffix.lower() == ".ply" else p.parts
+             for p, (kind, _) in zip(resolved, given)]
+    for k in range(1, max(len(x) for x in parts) + 1):
+        names = ["-".join(x[-k:]) for x in parts]
+        if len(set(names)) == len(names):
+            break
+    for name, (_, path) in zip(names, given):
+        if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
+            raise EvalError(f"{path}: model name {name!r} (from the file name) may only hold letters, digits "
+                            "and . _ + -; rename the file")
+    return [_Model(name, kind, path) for name, (kind, path) in zip(names, given)]
 
 
 def _check_checkpoints(o: EvalOptions, models: list[_Model]) -> int:
@@ -269,7 +278,8 @@ def _render_checkpoint(network, sample: Sample, protocol: Protocol, device: torc
 
 def _ply_similarity(path: Path, sample_id: str, protocol: Protocol) -> Similarity | None:
     """The frame of a .ply from its `reconstruct` sidecar: None = the camera file's frame, else the
-    user-to-model similarity its cameras need. Refuses a sidecar naming another sample or other input views."""
+    user-to-model similarity its cameras need. Refuses a sidecar naming another sample, other input views
+    (or another order) or another resolution: the .ply was then made under another protocol."""
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         return None
@@ -281,9 +291,12 @@ def _ply_similarity(path: Path, sample_id: str, protocol: Protocol) -> Similarit
     if made_from != sample_id:
         raise EvalError(f"{path}: its sidecar {sidecar.name} says it was made from sample {made_from!r}, "
                         f"not {sample_id!r}")
-    if set(record.get("views", ())) != set(protocol.input_views):
+    if record.get("views") != list(protocol.input_views):
         raise EvalError(f"{path}: made from views {record.get('views')} (sidecar {sidecar.name}), but the "
                         f"protocol's input views are {list(protocol.input_views)}")
+    if record.get("resolution") != protocol.resolution:
+        raise EvalError(f"{path}: made from {record.get('resolution')} px inputs (sidecar {sidecar.name}), but the "
+                        f"protocol's resolution is {protocol.resolution} px")
     if record.get("units") == "model":
         return Similarity.from_dict(record["similarity_user_to_model"])
     if record.get("units") != "input":

@@ -165,7 +165,7 @@ def test_data_hash_follows_content_and_ids_not_location(synth_mice, tmp_path):
 
 def test_two_checkpoints_give_one_comparison_and_other_protocols_are_refused(synth_mice, checkpoints, tmp_path):
     data = _dataset(tmp_path, synth_mice, 2)
-    common = {"lpips": "none", "resolution": 32}
+    common = {"lpips": "none", "resolution": 16}  # small: fast renders
     both = evaluate(EvalOptions(data, checkpoints, out=tmp_path / "both", **common))
     summary = json.loads((tmp_path / "both" / "summary.json").read_text())
     assert list(summary["models"]) == ["tiny_seed0", "tiny_seed1"] and summary["protocol_tag"] == both.protocol.tag()
@@ -185,7 +185,7 @@ def test_two_checkpoints_give_one_comparison_and_other_protocols_are_refused(syn
 
     mismatches = {
         "heldout": ({"inputs": (0, 1, 2, 3, 5), "heldout": (4,)}, "input_views, heldout_views"),
-        "resolution": ({"resolution": 40}, "resolution"),
+        "resolution": ({"resolution": 24}, "resolution"),
         "mask": ({"mask": "near_white:0.95"}, "mask"),
     }
     for name, (change, differing) in mismatches.items():
@@ -246,10 +246,11 @@ def test_end_to_end_report_is_complete_and_recomputes_from_saved_renders(synth_m
 def test_ply_in_input_or_model_units_scores_as_its_checkpoint(synth_mice, checkpoints, tmp_path):
     sample = sorted(synth_mice.iterdir())[0]
     for units in ("input", "model"):
-        reconstruct(ReconstructOptions(sample, tmp_path / f"{units}.ply", checkpoints[0], units=units, min_opacity=0.0))
+        reconstruct(ReconstructOptions(sample, tmp_path / f"{units}.ply", checkpoints[0], units=units, min_opacity=0.0,
+                                       resolution=32))
     out = tmp_path / "report"
     report = evaluate(EvalOptions(sample, checkpoints[:1], plys=(tmp_path / "input.ply", tmp_path / "model.ply"),
-                                  out=out, lpips="none"))
+                                  out=out, lpips="none", resolution=32))
     renders = {m: np.load(out / "renders" / m / f"{sample.name}.npz")["images"] for m in ("tiny_seed0", "input", "model")}
     # The model-frame .ply holds the checkpoint's Gaussians; the input-frame one the same mapped to mm and
     # rendered with the camera file's cameras: the same pictures up to float32 rounding.
@@ -261,10 +262,14 @@ def test_ply_in_input_or_model_units_scores_as_its_checkpoint(synth_mice, checkp
         assert torch.allclose(scores[name].ssim_fg, scores["tiny_seed0"].ssim_fg, atol=1e-3)
 
     reconstruct(ReconstructOptions(sample, tmp_path / "leak.ply", checkpoints[0], views=(0, 1, 2, 3, HELDOUT),
-                                   resolution=32))
+                                   resolution=16))
     with pytest.raises(EvalError, match=r"leak.ply: made from views \[0, 1, 2, 3, 5\].*input views are \[0, 1, 2, 3, 4\]"):
-        evaluate(EvalOptions(sample, plys=(tmp_path / "leak.ply",), out=tmp_path / "leak", resolution=32,
+        evaluate(EvalOptions(sample, plys=(tmp_path / "leak.ply",), out=tmp_path / "leak", resolution=16,
                              lpips="none"))
+    with pytest.raises(EvalError, match="model.ply: made from 32 px inputs .* the protocol's resolution is 16 px"):
+        evaluate(EvalOptions(sample, plys=(tmp_path / "model.ply",), out=tmp_path / "res", resolution=16,
+                             lpips="none"))
+    assert not (tmp_path / "res").exists()  # refused before any work
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +309,7 @@ def test_bad_inputs_are_clear_errors(synth_mice, checkpoints, tmp_path, monkeypa
         EvalOptions(sample, checkpoints, mask="white")
     with pytest.raises(EvalError, match=r"views \[4\] are both input and held out"):
         evaluate(EvalOptions(sample, checkpoints, heldout=(4,), out=tmp_path / "r", lpips="none"))
-    with pytest.raises(EvalError, match="two models are named 'tiny_seed0'"):
+    with pytest.raises(EvalError, match="given more than once"):
         evaluate(EvalOptions(sample, (checkpoints[0], checkpoints[0]), out=tmp_path / "r", lpips="none"))
     (tmp_path / "x.ply").write_bytes(b"")
     with pytest.raises(EvalError, match="a single .ply needs a one-sample dataset"):
@@ -332,18 +337,24 @@ def test_bad_inputs_are_clear_errors(synth_mice, checkpoints, tmp_path, monkeypa
 def test_cli_eval_and_compare(synth_mice, checkpoints, tmp_path):
     sample = str(sorted(synth_mice.iterdir())[2])
     runner = CliRunner()
-    base = ["--resolution", "32", "--lpips", "none", "--inputs", "0,1,2,3,4", "--heldout", "5"]
-    for name, ckpt, extra in (("a", checkpoints[0], []), ("b", checkpoints[1], []),
-                              ("c", checkpoints[0], ["--mask", "near_white:0.95"])):
-        run = runner.invoke(main, ["eval", sample, "--checkpoint", str(ckpt), "--out", str(tmp_path / name),
-                                   *base, *extra])
+    base = ["--resolution", "16", "--lpips", "none", "--inputs", "0,1,2,3,4", "--heldout", "5"]
+    runs = []
+    for run_name, ckpt in (("x", checkpoints[0]), ("y", checkpoints[1])):  # same file names, different runs
+        runs.append(tmp_path / "runs" / run_name / "checkpoints" / "step_00000100.pt")
+        runs[-1].parent.mkdir(parents=True)
+        shutil.copy(ckpt, runs[-1])
+    for name, ckpts, extra in (("a", [checkpoints[0]], []), ("b", runs, []),
+                               ("c", [checkpoints[0]], ["--mask", "near_white:0.95"])):
+        run = runner.invoke(main, ["eval", sample, *(f"--checkpoint={c}" for c in ckpts),
+                                   "--out", str(tmp_path / name), *base, *extra])
         assert run.exit_code == 0, run.output
         tag = json.loads((tmp_path / name / "summary.json").read_text())["protocol_tag"]
         assert f"sample 1/1 {Path(sample).name}: PSNR" in run.output  # progress per sample
         assert f"protocol {tag}:" in run.output and (tmp_path / name / "table.txt").read_text() in run.output
     run = runner.invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
     assert run.exit_code == 0, run.output
-    assert "a/tiny_seed0" in run.output and "b/tiny_seed1" in run.output
+    names = [line.split()[0] for line in run.output.splitlines()[2:] if "mean" in line.split()]
+    assert names == ["a/tiny_seed0", "b/x-checkpoints-step_00000100", "b/y-checkpoints-step_00000100"]
     run = runner.invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "c" / "summary.json")])
     assert run.exit_code == 1 and "refusing to compare" in run.output and "differing fields: mask" in run.output
     run = runner.invoke(main, ["eval", sample, "--out", str(tmp_path / "d")])
