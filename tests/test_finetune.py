@@ -18,7 +18,7 @@ from mouserecon.train.config import load_recipe
 from mouserecon.train.loop import FinetuneOptions, TrainingError, finetune
 from mouserecon.train.rundir import RunDir
 
-TINY = ["model.preset=tiny", "data.resolution=64", "data.val_samples=2", "optim.warmup_steps=5",
+TINY = ["model.preset=tiny", "data.resolution=32", "data.val_samples=2", "optim.warmup_steps=5",
         "training.log_every=1", "training.val_every=1000", "training.ckpt_every=1000"]
 
 
