@@ -120,7 +120,12 @@ class _Model:
 
 
 def evaluate(options: EvalOptions) -> Report:
-    """Run steps 1-4 of the module docstring; returns the Report (already written to `options.out`)."""
+    """Run steps 1-4 of the module docstring; returns the Report (already written to `options.out`).
+
+    Raises EvalError (options, .ply mapping, protocol), SampleError / CameraError (data), CheckpointError,
+    PlyError, LpipsWeightsMissing or ReconstructError (device), each naming the file and the defect;
+    options, checkpoints, .ply files and the first sample are checked before the first render.
+    """
     o = options
     if (o.out / "summary.json").exists():
         raise EvalError(f"{o.out}: already holds a report (summary.json); choose another --out or remove it")
@@ -140,7 +145,10 @@ def evaluate(options: EvalOptions) -> Report:
                             lpips=o.lpips)
     except ValueError as err:
         raise EvalError(f"bad protocol: {err}") from None
-    for model in models:  # fail now on a missing or mismatched .ply, not after hours of work
+    # Fail now, not after hours of work: views out of range, no alpha for an alpha mask (first sample),
+    # a missing or mismatched .ply.
+    _ground_truth(load_sample(sample_dirs[0], resolution, list(inputs) + list(heldout)), protocol)
+    for model in models:
         if model.kind == "ply":
             for sample_id, path in _ply_files(model.path, ids).items():
                 _ply_similarity(path, sample_id, protocol)
@@ -247,10 +255,12 @@ def _evaluate_model(model: _Model, sample_dirs: list[Path], protocol: Protocol, 
             images, alphas = _render_checkpoint(network, sample, protocol, device)
         else:
             images, alphas = _render_ply(plys[sample.sample_id], sample, protocol, device)
-        gt, mask = _ground_truth(sample, protocol)
+        gt, mask = _ground_truth(sample, protocol)  # [H, 3, R, R], [H, 1, R, R]
+        assert images.shape == gt.shape and alphas.shape == mask.shape, (images.shape, gt.shape, alphas.shape)
+        # view_metrics checks the renders are in [0, 1] (to 1e-4: compositing rounding) and scores them clamped.
         metrics = view_metrics(images, gt.to(device), mask.to(device), alphas, lpips_net)
-        per_sample.append(ViewMetrics(**{k: v.cpu() for k, v in metrics.as_dict().items()}))
-        _save_renders(render_dir, sample.sample_id, protocol.heldout_views, images.cpu(), alphas.cpu())
+        per_sample.append(ViewMetrics(**{name: v.cpu() for name, v in metrics.as_dict().items()}))
+        _save_renders(render_dir, sample.sample_id, protocol.heldout_views, images.clamp(0, 1).cpu(), alphas.cpu())
         log.info("%s: sample %d/%d %s: PSNR %s dB (foreground %s), IoU %s (%.1f s)", model.name, k + 1,
                  len(sample_dirs), sample.sample_id, _fmt(metrics.psnr), _fmt(metrics.psnr_fg), _fmt(metrics.iou, 3),
                  time.perf_counter() - start)
@@ -317,7 +327,7 @@ def _render_ply(path: Path, sample: Sample, protocol: Protocol, device: torch.de
 
 
 def _render(gaussians, cameras: Cameras, protocol: Protocol, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Gaussians [N] into cameras [H] -> images [H, 3, R, R] in [0, 1], alphas [H, 1, R, R], on `device`.
+    """Gaussians [N] into cameras [H] -> images [H, 3, R, R], alphas [H, 1, R, R], on `device`.
     One view per call on the CPU (the torch backend's memory grows with the batch)."""
     gaussians = gaussians.to(device)
     step = 1 if device.type == "cpu" else len(cameras)
@@ -326,7 +336,7 @@ def _render(gaussians, cameras: Cameras, protocol: Protocol, device: torch.devic
         for i in range(0, len(cameras), step):
             out = render(gaussians, cameras[i:i + step], protocol.resolution, protocol.resolution,
                          background=protocol.background)
-            images.append(out.images.float().clamp(0, 1))  # compositing rounding can exceed 1 by ~1e-7
+            images.append(out.images.float())
             alphas.append(out.alphas.float())
     return torch.cat(images), torch.cat(alphas)
 

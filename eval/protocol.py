@@ -93,7 +93,8 @@ class Protocol:
         if not self.sample_ids:
             raise ValueError("a protocol needs at least one sample")
         if not self.input_views or not self.heldout_views:
-            raise ValueError(f"a protocol needs input and held-out views, got {self.input_views} / {self.heldout_views}")
+            raise ValueError(f"a protocol needs input and held-out views, got {list(self.input_views)} / "
+                             f"{list(self.heldout_views)}")
         overlap = sorted(set(self.input_views) & set(self.heldout_views))
         if overlap:
             raise ValueError(f"views {overlap} are both input and held out")

