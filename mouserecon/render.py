@@ -1,11 +1,14 @@
-"""Render 3D Gaussians into calibrated views: one `render()`, two backends (DESIGN.md §6).
+"""Render 3D Gaussians into calibrated views: one `render()`, three backends (DESIGN.md §6).
 
 - "gsplat": `gsplat.rasterization` (CUDA only, classic mode), imported lazily; our cameras are
   converted here (viewmats = w2c, Ks from intrinsics), the only place that knows gsplat's API.
 - "torch": `mouserecon.render_torch`, pure PyTorch, differentiable, runs on the CPU.
-- "auto": gsplat for CUDA tensors, torch otherwise.
+- "cpp": the torch backend's projection and colours with the compositing compiled in C++
+  (`mouserecon.render_cpp`, built at first use), CPU only, many times faster.
+- "auto": gsplat for CUDA tensors; on the CPU cpp, or torch (after one logged warning) when the
+  C++ extension cannot be built.
 
-Both follow gsplat 1.5.3 classic semantics (see `mouserecon.render_torch` for the rules).
+All follow gsplat 1.5.3 classic semantics (see `mouserecon.render_torch` for the rules).
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mouserecon import render_torch
+from mouserecon import render_cpp, render_torch
 from mouserecon.cameras import Cameras
 from mouserecon.gaussians import Gaussians
 
-BACKENDS = ("auto", "gsplat", "torch")
+BACKENDS = ("auto", "gsplat", "torch", "cpp")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ def render(
         renders the same views resampled (`Cameras.resize`, pixel-edge convention).
     background: RGB in [0, 1], a sequence of 3 floats or a tensor broadcastable to [B, V, 3];
         composited as image = foreground + T * background.
-    backend: "auto" (gsplat on CUDA tensors, torch otherwise), "gsplat" or "torch".
+    backend: "auto" (gsplat on CUDA tensors; cpp on the CPU, torch if cpp cannot be built), "gsplat",
+        "torch" or "cpp" (raises `render_cpp.ExtensionBuildError` if the extension cannot be built).
     Cameras are cast to the Gaussians' dtype and device.
     """
     if backend not in BACKENDS:
@@ -79,9 +83,12 @@ def render(
     bg = bg.expand(target)  # [B, V, 3]
 
     if backend == "auto":
-        backend = "gsplat" if means.is_cuda else "torch"
-    run = _render_gsplat if backend == "gsplat" else _render_torch
-    images, alphas, depths = run(gaussians, cameras, height, width, bg, render_depth)
+        backend = "gsplat" if means.is_cuda else ("cpp" if render_cpp.available() else "torch")
+    if backend == "gsplat":
+        images, alphas, depths = _render_gsplat(gaussians, cameras, height, width, bg, render_depth)
+    else:
+        composite = render_cpp.composite if backend == "cpp" else render_torch.composite
+        images, alphas, depths = _render_tiles(gaussians, cameras, height, width, bg, render_depth, composite)
     assert images.shape == (num_batch, num_views, 3, height, width), images.shape
     out = RenderOutput(images, alphas, depths)
     if unbatched:
@@ -89,7 +96,8 @@ def render(
     return out
 
 
-def _render_torch(g: Gaussians, cams: Cameras, height: int, width: int, bg: Tensor, render_depth: bool):
+def _render_tiles(g: Gaussians, cams: Cameras, height: int, width: int, bg: Tensor, render_depth: bool, composite):
+    """The torch and cpp backends: render_torch projection and colours, then `composite`."""
     num_batch, num_views = cams.c2w.shape[:2]
     n = g.num
     opacities = g.opacities  # [B, N]
@@ -101,7 +109,7 @@ def _render_torch(g: Gaussians, cams: Cameras, height: int, width: int, bg: Tens
         colors = torch.cat([colors, proj.depths[..., None]], -1)  # depth rides along as a 4th channel
     images = num_batch * num_views
     log_opac = torch.nn.functional.logsigmoid(g.opacity_logits)[:, None].expand(num_batch, num_views, n)
-    fg, trans = render_torch.composite(
+    fg, trans = composite(
         proj.means2d.reshape(images, n, 2),
         proj.conics.reshape(images, n, 3),
         log_opac.reshape(images, n),

@@ -1,0 +1,183 @@
+"""The "cpp" render backend (mouserecon.render_cpp) against the torch backend (forward and backward,
+itself tested against gsplat's reference functions in test_render.py), the brute-force compositor of
+test_render.py, and finite differences; determinism; the build-failure paths of `render()`."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from test_render import add_off_scene, brute_force_render, make_cameras, random_gaussians
+
+from mouserecon import render_cpp, render_torch
+from mouserecon.cameras import Cameras
+from mouserecon.gaussians import Gaussians
+from mouserecon.render import render
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Builds the extension once (about a minute the first time); skips if there is no compiler."""
+    try:
+        render_cpp.extension()
+    except render_cpp.ExtensionBuildError as err:
+        pytest.skip(f"the C++ extension cannot be built here: {err}")
+
+
+def render_both(g: Gaussians, cams: Cameras, height: int, width: int, weights: torch.Tensor, **kwargs):
+    """{backend: (images|alphas|depths stacked [.., 5, H, W], {leaf name: grad})} for torch and cpp."""
+    results = {}
+    for backend in ("torch", "cpp"):
+        leaves = Gaussians(**{k: v.clone().requires_grad_(True) for k, v in vars(g).items()})
+        out = render(leaves, cams, height, width, backend=backend, render_depth=True, **kwargs)
+        stacked = torch.cat([out.images, out.alphas, out.depths], -3)
+        (stacked * weights).sum().backward()
+        results[backend] = (stacked.detach(), {k: v.grad for k, v in vars(leaves).items()})
+    return results
+
+
+def assert_backends_agree(results, rtol: float, atol: float, grad_rtol: float):
+    (ours, our_grads), (theirs, their_grads) = results["cpp"], results["torch"]
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
+    for name, grad in their_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(our_grads[name], grad, rtol=grad_rtol, atol=grad_rtol * grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("tile_size", [4, 8, 16])
+def test_matches_torch_backend_and_brute_force(built, tile_size, monkeypatch):
+    """Off-screen and behind-camera Gaussians, non-square images, fx != fy, SH degree 1, float64."""
+    composite = render_cpp.composite
+    monkeypatch.setattr(render_cpp, "composite", lambda *a, **k: composite(*a, **k, tile_size=tile_size))
+    cams = make_cameras(2)
+    g = add_off_scene(random_gaussians(120, degree=1), cams)
+    bg = (1.0, 0.5, 0.0)
+    results = render_both(g, cams, 29, 37, torch.rand(2, 5, 29, 37, dtype=torch.float64), background=bg)
+    assert_backends_agree(results, rtol=1e-10, atol=1e-10, grad_rtol=1e-9)
+    ref = brute_force_render(g, cams, background=bg)
+    ours = results["cpp"][0]
+    torch.testing.assert_close(ours[:, :3], ref.images, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours[:, 3:4], ref.alphas, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours[:, 4:], ref.depths, rtol=1e-10, atol=1e-10)
+
+
+def test_early_stop_and_clamp_match_torch_backend(built):
+    """Dense, nearly opaque Gaussians: most pixels stop early and many alphas hit the 0.999 clamp."""
+    cams = make_cameras(1)
+    g = random_gaussians(300, degree=0, spread=0.5, opacity_bias=4.0, scale=0.12)
+    results = render_both(g, cams, 29, 37, torch.rand(1, 5, 29, 37, dtype=torch.float64))
+    assert (results["torch"][0][:, 3] > 1 - 1e-3).double().mean() > 0.3  # early stop is exercised
+    assert_backends_agree(results, rtol=1e-10, atol=1e-10, grad_rtol=1e-8)
+    ref = brute_force_render(g, cams)
+    torch.testing.assert_close(results["cpp"][0][:, :3], ref.images, rtol=0, atol=1e-10)
+
+
+def test_float32_batched_matches_torch_backend(built):
+    """Batched [B=2, N] with cameras [B, V=3], float32, SH degree 2, non-square 31x20."""
+    cams = Cameras.stack([make_cameras(3, width=20, height=31), make_cameras(3, width=20, height=31)]).to(torch.float32)
+    scenes = [add_off_scene(random_gaussians(150, degree=2), make_cameras(3)) for _ in range(2)]
+    batch = Gaussians(**{k: torch.stack([getattr(s, k) for s in scenes]).float() for k in vars(scenes[0])})
+    results = render_both(batch, cams, 31, 20, torch.rand(2, 3, 5, 31, 20))
+    assert results["cpp"][0].shape == (2, 3, 5, 31, 20) and results["cpp"][0].dtype == torch.float32
+    (ours, our_grads), (theirs, their_grads) = results["cpp"], results["torch"]
+    torch.testing.assert_close(ours[:, :, :4], theirs[:, :, :4], rtol=0, atol=2e-5)
+    torch.testing.assert_close(ours[:, :, 4:], theirs[:, :, 4:], rtol=1e-4, atol=1e-4)
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max().item(), msg=name)
+
+
+def test_gradients_match_finite_differences(built):
+    cams = make_cameras(2, width=14, height=11)
+    cams = Cameras(cams.c2w, cams.intrinsics * 0.4, 14, 11)
+    g = random_gaussians(6, degree=1, spread=0.4)
+    g = Gaussians(g.means, g.sh, g.log_scales.clamp(math.log(0.05), math.log(0.3)), g.quats, g.opacity_logits + 1)
+    weights = torch.rand(2, 5, 11, 14, dtype=torch.float64)
+
+    def loss(means, sh, log_scales, quats, opacity_logits):
+        out = render(Gaussians(means, sh, log_scales, quats, opacity_logits), cams, 11, 14, backend="cpp", render_depth=True)
+        return (torch.cat([out.images, out.alphas, out.depths], 1) * weights).sum()
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (g.means, g.sh, g.log_scales, g.quats, g.opacity_logits))
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_composite_gradients_with_early_stop_and_clamp(built):
+    """Screen-space gradcheck with opacities up to 0.9975 (clamp) and stacked Gaussians (early stop)."""
+    n = 12
+    means2d = torch.rand(1, n, 2, dtype=torch.float64) * torch.tensor([9.0, 7.0], dtype=torch.float64)
+    conics = torch.tensor([0.4, 0.05, 0.3], dtype=torch.float64).expand(1, n, 3)
+    logits = torch.linspace(-0.5, 6.0, n, dtype=torch.float64)[None]
+    colors = torch.rand(1, n, 3, dtype=torch.float64)
+    depths = torch.rand(1, n, dtype=torch.float64) + 1
+    radii = torch.full((1, n, 2), 6, dtype=torch.int32)
+
+    def run(m, c, lo, col):
+        fg, trans = render_cpp.composite(m, c, lo, col, depths, radii, 9, 7, tile_size=4)
+        return (fg * torch.arange(3, dtype=torch.float64)[None, :, None, None]).sum() + (trans**2).sum()
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (means2d, conics, torch.nn.functional.logsigmoid(logits), colors))
+    fg, trans = render_cpp.composite(*inputs, depths, radii, 9, 7)
+    assert trans.min() < 1e-3  # stacked near-opaque Gaussians reach the early stop
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_deterministic_across_runs_and_thread_counts(built):
+    """render() twice: bit-identical. The compositing alone is also independent of the thread count
+    (the projection is not: torch's own reductions split by threads)."""
+    cams = make_cameras(3, dtype=torch.float32)
+    g = Gaussians(**{k: v.float() for k, v in vars(random_gaussians(400, degree=1, scale=0.1)).items()})
+    weights = torch.rand(3, 5, 29, 37)
+    runs = []
+    for _ in range(2):
+        leaves = Gaussians(**{k: v.clone().requires_grad_(True) for k, v in vars(g).items()})
+        out = render(leaves, cams, 29, 37, backend="cpp", render_depth=True)
+        stacked = torch.cat([out.images, out.alphas, out.depths], 1)
+        (stacked * weights).sum().backward()
+        runs.append([stacked.detach()] + [v.grad for v in vars(leaves).values()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    proj = render_torch.project_gaussians(g.means, g.quats, g.scales, cams.w2c, cams.intrinsics, 37, 29, g.opacities)
+    colors = torch.rand(3, 400, 4)
+    log_opac = torch.nn.functional.logsigmoid(g.opacity_logits).expand(3, 400)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for num_threads in (threads, 1):
+            torch.set_num_threads(num_threads)
+            inputs = [t.detach().clone().requires_grad_(True) for t in (proj.means2d, proj.conics, log_opac, colors)]
+            fg, trans = render_cpp.composite(*inputs, proj.depths, proj.radii, 37, 29)
+            ((fg * weights[:, :4]).sum() + (trans * weights[:, 4:]).sum()).backward()
+            grads.append([fg.detach(), trans.detach()] + [t.grad for t in inputs])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_build_failure_raises_for_cpp_and_auto_warns_once(monkeypatch, caplog):
+    failure = render_cpp.ExtensionBuildError("building rasterize_cpu.cpp failed: g++: not found")
+    monkeypatch.setattr(render_cpp, "_load", lambda: failure)
+    render_cpp.available.cache_clear()
+    try:
+        cams = make_cameras(1)
+        g = random_gaussians(20)
+        with pytest.raises(render_cpp.ExtensionBuildError, match="g\\+\\+: not found"):
+            render(g, cams, 29, 37, backend="cpp")
+        with caplog.at_level(logging.WARNING, logger="mouserecon.render_cpp"):
+            first = render(g, cams, 29, 37)
+            render(g, cams, 29, 37)
+        warnings = [r for r in caplog.records if r.name == "mouserecon.render_cpp"]
+        assert len(warnings) == 1 and "g++: not found" in warnings[0].getMessage()
+        torch.testing.assert_close(first.images, render(g, cams, 29, 37, backend="torch").images, rtol=0, atol=0)
+    finally:
+        render_cpp.available.cache_clear()
+
+
+def test_rejects_bad_shapes_and_non_cpu_tensors():
+    args = [torch.zeros(1, 3, 2), torch.zeros(1, 3, 3), torch.zeros(1, 3), torch.zeros(1, 3, 3), torch.zeros(1, 3)]
+    radii = torch.zeros(1, 3, 2, dtype=torch.int32)
+    with pytest.raises(AssertionError):
+        render_cpp.composite(*args[:-1], torch.zeros(1, 4), radii, 8, 8)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        render_cpp.composite(*(a.to("meta") for a in args), radii, 8, 8)
