@@ -3,7 +3,8 @@
 Projection, SH colours and tile binning are those of `mouserecon.render_torch` (plain autograd);
 only the per-pixel compositing and its backward run in C++ (`csrc/rasterize_cpu.cpp`, shipped as
 package data), with the same rules and constants as `render_torch.composite`. Each pixel walks its
-tile's depth-sorted list and stops on its own; the forward saves the final transmittance and the
+tile's depth-sorted list (in practice: each Gaussian visits the tile's pixels inside its alpha > 1/255
+ellipse) and stops on its own; the forward saves the final transmittance and the
 position of the last composited Gaussian per pixel, and the backward walks back from there
 (the 3DGS scheme). Results are deterministic and independent of the number of threads.
 
@@ -115,5 +116,6 @@ def composite(
     offsets = torch.cat([tiles.first_chunk, tiles.first_chunk.new_tensor([int(tiles.num_chunks.sum())])])
     params = torch.cat([means2d, conics, log_opacities[..., None]], -1).reshape(num_images * n, 6)
     grid = (num_images, height, width, tile_size, tiles.tiles_x)
-    fg, trans, _ = _CompositeCpp.apply(params, colors.reshape(num_images * n, colors.shape[-1]), offsets, tiles.slot_gauss, grid)
+    colors = colors.reshape(num_images * n, colors.shape[-1])
+    fg, trans, _ = _CompositeCpp.apply(params, colors, offsets, tiles.slot_gauss, grid)
     return fg, trans
