@@ -125,7 +125,8 @@ def finetune(data, pretrained, recipe, out, resume, overrides, device, stop_afte
         last = run(options)
     except (RecipeError, SampleError, TrainingError, CheckpointError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"last checkpoint: {last}")
+    if last is not None:  # rank 0 writes checkpoints; other ranks return None
+        click.echo(f"last checkpoint: {last}")
 
 
 @main.command(name="fetch-weights")

@@ -101,8 +101,8 @@ def step_batch(model, batch, recipe: Recipe, losses: Losses, device: torch.devic
     return terms, out
 
 
-def finetune(opts: FinetuneOptions) -> Path:
-    """Run (or resume) fine-tuning; returns the path of the last checkpoint."""
+def finetune(opts: FinetuneOptions) -> Path | None:
+    """Run (or resume) fine-tuning; returns the last checkpoint written (None on ranks other than 0)."""
     recipe = opts.recipe
     info = distributed.setup(opts.device)
     try:
@@ -197,7 +197,7 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
                       **{k: float(v.detach()) for k, v in terms.items()}, "loss": float(terms["total"].detach())}
             run.log_metrics(record)
         if progress is not None:
-            progress.set_postfix(loss=f"{float(terms['total']):.4f}", skipped=skipped_total)
+            progress.set_postfix(loss=f"{float(terms['total'].detach()):.4f}", skipped=skipped_total)
             progress.update(1)
         if info.is_main and val_batch is not None and (done % t.val_every == 0 or done == t.steps):
             validate(model, val_batch, recipe, losses, device, run, done)
