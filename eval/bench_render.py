@@ -1,4 +1,4 @@
-"""Benchmark of the torch render backend against a dense baseline (DESIGN.md §8: a script, not a timed test).
+"""Benchmark of the torch and cpp render backends against a dense baseline (DESIGN.md §8: a script, not a timed test).
 
     python -m mouserecon.eval.bench_render [--cases a,b] [--baseline-rows 2] [--repeats 3]
 
@@ -33,7 +33,7 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mouserecon import render_torch
+from mouserecon import render_cpp, render_torch
 from mouserecon.cameras import Cameras
 from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
 from mouserecon.render import render
@@ -134,8 +134,10 @@ def _measure_here(case: str, method: str, backward: bool, repeats: int, rows: in
     """Best wall time (s) over repeats and peak RSS growth (MiB) of this process."""
     size = SIZES[case]
     g, cams = pixel_aligned_scene(size)
-    if method == "torch":
-        fn = lambda x: render(x, cams, size, size, backend="torch").images  # noqa: E731
+    if method in ("torch", "cpp"):
+        if method == "cpp":
+            render_cpp.extension()  # compile (or load from the cache) outside the timed region
+        fn = lambda x: render(x, cams, size, size, backend=method).images  # noqa: E731
     else:
         fn = lambda x: _dense_baseline(x, cams, size, rows)  # noqa: E731
     start_rss, best = _rss_mib(), float("inf")
@@ -184,16 +186,18 @@ def main() -> None:
     for case in args.cases.split(","):
         size, rows = SIZES[case], args.baseline_rows
         times = {}
-        for method, repeats, factor in (("torch", args.repeats, 1.0), ("dense", 1, size / rows)):
+        for method, repeats, factor in (("torch", args.repeats, 1.0), ("cpp", args.repeats, 1.0), ("dense", 1, size / rows)):
             fwd = _measure(case, method, False, repeats, rows)
             both = _measure(case, method, True, repeats, rows)
             times[method] = (fwd["seconds"] * factor, both["seconds"] * factor)
-            name = "torch backend" if method == "torch" else f"dense baseline (x{factor:g} from {rows} rows)"
+            name = f"{method} backend" if method != "dense" else f"dense baseline (x{factor:g} from {rows} rows)"
             label = f"({case}) {fwd['gaussians']} G -> 6x{size}^2"
             print(f"{label:<26}{name:<36}{times[method][0]:>8.2f}{times[method][1]:>11.2f}"
                   f"{fwd['mib']:>9.0f}{both['mib']:>9.0f}", flush=True)
         ratio = [b / t for b, t in zip(times["dense"], times["torch"])]
         print(f"{'':<26}{'speed-up (baseline / torch)':<36}{ratio[0]:>8.1f}{ratio[1]:>11.1f}", flush=True)
+        ratio = [t / c for t, c in zip(times["torch"], times["cpp"])]
+        print(f"{'':<26}{'speed-up (torch / cpp)':<36}{ratio[0]:>8.1f}{ratio[1]:>11.1f}", flush=True)
     print(f"load after: {load()}")
 
 
