@@ -9,7 +9,7 @@
      resize), then
      - checkpoint: map the cameras to the model rig with the similarity fitted to the input views
        (`data.normalize_sample`, as `reconstruct` does), predict from the input views
-       (`reconstruct._predict`), drop non-finite Gaussians (nothing is pruned), render the held-out views;
+       (`reconstruct.predict`), drop non-finite Gaussians (nothing is pruned), render the held-out views;
      - .ply: render it with the sample's own cameras (the camera file's frame, e.g. mm), or, when its
        `reconstruct` sidecar says "units": "model", with the cameras mapped by the sidecar's recorded
        similarity. A sidecar that names another sample, or input views or a resolution other than the
@@ -30,7 +30,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -44,11 +44,11 @@ from mouserecon.data import CAMERA_FILES, Sample, SampleError, find_camera_file,
     normalize_sample
 from mouserecon.eval.figures import comparison_grid, save_image
 from mouserecon.eval.metrics import ViewMetrics, lpips_model, view_metrics
-from mouserecon.eval.protocol import LPIPS_CHOICES, WHITE, Protocol, data_sha1, mask_string, parse_mask
+from mouserecon.eval.protocol import LPIPS_CHOICES, Protocol, data_sha1, mask_string, parse_mask
 from mouserecon.eval.report import GRID_LABELS, ModelResult, Report, grid_samples, write_report
 from mouserecon.normalize import Similarity
 from mouserecon.ply import load_ply
-from mouserecon.reconstruct import DEFAULT_INPUT_VIEWS, _pick_device, _predict
+from mouserecon.reconstruct import DEFAULT_INPUT_VIEWS, pick_device, predict
 from mouserecon.render import render
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def evaluate(options: EvalOptions) -> Report:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise EvalError(f"{o.data}: sample ids (folder names) must be unique, repeated: {duplicates}")
-    device = _pick_device(o.device)
+    device = pick_device(o.device)
     models = _model_list(o)
     resolution = _check_checkpoints(o, models)
     inputs = o.inputs or tuple(range(DEFAULT_INPUT_VIEWS))
@@ -267,18 +267,11 @@ def _evaluate_model(model: _Model, sample_dirs: list[Path], protocol: Protocol, 
     return ViewMetrics.stack(per_sample)
 
 
-def _split(sample: Sample, n_inputs: int) -> Sample:
-    """The sample's first `n_inputs` views (the inputs)."""
-    return replace(sample, images=sample.images[:n_inputs], masks=sample.masks[:n_inputs],
-                   cameras=sample.cameras[:n_inputs], image_paths=sample.image_paths[:n_inputs])
-
-
 def _render_checkpoint(network, sample: Sample, protocol: Protocol, device: torch.device) -> tuple[Tensor, Tensor]:
     """Reconstruct from the input views and render the held-out ones -> images [H, 3, R, R], alphas [H, 1, R, R]."""
     n_in = len(protocol.input_views)
-    _, similarity = normalize_sample(_split(sample, n_in))  # fitted to the input views only
-    cameras = similarity.apply_cameras(sample.cameras)  # [I + H], model frame
-    gaussians = _predict(network, sample.images[:n_in], cameras[:n_in], device)
+    cameras = normalize_sample(sample, fit_views=range(n_in))[0].cameras  # [I + H], fitted to the inputs only
+    gaussians = predict(network, sample.images[:n_in], cameras[:n_in], device)
     finite = gaussians.drop_nonfinite()
     if finite.num < gaussians.num:
         log.warning("%s: %d of %d predicted Gaussians are non-finite and were dropped", sample.sample_id,

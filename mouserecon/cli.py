@@ -14,11 +14,6 @@ from pathlib import Path
 import click
 
 
-def _not_built(name: str, issue: str) -> None:
-    click.echo(f"mouserecon {name}: not built yet ({issue}).", err=True)
-    sys.exit(2)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:

@@ -118,9 +118,12 @@ class SampleBatch:
                        cameras=self.cameras.to(*args, **kwargs))
 
 
-def normalize_sample(sample: Sample, center=None, up=None) -> tuple[Sample, Similarity]:
+def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, center=None,
+                     up=None) -> tuple[Sample, Similarity]:
     """Map a sample's cameras to the model rig (CONVENTIONS.md C4) -> (sample, user-to-model similarity).
 
+    fit_views: the views the similarity is fitted to (the model's input views, so that held-out
+        views never influence the frame); default all. It is applied to every view.
     up: the user's world up; default the camera file's "world_up" when it has one, else +Z.
     center: the point to put at the origin; default the least-squares intersection of the optical axes.
     """
@@ -128,11 +131,12 @@ def normalize_sample(sample: Sample, center=None, up=None) -> tuple[Sample, Simi
         camera_file = find_camera_file(sample.path)
         recorded = load_world_up(camera_file) if camera_file and camera_file.name == CAMERA_FILES[0] else None
         up = (0.0, 0.0, 1.0) if recorded is None else recorded
+    fit = sample.cameras if fit_views is None else sample.cameras[list(fit_views)]
     try:
-        cameras, similarity = normalize_cameras(sample.cameras, center=center, up=up)
+        _, similarity = normalize_cameras(fit, center=center, up=up)
     except CameraError as err:
         raise SampleError(f"{sample.path}: cannot normalise the cameras ({err})") from err
-    return replace(sample, cameras=cameras), similarity
+    return replace(sample, cameras=similarity.apply_cameras(sample.cameras)), similarity
 
 
 # ---- one sample ------------------------------------------------------------------------------
@@ -359,9 +363,10 @@ class MouseDataset(Dataset):
 
     def __init__(self, source: str | Path, resolution: int | tuple[int, int] | None = None,
                  views: Sequence[int] | None = None, white_threshold: float = WHITE_THRESHOLD,
-                 normalize: bool = False) -> None:
+                 normalize: bool = False, fit_views: Sequence[int] | None = None) -> None:
         self.source = Path(source)
         self.normalize = normalize  # map each sample's cameras to the model rig (normalize_sample)
+        self.fit_views = fit_views  # ... with the similarity fitted to these views (default all)
         self.sample_dirs = find_samples(self.source)
         self.resolution = resolution
         self.views = None if views is None else tuple(views)
@@ -372,7 +377,7 @@ class MouseDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold)
-        return normalize_sample(sample)[0] if self.normalize else sample
+        return normalize_sample(sample, self.fit_views)[0] if self.normalize else sample
 
 
 def collate(samples: Sequence[Sample]) -> SampleBatch:

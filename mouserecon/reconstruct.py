@@ -136,7 +136,7 @@ class ReconstructResult:
     views: tuple[int, ...]
     heldout_views: tuple[int, ...]
     resolution: int
-    num_predicted: int
+    numpredicted: int
     num_nonfinite: int
     num_pruned: int
     preview_files: tuple[Path, ...] = ()
@@ -153,7 +153,7 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     o = options
     timings: dict[str, float] = {}
     camera_file, checkpoint_path = _check_paths(o)
-    device = _pick_device(o.device)
+    device = pick_device(o.device)
 
     with _timed("loading checkpoint", timings):
         model, info = load_checkpoint(checkpoint_path, device)
@@ -185,14 +185,14 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     _log_similarity(similarity, up)
 
     with _timed("running the model", timings):
-        predicted = _predict(model, sample.images[list(views)], cameras[list(views)], device)
-    num_predicted = predicted.num
-    assert num_predicted == config.n_gaussians + len(views) * resolution * resolution, num_predicted
+        predicted = predict(model, sample.images[list(views)], cameras[list(views)], device)
+    numpredicted = predicted.num
+    assert numpredicted == config.n_gaussians + len(views) * resolution * resolution, numpredicted
 
     finite = predicted.drop_nonfinite()
     kept = finite.prune(o.min_opacity)
     log.info("Gaussians: %d predicted, %d non-finite dropped, %d with opacity < %g pruned, %d kept",
-             num_predicted, num_predicted - finite.num, finite.num - kept.num, o.min_opacity, kept.num)
+             numpredicted, numpredicted - finite.num, finite.num - kept.num, o.min_opacity, kept.num)
 
     written = kept if o.units == "model" else _to_user_frame(kept, similarity).drop_nonfinite()  # float32 overflow
     with _timed("writing PLY", timings):
@@ -206,8 +206,8 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
                                            o.turntable_frames, o.turntable_format)
     result = ReconstructResult(
         ply_path=o.output, sidecar_path=o.output.with_suffix(".json"), gaussians=written, similarity=similarity,
-        units=o.units, views=views, heldout_views=heldout, resolution=resolution, num_predicted=num_predicted,
-        num_nonfinite=num_predicted - finite.num + kept.num - written.num, num_pruned=finite.num - kept.num,
+        units=o.units, views=views, heldout_views=heldout, resolution=resolution, numpredicted=numpredicted,
+        num_nonfinite=numpredicted - finite.num + kept.num - written.num, num_pruned=finite.num - kept.num,
         preview_files=preview_files, timings=timings,
     )
     _write_sidecar(result, o, info, sample, up, str(device))
@@ -255,7 +255,7 @@ def _check_paths(o: ReconstructOptions) -> tuple[Path, Path]:
     return camera_file, checkpoint
 
 
-def _pick_device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ReconstructError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
     if name == "auto":
@@ -279,7 +279,7 @@ def _log_similarity(similarity: Similarity, up: Tensor) -> None:
              "2.7), up %s -> +Z", _fmt(centre), similarity.scale, 2.7 / similarity.scale, _fmt(up))
 
 
-def _predict(model, images: Tensor, cameras: Cameras, device: torch.device) -> Gaussians:
+def predict(model, images: Tensor, cameras: Cameras, device: torch.device) -> Gaussians:
     """images [V, 3, H, W], cameras [V] (model frame) -> Gaussians [2 + V*H*W] float32 on `device`."""
     images = images[None].to(device)  # [1, V, 3, H, W]
     cameras = cameras[None].to(device)  # [1, V]
@@ -316,7 +316,7 @@ def _write_sidecar(result: ReconstructResult, o: ReconstructOptions, info: Check
                        "config": asdict(info.config)},
         "device": device,
         "min_opacity": o.min_opacity,
-        "counts": {"predicted": result.num_predicted, "nonfinite": result.num_nonfinite,
+        "counts": {"predicted": result.numpredicted, "nonfinite": result.num_nonfinite,
                    "pruned": result.num_pruned, "written": result.num_written},
         "previews": [str(p) for p in result.preview_files],
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},

