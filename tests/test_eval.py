@@ -42,14 +42,20 @@ R = 5  # SSIM window radius (11 taps)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+def checkpoints(tmp_path_factory, synth_mice) -> tuple[Path, Path]:
+    """A tiny model trained by `finetune` for a few steps (seed 0) and an untrained one (seed 1)."""
+    from mouserecon.train.config import load_recipe
+    from mouserecon.train.loop import FinetuneOptions, finetune
+
     folder = tmp_path_factory.mktemp("ckpts")
-    paths = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        paths.append(folder / f"tiny_seed{seed}.pt")
-        save_checkpoint(paths[-1], GSLRM(ModelConfig.preset("tiny")))
-    return tuple(paths)
+    recipe = load_recipe("exp_c", ["model.preset=tiny", "data.resolution=32", "data.val_samples=0",
+                                   "training.steps=3", "optim.warmup_steps=1", "optim.lr=1e-3"])
+    trained = finetune(FinetuneOptions(data=synth_mice, out=folder / "run", recipe=recipe, device="cpu",
+                                       progress=False))
+    torch.manual_seed(1)
+    untrained = folder / "tiny_seed1.pt"
+    save_checkpoint(untrained, GSLRM(ModelConfig.preset("tiny")))
+    return Path(shutil.copy(trained, folder / "tiny_seed0.pt")), untrained
 
 
 def _dataset(tmp_path: Path, synth_mice: Path, n: int) -> Path:
