@@ -117,12 +117,19 @@ def save_checkpoint(
     fp16: bool = False,
 ) -> None:
     """Write `model_checkpoint(...)` to `path` atomically (temp file + rename). `fp16` halves the size."""
-    payload = model_checkpoint(model, recipe=recipe, step=step, metrics=metrics, fp16=fp16)
-    path = Path(path)
+    atomic_torch_save(model_checkpoint(model, recipe=recipe, step=step, metrics=metrics, fp16=fp16), Path(path))
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    """torch.save to a temp file beside `path`, fsync, rename: a reader (or a resume) never sees a
+    partial file, even if the process is killed mid-write."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
