@@ -121,7 +121,21 @@ def _build_model(opts: FinetuneOptions, recipe: Recipe, device) -> GSLRM:
     return model.to(device)
 
 
-def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo) -> Path:
+def _restore(path: Path, model, optimizer, scheduler, scaler, info: distributed.DistInfo) -> tuple[int, int]:
+    """Load a training checkpoint in place -> (step, skipped_total); RNG state of this rank included."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if len(state["rng"]) != info.world_size:
+        raise TrainingError(f"{path} was written by {len(state['rng'])} process(es); resume it with as many "
+                            f"(this run has {info.world_size}) so the data order continues exactly")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"][info.rank])
+    return state["step"], state["skipped_total"]
+
+
+def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo) -> Path | None:
     run = RunDir(opts.out)
     device = info.device
     t = recipe.training
@@ -142,16 +156,7 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
     if opts.resume and latest is None:
         raise TrainingError(f"--resume: no checkpoint in {run.ckpt_dir}")
     if latest is not None:
-        state = torch.load(latest, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, skipped_total = state["step"], state["skipped_total"]
-        if len(state["rng"]) != info.world_size:
-            raise TrainingError(f"{latest} was written by {len(state['rng'])} process(es); resume it with as many "
-                                f"(this run has {info.world_size}) so the data order continues exactly")
-        _set_rng_state(state["rng"][info.rank])
+        start_step, skipped_total = _restore(latest, model, optimizer, scheduler, scaler, info)
         if info.is_main:
             run.truncate_metrics(start_step)
             log.info("resumed from %s at step %d", latest, start_step)
