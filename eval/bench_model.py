@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from mouserecon.cameras import Cameras
+from mouserecon.cameras import Cameras, look_at
 from mouserecon.model import GSLRM, ModelConfig, forward_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,14 +31,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def ring_cameras(views: int, size: int) -> Cameras:
     """`views` cameras [1, v] on a 2.7 circle at 20 deg elevation looking at the origin (OpenCV axes)."""
-    c2w = torch.eye(4).repeat(1, views, 1, 1)
-    for i in range(views):
-        az, el = 2 * math.pi * i / views, math.radians(20)
-        eye = 2.7 * torch.tensor([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
-        fwd = -eye / eye.norm()
-        right = torch.nn.functional.normalize(torch.linalg.cross(fwd, torch.tensor([0.0, 0.0, 1.0]), dim=0), dim=0)
-        c2w[0, i, :3, :3] = torch.stack([right, torch.linalg.cross(fwd, right, dim=0), fwd], -1)
-        c2w[0, i, :3, 3] = eye
+    az, el = torch.arange(views) * (2 * math.pi / views), math.radians(20)
+    eyes = 2.7 * torch.stack([math.cos(el) * az.cos(), math.cos(el) * az.sin(), torch.full_like(az, math.sin(el))], -1)
+    c2w = look_at(eyes, torch.zeros_like(eyes))[None]  # [1, v, 4, 4]
     focal = 548.9937744 / 512 * size  # FaceLift's ratio
     intrinsics = torch.tensor([focal, focal, size / 2, size / 2]).expand(1, views, 4)
     return Cameras(c2w, intrinsics.clone(), width=size, height=size)

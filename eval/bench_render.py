@@ -34,7 +34,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mouserecon import render_cpp, render_torch
-from mouserecon.cameras import Cameras
+from mouserecon.cameras import Cameras, look_at
 from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
 from mouserecon.render import render
 
@@ -44,22 +44,12 @@ SIZES = {"a": 128, "b": 256}
 
 def ring_cameras(num_views: int, size: int, elevation_deg: float = 20.0, fov_deg: float = 49.0) -> Cameras:
     """num_views cameras [V] on a ring of radius 2.7 around +Z, looking at the origin."""
-    c2ws = []
-    elev = math.radians(elevation_deg)
-    for i in range(num_views):
-        azim = 2 * math.pi * i / num_views
-        centre = RADIUS * torch.tensor([math.cos(elev) * math.cos(azim), math.cos(elev) * math.sin(azim), math.sin(elev)])
-        forward = -centre / centre.norm()
-        right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0]))
-        right = right / right.norm()
-        down = torch.linalg.cross(forward, right)
-        c2w = torch.eye(4)
-        c2w[:3, :3] = torch.stack([right, down, forward], -1)
-        c2w[:3, 3] = centre
-        c2ws.append(c2w)
+    elev, azim = math.radians(elevation_deg), torch.arange(num_views) * (2 * math.pi / num_views)
+    eyes = RADIUS * torch.stack([math.cos(elev) * azim.cos(), math.cos(elev) * azim.sin(),
+                                 torch.full_like(azim, math.sin(elev))], -1)  # [V, 3]
     focal = 0.5 * size / math.tan(math.radians(fov_deg) / 2)
     intr = torch.tensor([focal, focal, size / 2, size / 2]).expand(num_views, 4)
-    return Cameras(torch.stack(c2ws), intr.clone(), size, size)
+    return Cameras(look_at(eyes, torch.zeros_like(eyes)), intr.clone(), size, size)
 
 
 def pixel_aligned_scene(size: int, num_inputs: int = 5, seed: int = 0) -> tuple[Gaussians, Cameras]:

@@ -135,6 +135,19 @@ class Cameras:
         return uv, depth
 
 
+def look_at(eyes: Tensor, targets: Tensor, up=(0.0, 0.0, 1.0)) -> Tensor:
+    """OpenCV c2w [..., 4, 4] for cameras at `eyes` [..., 3] looking at `targets` [..., 3], no roll:
+    +z towards the target, +x = forward x up (right), +y = forward x right (image down)."""
+    forward = torch.nn.functional.normalize(targets - eyes, dim=-1)
+    up = torch.as_tensor(up, dtype=eyes.dtype, device=eyes.device).expand_as(forward)
+    right = torch.nn.functional.normalize(torch.linalg.cross(forward, up, dim=-1), dim=-1)
+    down = torch.linalg.cross(forward, right, dim=-1)
+    c2w = torch.eye(4, dtype=eyes.dtype, device=eyes.device).repeat(*eyes.shape[:-1], 1, 1)
+    c2w[..., :3, :3] = torch.stack([right, down, forward], -1)
+    c2w[..., :3, 3] = eyes
+    return c2w
+
+
 # ---- file readers and writer ------------------------------------------------------------------
 
 # Per-frame keys that describe lens effects `Cameras` does not model (FaceLift-format rigs from

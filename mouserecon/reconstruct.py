@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mouserecon.cameras import Cameras
+from mouserecon.cameras import Cameras, look_at
 from mouserecon.checkpoints import CheckpointInfo, load_checkpoint
 from mouserecon.data import Sample, SampleError, find_camera_file, load_sample
 from mouserecon.gaussians import Gaussians
@@ -347,12 +347,7 @@ def turntable_cameras(cameras: Cameras, num_frames: int) -> Cameras:
     azimuths = start + torch.arange(num_frames, dtype=torch.float64) * (2 * math.pi / num_frames)  # [N]
     eye = distance * torch.stack([math.cos(elevation) * azimuths.cos(), math.cos(elevation) * azimuths.sin(),
                                   torch.full_like(azimuths, math.sin(elevation))], -1)  # [N, 3]
-    forward = -eye / eye.norm(dim=-1, keepdim=True)  # +z looks at the origin
-    up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand_as(forward)
-    right = torch.nn.functional.normalize(torch.linalg.cross(forward, up), dim=-1)  # +x
-    down = torch.linalg.cross(forward, right)  # +y (OpenCV: image y points down)
-    c2w = torch.eye(4, dtype=torch.float64).repeat(num_frames, 1, 1)  # [N, 4, 4]
-    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, down, forward, eye
+    c2w = look_at(eye, torch.zeros_like(eye))  # [N, 4, 4], world up +Z
     fx, fy = cameras.intrinsics[:, 0].double().mean().item(), cameras.intrinsics[:, 1].double().mean().item()
     intrinsics = torch.tensor([fx, fy, cameras.width / 2, cameras.height / 2], dtype=torch.float64)
     return Cameras(c2w.float(), intrinsics.float().expand(num_frames, 4).clone(), cameras.width, cameras.height)

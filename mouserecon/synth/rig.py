@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mouserecon.cameras import Cameras
+from mouserecon.cameras import look_at as look_at_torch
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,11 @@ class RigConfig:
 
 def look_at(eye: np.ndarray, target: np.ndarray, roll_deg: float = 0.0) -> np.ndarray:
     """OpenCV c2w [4, 4] for a camera at `eye` looking at `target`, image up towards +Z, then rolled."""
-    forward = target - eye
-    forward /= np.linalg.norm(forward)
-    right = np.cross(forward, [0.0, 0.0, 1.0])  # +x: world up x forward points right when looking level
-    right /= np.linalg.norm(right)
-    down = np.cross(forward, right)  # +y: image down
+    c2w = look_at_torch(torch.from_numpy(np.asarray(eye, np.float64)),
+                        torch.from_numpy(np.asarray(target, np.float64))).numpy()
+    right, down = c2w[:3, 0].copy(), c2w[:3, 1].copy()
     r = math.radians(roll_deg)
-    right, down = math.cos(r) * right + math.sin(r) * down, -math.sin(r) * right + math.cos(r) * down
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([right, down, forward], axis=1)
-    c2w[:3, 3] = eye
+    c2w[:3, 0], c2w[:3, 1] = math.cos(r) * right + math.sin(r) * down, -math.sin(r) * right + math.cos(r) * down
     return c2w
 
 
