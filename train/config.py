@@ -34,7 +34,6 @@ class DataSection:
     target_views: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
     resolution: int = 512
     batch_size: int = 1  # per rank
-    num_workers: int = 0
     val_samples: int = 8  # taken from the end of the sorted sample list, never trained on
 
     def __post_init__(self) -> None:
