@@ -10,6 +10,10 @@
      - checkpoint: map the cameras to the model rig with the similarity fitted to the input views
        (`data.normalize_sample`, as `reconstruct` does), predict from the input views
        (`reconstruct.predict`), drop non-finite Gaussians (nothing is pruned), render the held-out views;
+     - baseline "hull": Gaussians from the visual hull of the input masks (`baselines`), in the same
+       normalised frame; baseline "flat": the flat background image (white, alpha 0), nothing rendered;
+     - with `refine` N > 0, every checkpoint and the hull are also scored refined: N steps of
+       `refine.refine` against the input views and their masks (model name suffix "+refineN");
      - .ply: render it with the sample's own cameras (the camera file's frame, e.g. mm), or, when its
        `reconstruct` sidecar says "units": "model", with the cameras mapped by the sidecar's recorded
        similarity. A sidecar that names another sample, or input views or a resolution other than the
@@ -21,7 +25,7 @@
 
 .ply mapping (`--ply P`): P is a .ply file (the dataset must hold one sample) or a folder holding
 `<sample_id>.ply` for every sample. Model names are the checkpoint / .ply file or folder stems
-(see `_model_list` for colliding stems).
+(see `_model_list` for colliding stems); baselines are named "flat" and "hull".
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mouserecon.baselines import flat_prediction, visual_hull_gaussians
 from mouserecon.cameras import CameraError, Cameras, load_nerfstudio_transforms, load_opencv_cameras
 from mouserecon.checkpoints import load_checkpoint
 from mouserecon.data import CAMERA_FILES, Sample, SampleError, find_camera_file, find_samples, load_sample, \
@@ -49,9 +54,12 @@ from mouserecon.eval.report import GRID_LABELS, ModelResult, Report, grid_sample
 from mouserecon.normalize import Similarity
 from mouserecon.ply import load_ply
 from mouserecon.reconstruct import DEFAULT_INPUT_VIEWS, pick_device, predict
+from mouserecon.refine import refine
 from mouserecon.render import render
 
 log = logging.getLogger(__name__)
+
+BASELINES = ("flat", "hull")
 
 
 class EvalError(ValueError):
@@ -65,10 +73,12 @@ class EvalOptions:
     data:        dataset (folder of samples, one sample folder, or a list file; `data.find_samples`).
     checkpoints: model checkpoints (ours or FaceLift's), evaluated by reconstructing from `inputs`.
     plys:        .ply files or folders of `<sample_id>.ply` (see the module docstring).
+    baselines:   naive baselines to score too: "flat" and/or "hull" (see the module docstring).
+    refine:      N > 0 also scores every checkpoint and the hull after N refinement steps.
     out:         report folder (created; must not already hold a summary.json).
     inputs:      input frame indices, in the order fed to the model; None = the first 5.
     heldout:     held-out frame indices; None = every frame of the first sample not in `inputs`.
-    resolution:  square side in px; None = the first checkpoint's image size (required with only .ply files).
+    resolution:  square side in px; None = the first checkpoint's image size (required without checkpoints).
     lpips:       "alex", "vgg" or "none".
     mask:        "alpha", "alpha:<t>" or "near_white:<t>" (`protocol.parse_mask`).
     device:      "auto", "cpu" or "cuda".
@@ -77,6 +87,8 @@ class EvalOptions:
     data: Path
     checkpoints: tuple[Path, ...] = ()
     plys: tuple[Path, ...] = ()
+    baselines: tuple[str, ...] = ()
+    refine: int = 0
     out: Path = Path("report")
     inputs: tuple[int, ...] | None = None
     heldout: tuple[int, ...] | None = None
@@ -91,8 +103,14 @@ class EvalOptions:
         set_(self, "out", Path(self.out))
         set_(self, "checkpoints", tuple(Path(p) for p in self.checkpoints))
         set_(self, "plys", tuple(Path(p) for p in self.plys))
-        if not self.checkpoints and not self.plys:
-            raise EvalError("nothing to evaluate: give at least one checkpoint or .ply")
+        set_(self, "baselines", tuple(self.baselines))
+        if not self.checkpoints and not self.plys and not self.baselines:
+            raise EvalError("nothing to evaluate: give at least one checkpoint, .ply or baseline")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown or len(set(self.baselines)) != len(self.baselines):
+            raise EvalError(f"baselines must be distinct names from {BASELINES}, got {list(self.baselines)}")
+        if not (isinstance(self.refine, int) and not isinstance(self.refine, bool) and self.refine >= 0):
+            raise EvalError(f"refine must be an integer >= 0, got {self.refine!r}")
         for name in ("inputs", "heldout"):
             views = getattr(self, name)
             if views is not None:
@@ -115,8 +133,9 @@ class EvalOptions:
 @dataclass(frozen=True)
 class _Model:
     name: str
-    kind: str  # "checkpoint" | "ply"
-    path: Path
+    kind: str  # "checkpoint" | "ply" | "baseline"
+    path: Path  # for a baseline: its name
+    refine: int = 0  # refinement steps after the prediction (checkpoints and the hull)
 
 
 def evaluate(options: EvalOptions) -> Report:
@@ -160,7 +179,8 @@ def evaluate(options: EvalOptions) -> Report:
     results = []
     for model in models:
         metrics = _evaluate_model(model, sample_dirs, protocol, device, lpips_net, o.out / "renders" / model.name)
-        results.append(ModelResult.from_metrics(model.name, model.kind, str(model.path), metrics))
+        source = str(model.path) + (f" + refine {model.refine}" if model.refine else "")
+        results.append(ModelResult.from_metrics(model.name, model.kind, source, metrics))
     grids = _write_grids(o.out, protocol, sample_dirs, results)
     return write_report(o.out, protocol, tuple(results), grids, device=str(device))
 
@@ -186,7 +206,15 @@ def _model_list(o: EvalOptions) -> list[_Model]:
         if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
             raise EvalError(f"{path}: model name {name!r} (from the file name) may only hold letters, digits "
                             "and . _ + -; rename the file")
-    return [_Model(name, kind, path) for name, (kind, path) in zip(names, given)]
+    models = [_Model(name, kind, path) for name, (kind, path) in zip(names, given)]
+    models += [_Model(name, "baseline", Path(name)) for name in o.baselines]
+    taken = [m.name for m in models]
+    if len(set(taken)) != len(taken):
+        raise EvalError(f"model names collide: {taken} (rename a file called like a baseline)")
+    if o.refine:
+        models += [replace(m, name=f"{m.name}+refine{o.refine}", refine=o.refine) for m in models
+                   if m.kind == "checkpoint" or m.name == "hull"]
+    return models
 
 
 def _check_checkpoints(o: EvalOptions, models: list[_Model]) -> int:
@@ -203,7 +231,7 @@ def _check_checkpoints(o: EvalOptions, models: list[_Model]) -> int:
             raise EvalError(f"{model.path}: resolution {resolution} is not a multiple of the model's patch size "
                             f"{info.config.patch_size}")
     if resolution is None:
-        raise EvalError("give the resolution (--resolution) when evaluating only .ply files")
+        raise EvalError("give the resolution (--resolution) when evaluating no checkpoint")
     return resolution
 
 
@@ -241,20 +269,20 @@ def _evaluate_model(model: _Model, sample_dirs: list[Path], protocol: Protocol, 
                     lpips_net, render_dir: Path) -> ViewMetrics:
     """Metrics [S, V] of one model over every sample; saves its renders into `render_dir`."""
     render_dir.mkdir()
-    if model.kind == "checkpoint":
-        network, _ = load_checkpoint(model.path, device)
-        plys = None
-    else:
-        network, plys = None, _ply_files(model.path, list(protocol.sample_ids))
+    network = load_checkpoint(model.path, device)[0] if model.kind == "checkpoint" else None
+    plys = _ply_files(model.path, list(protocol.sample_ids)) if model.kind == "ply" else None
     views = list(protocol.input_views) + list(protocol.heldout_views)
     per_sample = []
     start = time.perf_counter()
     for k, sample_dir in enumerate(sample_dirs):
         sample = load_sample(sample_dir, protocol.resolution, views)  # [I + H] frames, protocol order
-        if network is not None:
-            images, alphas = _render_checkpoint(network, sample, protocol, device)
-        else:
+        if model.kind == "ply":
             images, alphas = _render_ply(plys[sample.sample_id], sample, protocol, device)
+        elif model.name == "flat":
+            images, alphas = flat_prediction(len(protocol.heldout_views), protocol.resolution, protocol.resolution,
+                                             torch.tensor(protocol.background, device=device))
+        else:
+            images, alphas = _render_prediction(model, network, sample, protocol, device)
         gt, mask = _ground_truth(sample, protocol)  # [H, 3, R, R], [H, 1, R, R]
         assert images.shape == gt.shape and alphas.shape == mask.shape, (images.shape, gt.shape, alphas.shape)
         # view_metrics checks the renders are in [0, 1] (to 1e-4: compositing rounding) and scores them clamped.
@@ -267,15 +295,23 @@ def _evaluate_model(model: _Model, sample_dirs: list[Path], protocol: Protocol, 
     return ViewMetrics.stack(per_sample)
 
 
-def _render_checkpoint(network, sample: Sample, protocol: Protocol, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Reconstruct from the input views and render the held-out ones -> images [H, 3, R, R], alphas [H, 1, R, R]."""
+def _render_prediction(model: _Model, network, sample: Sample, protocol: Protocol,
+                       device: torch.device) -> tuple[Tensor, Tensor]:
+    """Reconstruct from the input views (the checkpoint `network`, or the hull when it is None), refine when
+    the model says so, and render the held-out views -> images [H, 3, R, R], alphas [H, 1, R, R]."""
     n_in = len(protocol.input_views)
     cameras = normalize_sample(sample, fit_views=range(n_in))[0].cameras  # [I + H], fitted to the inputs only
-    gaussians = predict(network, sample.images[:n_in], cameras[:n_in], device)
+    images, masks = sample.images[:n_in].to(device), sample.masks[:n_in].to(device)
+    if network is not None:
+        gaussians = predict(network, images, cameras[:n_in], device)
+    else:
+        gaussians = visual_hull_gaussians(images, masks, cameras[:n_in].to(device))
     finite = gaussians.drop_nonfinite()
     if finite.num < gaussians.num:
         log.warning("%s: %d of %d predicted Gaussians are non-finite and were dropped", sample.sample_id,
                     gaussians.num - finite.num, gaussians.num)
+    if model.refine:
+        finite = refine(finite, images, masks, cameras[:n_in].to(device), model.refine).gaussians
     return _render(finite, cameras[n_in:], protocol, device)
 
 

@@ -56,6 +56,8 @@ def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--units", type=click.Choice(["input", "model"]),
               help="input (default): the camera file's frame and units (e.g. mm); model: the normalised rig.")
 @click.option("--min-opacity", type=float, help="Prune Gaussians below this opacity (default 0.005).")
+@click.option("--refine", type=click.IntRange(min=0),
+              help="Refine the predicted Gaussians for N steps against the input views (default 0: none).")
 @click.option("--previews", "previews_dir", type=click.Path(file_okay=False),
               help="Write inputs.png, heldout.png and a turntable here.")
 @click.option("--turntable", "turntable_frames", type=int, help="Turntable frames with --previews (default 36; 0: none).")
@@ -150,6 +152,10 @@ def fetch_weights(what: str, source: str | None, nets: tuple[str, ...]) -> None:
               help="A checkpoint to evaluate (repeat for several: one comparison, one protocol).")
 @click.option("--ply", "plys", multiple=True, type=click.Path(),
               help="A .ply (one-sample DATA) or a folder of <sample_id>.ply to evaluate (repeatable).")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["flat", "hull"]),
+              help="Also score a naive baseline: the flat background image, or the visual hull of the input masks.")
+@click.option("--refine", type=click.IntRange(min=0),
+              help="Also score every checkpoint and the hull after N steps of per-scene refinement.")
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: report).")
 @click.option("--inputs", callback=_view_list, help="Input frame indices (default: 0,1,2,3,4).")
 @click.option("--heldout", callback=_view_list, help="Held-out frame indices (default: every other frame).")
@@ -230,11 +236,14 @@ def view(plys, camera_file, sample_dir, host, port, up, render_dir) -> None:
 @click.option("--heldout", default=0, show_default=True, type=click.IntRange(min=0), help="Extra held-out views.")
 @click.option("--units", default="mm", show_default=True, type=click.Choice(["mm", "normalized"]),
               help="Write the rig in millimetres or normalised to the model's rig.")
-def synth(out_dir: str, n: int, seed: int, resolution: int, views: int, heldout: int, units: str) -> None:
+@click.option("--variety", default="rig", show_default=True, type=click.Choice(["rig", "wide"]),
+              help="rig: a rig like the real one; wide: wider rigs, coat colours and lighting (for training).")
+def synth(out_dir: str, n: int, seed: int, resolution: int, views: int, heldout: int, units: str, variety: str) -> None:
     """Generate synthetic mouse samples (RGBA views + opencv_cameras.json + synth.json)."""
     from mouserecon.synth import generate_dataset
 
-    generate_dataset(out_dir, n, seed, resolution=resolution, n_views=views, n_heldout=heldout, units=units)
+    generate_dataset(out_dir, n, seed, resolution=resolution, n_views=views, n_heldout=heldout, units=units,
+                     variety=variety)
 
 
 if __name__ == "__main__":

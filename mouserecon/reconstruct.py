@@ -7,7 +7,9 @@ Steps (each logged with its wall time):
      (`normalize.normalize_cameras`: centre = optical-axes intersection, mean distance 2.7, the
      camera file's `world_up` -> +Z, or +Z when it records none);
   4. run the GS-LRM once (no grad; bf16 autocast on CUDA) -> 2 token Gaussians + one per input pixel;
-  5. drop non-finite Gaussians, prune those with opacity < `min_opacity`;
+  5. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0,
+     optimise them for N steps against the input views (`refine.refine`), log masked PSNR / SSIM
+     and IoU on the input and held-out views before and after, and prune again;
   6. write the PLY in model units, or mapped back to the user's frame (`units="input"`, e.g. mm),
      and a sidecar JSON (`mouse.ply` -> `mouse.json`) recording the similarity, the units, the
      checkpoint, the views, the counts and the timings;
@@ -43,6 +45,8 @@ from mouserecon.data import Sample, SampleError, find_camera_file, load_sample
 from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 from mouserecon.ply import save_ply
+from mouserecon.eval.metrics import foreground_iou, psnr, ssim
+from mouserecon.refine import refine
 from mouserecon.render import render
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,7 @@ class ReconstructOptions:
     resolution:    square side in pixels the images are resized to; None = the model's image_size.
     units:         "input" = the user's frame (the camera file's units, e.g. mm); "model" = normalised rig.
     min_opacity:   prune Gaussians with opacity below this (0 keeps all).
+    refine:        steps of per-scene refinement against the input views (0 = feed-forward only).
     previews_dir:  where to write preview images; None = no previews.
     turntable_frames / turntable_format: the turntable preview (0 frames = none; "gif" or "mp4").
     """
@@ -84,6 +89,7 @@ class ReconstructOptions:
     resolution: int | None = None
     units: str = "input"
     min_opacity: float = DEFAULT_MIN_OPACITY
+    refine: int = 0
     previews_dir: Path | None = None
     turntable_frames: int = 36
     turntable_format: str = "gif"
@@ -113,6 +119,8 @@ class ReconstructOptions:
             raise ReconstructError(f"resolution must be a positive integer, got {self.resolution!r}")
         if not (isinstance(self.min_opacity, (int, float)) and 0.0 <= self.min_opacity < 1.0):
             raise ReconstructError(f"min_opacity must be in [0, 1), got {self.min_opacity!r}")
+        if not (isinstance(self.refine, int) and not isinstance(self.refine, bool) and self.refine >= 0):
+            raise ReconstructError(f"refine must be an integer >= 0 (steps), got {self.refine!r}")
         if not (isinstance(self.turntable_frames, int) and self.turntable_frames >= 0):
             raise ReconstructError(f"turntable_frames must be an integer >= 0, got {self.turntable_frames!r}")
         if self.turntable_format not in TURNTABLE_FORMATS:
@@ -139,6 +147,7 @@ class ReconstructResult:
     numpredicted: int
     num_nonfinite: int
     num_pruned: int
+    refine_metrics: dict | None = None  # {"before"|"after": {"inputs"|"heldout": {psnr_fg, ssim_fg, iou}}}
     preview_files: tuple[Path, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -193,6 +202,14 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     kept = finite.prune(o.min_opacity)
     log.info("Gaussians: %d predicted, %d non-finite dropped, %d with opacity < %g pruned, %d kept",
              numpredicted, numpredicted - finite.num, finite.num - kept.num, o.min_opacity, kept.num)
+    refine_metrics = None
+    if o.refine:
+        with _timed(f"refining ({o.refine} steps)", timings):
+            kept, refine_metrics = _refine(kept, sample, cameras.to(device), views, heldout, o.refine)
+        before = kept.num
+        kept = kept.prune(o.min_opacity)
+        log.info("after refinement: %d Gaussians with opacity < %g pruned, %d kept", before - kept.num,
+                 o.min_opacity, kept.num)
 
     written = kept if o.units == "model" else _to_user_frame(kept, similarity).drop_nonfinite()  # float32 overflow
     with _timed("writing PLY", timings):
@@ -208,7 +225,7 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
         ply_path=o.output, sidecar_path=o.output.with_suffix(".json"), gaussians=written, similarity=similarity,
         units=o.units, views=views, heldout_views=heldout, resolution=resolution, numpredicted=numpredicted,
         num_nonfinite=numpredicted - finite.num + kept.num - written.num, num_pruned=finite.num - kept.num,
-        preview_files=preview_files, timings=timings,
+        refine_metrics=refine_metrics, preview_files=preview_files, timings=timings,
     )
     _write_sidecar(result, o, info, sample, up, str(device))
     log.info("wrote %s (%d Gaussians, %s units) and %s; total %.1f s", result.ply_path, result.num_written,
@@ -288,6 +305,38 @@ def predict(model, images: Tensor, cameras: Cameras, device: torch.device) -> Ga
     return gaussians[0].to(torch.float32)
 
 
+def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple[int, ...], heldout: tuple[int, ...],
+            steps: int) -> tuple[Gaussians, dict]:
+    """Refine against the input views; score the input and held-out views before and after."""
+    images, masks = sample.images.to(gaussians.device), sample.masks.to(gaussians.device)  # all frames
+    inputs = list(views)
+    scores = {"before": _view_scores(gaussians, images, masks, cameras, views, heldout)}
+    result = refine(gaussians, images[inputs], masks[inputs], cameras[inputs], steps)
+    scores["after"] = _view_scores(result.gaussians, images, masks, cameras, views, heldout)
+    for group, frames in (("inputs", views), ("heldout", heldout)):
+        if frames:
+            b, a = scores["before"][group], scores["after"][group]
+            log.info("refine: %s views %s: foreground PSNR %.2f -> %.2f dB, SSIM %.4f -> %.4f, IoU %.3f -> %.3f",
+                     group, list(frames), b["psnr_fg"], a["psnr_fg"], b["ssim_fg"], a["ssim_fg"], b["iou"], a["iou"])
+    return result.gaussians, scores
+
+
+def _view_scores(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras, views: tuple[int, ...],
+                 heldout: tuple[int, ...]) -> dict:
+    """Mean foreground PSNR / SSIM and IoU over the input and the held-out frames (images [F, 3, H, W])."""
+    scores = {}
+    for group, frames in (("inputs", views), ("heldout", heldout)):
+        if not frames:
+            continue
+        frames = list(frames)
+        with torch.no_grad():
+            out = render(gaussians, cameras[frames], cameras.height, cameras.width)
+        pred, gt, fg = out.images.clamp(0, 1), images[frames], masks[frames] > 0.5
+        scores[group] = {"psnr_fg": psnr(pred, gt, fg).nanmean().item(), "ssim_fg": ssim(pred, gt, fg).nanmean().item(),
+                         "iou": foreground_iou(out.alphas, masks[frames]).nanmean().item()}
+    return scores
+
+
 def _to_user_frame(gaussians: Gaussians, similarity: Similarity) -> Gaussians:
     """Model frame -> the user's frame with the inverse similarity (computed in float64)."""
     inverse = similarity.inverse()
@@ -316,6 +365,7 @@ def _write_sidecar(result: ReconstructResult, o: ReconstructOptions, info: Check
                        "config": asdict(info.config)},
         "device": device,
         "min_opacity": o.min_opacity,
+        "refine": {"steps": o.refine, "metrics": result.refine_metrics},
         "counts": {"predicted": result.numpredicted, "nonfinite": result.num_nonfinite,
                    "pruned": result.num_pruned, "written": result.num_written},
         "previews": [str(p) for p in result.preview_files],

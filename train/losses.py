@@ -76,9 +76,21 @@ class Losses(nn.Module):
         builders = {"l2": L2Loss, "ssim": SSIMLoss, "lpips": LPIPSLoss, "perceptual": PerceptualLoss}
         self.terms = nn.ModuleDict({k: builders[k]() for k in self.weights})
 
-    def forward(self, pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
-        """pred, gt [..., 3, h, w] in [0, 1]; mask [..., 1, h, w] or None (whole image)."""
+        self.alpha_weight = cfg.alpha
+
+    def forward(self, pred: Tensor, gt: Tensor, mask: Tensor | None = None, pred_alpha: Tensor | None = None,
+                gt_alpha: Tensor | None = None) -> dict[str, Tensor]:
+        """pred, gt [..., 3, h, w] in [0, 1]; mask [..., 1, h, w] or None (whole image).
+
+        pred_alpha, gt_alpha [..., 1, h, w]: needed when the recipe weights the silhouette (alpha) loss;
+        it is never masked (the background is where it matters).
+        """
         assert pred.shape == gt.shape, f"pred {tuple(pred.shape)} vs gt {tuple(gt.shape)}"
         out = {k: term(pred, gt, mask) for k, term in self.terms.items()}
-        out["total"] = sum(self.weights[k] * v for k, v in out.items())
+        weights = dict(self.weights)
+        if self.alpha_weight > 0:
+            assert pred_alpha is not None and gt_alpha is not None, "the alpha loss needs pred_alpha and gt_alpha"
+            assert pred_alpha.shape == gt_alpha.shape, f"{tuple(pred_alpha.shape)} vs {tuple(gt_alpha.shape)}"
+            out["alpha"], weights["alpha"] = ((pred_alpha - gt_alpha) ** 2).mean(), self.alpha_weight
+        out["total"] = sum(weights[k] * v for k, v in out.items())
         return out

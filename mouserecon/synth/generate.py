@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mouserecon.cameras import Cameras, save_opencv_cameras
 from mouserecon.normalize import normalize_cameras
-from mouserecon.synth.mouse import build_mouse, sample_params
+from mouserecon.synth.mouse import MouseParams, build_mouse, sample_params
 from mouserecon.synth.rig import RigConfig, sample_rig
 from mouserecon.synth.sdf import Shape
 from mouserecon.synth.trace import Light, TraceConfig, render_rgba
@@ -37,6 +37,14 @@ from mouserecon.synth.trace import Light, TraceConfig, render_rgba
 log = logging.getLogger(__name__)
 
 UNITS = ("mm", "normalized")
+VARIETIES = ("rig", "wide")
+
+# variety="wide": ranges beyond the real rig and the coat table, for training models that must
+# not learn the generator's look (cameras nearer/farther and wider/narrower, coats re-tinted,
+# light from anywhere above, dim to harsh).
+WIDE_RIG = RigConfig(low_elevation_deg=(-2.0, 8.0), high_elevation_deg=(12.0, 32.0), distance_mm=(260.0, 380.0),
+                     hfov_deg=(32.0, 46.0), principal_jitter=0.06, roll_deg=4.0, look_jitter_mm=10.0,
+                     gap_spread=0.25)
 
 
 def sample_light(rng: np.random.Generator) -> Light:
@@ -51,6 +59,19 @@ def sample_light(rng: np.random.Generator) -> Light:
                  shininess=u(12, 40))
 
 
+def widen(params: MouseParams, light: Light, rng: np.random.Generator) -> tuple[MouseParams, Light]:
+    """Re-draw coat brightness/tint and the light's strength/colour/direction over wide ranges."""
+    u = rng.uniform
+    brightness = u(0.85, 1.05) if params.coat == "white" else u(0.5, 1.6)
+    params = replace(params, brightness=brightness, tint=tuple(u(0.8, 1.2, size=3).tolist()))
+    az, el = math.radians(u(0, 360)), math.radians(u(10, 90))
+    tint = u(0.85, 1.15, size=3)
+    light = replace(light, direction=(math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)),
+                    key=tuple((u(0.45, 1.6) * tint).tolist()), ambient=tuple((u(0.06, 0.6) * tint).tolist()),
+                    shadow=u(0.2, 1.0), shininess=u(6, 60))
+    return params, light
+
+
 def mouse_center(shape: Shape) -> np.ndarray:
     """Centre [3] (mm) of the mouse's torso box (body and head, not the tail)."""
     box = shape.parts[0].bounds().double().numpy()
@@ -58,21 +79,29 @@ def mouse_center(shape: Shape) -> np.ndarray:
 
 
 def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_views: int = 6, n_heldout: int = 0,
-                    units: str = "mm", rig: RigConfig = RigConfig(), trace: TraceConfig = TraceConfig()) -> Path:
+                    units: str = "mm", rig: RigConfig | None = None, trace: TraceConfig = TraceConfig(),
+                    variety: str = "rig") -> Path:
     """Draw mouse, light and rig from `seed`, render, and write the sample folder `out_dir`.
 
     Returns out_dir. Images are [resolution, resolution] RGBA; there are n_views + n_heldout frames.
+    variety: "rig" (a rig like the real one, the coat table) or "wide" (WIDE_RIG and `widen`).
     The folder must not exist or be empty; it is written under a temporary name and renamed.
     """
     if units not in UNITS:
         raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+    if variety not in VARIETIES:
+        raise ValueError(f"variety must be one of {VARIETIES}, got {variety!r}")
+    if rig is None:
+        rig = WIDE_RIG if variety == "wide" else RigConfig()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: output folder exists and is not empty")
     rng = np.random.default_rng(seed)
     params = sample_params(rng)
-    shape = build_mouse(params)
     light = sample_light(rng)
+    if variety == "wide":
+        params, light = widen(params, light, rng)
+    shape = build_mouse(params)
     aim = mouse_center(shape) + rng.uniform(-5.0, 5.0, size=3)
     drawn = sample_rig(rng, aim, resolution, n_views, n_heldout, rig)
     rgba = render_rgba(shape, drawn.cameras, light, trace)  # [V, H, W, 4]
@@ -93,7 +122,7 @@ def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_vie
         iio.imwrite(tmp / name, image)
     save_opencv_cameras(tmp / "opencv_cameras.json", cameras, files, **extra)
     record = {
-        "generator": "mouserecon.synth", "seed": seed, "units": units, "resolution": resolution,
+        "generator": "mouserecon.synth", "seed": seed, "variety": variety, "units": units, "resolution": resolution,
         "rig_views": list(range(n_views)), "heldout_views": list(range(n_views, n_views + n_heldout)),
         "mouse": asdict(params), "mouse_center_mm": mouse_center(shape).tolist(),
         "light": asdict(light), "rig": drawn.record(), "trace": asdict(trace),
