@@ -126,6 +126,26 @@ def finetune(data, pretrained, recipe, out, resume, overrides, device, stop_afte
         click.echo(f"last checkpoint: {last}")
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The model file to write.")
+@click.option("--fp16", is_flag=True, help="Store the weights as float16 (half the size; loaded as float32).")
+def export(checkpoint: str, output: str, fp16: bool) -> None:
+    """Write a model-only checkpoint (no optimizer state) from a training or FaceLift checkpoint."""
+    from mouserecon.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        raise click.ClickException(f"{output}: refusing to overwrite the input checkpoint")
+    try:
+        model, info = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise click.ClickException(str(err)) from None
+    save_checkpoint(output, model, recipe=info.recipe, step=info.step, metrics=info.metrics, fp16=fp16)
+    size = Path(output).stat().st_size / 2**20
+    click.echo(f"{output}: {info.n_params:,} parameters ({'float16' if fp16 else 'float32'}), step {info.step}, "
+               f"{size:.1f} MiB")
+
+
 @main.command(name="fetch-weights")
 @click.argument("what", type=click.Choice(["lpips"]))
 @click.option("--from", "source", type=click.Path(exists=True),

@@ -123,7 +123,9 @@ def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, cen
     """Map a sample's cameras to the model rig (CONVENTIONS.md C4) -> (sample, user-to-model similarity).
 
     fit_views: the views the similarity is fitted to (the model's input views, so that held-out
-        views never influence the frame); default all. It is applied to every view.
+        views never influence the frame); default all. It is applied to every view. One camera has
+        no axes intersection to centre on, so a single fit view is fitted with all the sample's
+        cameras (the rig's calibration; no held-out image is used).
     up: the user's world up; default the camera file's "world_up" when it has one, else +Z.
     center: the point to put at the origin; default the least-squares intersection of the optical axes.
     """
@@ -131,7 +133,7 @@ def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, cen
         camera_file = find_camera_file(sample.path)
         recorded = load_world_up(camera_file) if camera_file and camera_file.name == CAMERA_FILES[0] else None
         up = (0.0, 0.0, 1.0) if recorded is None else recorded
-    fit = sample.cameras if fit_views is None else sample.cameras[list(fit_views)]
+    fit = sample.cameras if fit_views is None or len(fit_views) < 2 else sample.cameras[list(fit_views)]
     try:
         _, similarity = normalize_cameras(fit, center=center, up=up)
     except CameraError as err:

@@ -18,7 +18,7 @@ from mouserecon.checkpoints import (
     save_checkpoint,
 )
 from mouserecon.cli import main
-from mouserecon.model import GSLRM, PRESETS
+from mouserecon.model import GSLRM, PRESETS, ModelConfig
 
 # VGG19 conv shapes of FaceLift's perceptual loss, as listed in ../shared/golden/README.md.
 VGG_CHANNELS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256)] + [(256, 256)] * 3 + [(256, 512)] + [(512, 512)] * 7
@@ -258,3 +258,24 @@ def test_describe_and_cli_info(tmp_path):
     assert result.exit_code == 0, result.output
     assert "format       facelift" in result.output and "dropped      32 loss_calculator.* keys" in result.output
     assert "step         21125" in result.output
+
+
+def test_export_drops_training_state_and_stores_fp16(tmp_path):
+    torch.manual_seed(3)
+    model = GSLRM(ModelConfig.preset("tiny"))
+    training = {**model_checkpoint(model, recipe={"name": "r"}, step=7, metrics={"psnr": 1.5}),
+                "optimizer": {"state": {0: {"exp_avg": torch.ones(1000, 100)}}}}
+    source = tmp_path / "step_7.pt"
+    torch.save(training, source)
+    out = tmp_path / "model.pt"
+    result = CliRunner().invoke(main, ["export", str(source), "-o", str(out), "--fp16"])
+    assert result.exit_code == 0, result.output
+    stored = torch.load(out, weights_only=True)
+    assert "optimizer" not in stored and stored["step"] == 7 and stored["recipe"] == {"name": "r"}
+    assert {v.dtype for v in stored["model"].values()} == {torch.float16}
+    loaded, info = load_checkpoint(out)
+    assert info.metrics == {"psnr": 1.5}
+    for name, value in model.state_dict().items():  # fp32 weights, rounded once to fp16
+        torch.testing.assert_close(loaded.state_dict()[name], value.half().float(), rtol=0, atol=0)
+    refused = CliRunner().invoke(main, ["export", str(out), "-o", str(out)])
+    assert refused.exit_code == 1 and "refusing to overwrite" in refused.output

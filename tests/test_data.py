@@ -531,3 +531,20 @@ def test_normalize_sample_uses_recorded_world_up(tmp_path):
     assert torch.allclose(up_model, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-6)
     # images are untouched, only cameras move
     assert torch.equal(sample.images, load_sample(folder).images)
+
+
+def test_normalize_sample_with_one_fit_view_uses_the_whole_rig(tmp_path):
+    # One camera has no axes intersection: the similarity is fitted to every camera of the sample
+    # (the ring centre goes to the origin), while two fit views fit those two only.
+    ring = ring_cameras(4, 16, 12, radius=300.0)
+    shifted = ring.c2w.clone()
+    shifted[:, :3, 3] += torch.tensor([10.0, -20.0, 5.0])
+    folder = make_sample(tmp_path / "s", random_images(4, 4, size=(12, 16)),
+                         cameras=Cameras(shifted, ring.intrinsics, ring.width, ring.height))
+    sample = load_sample(folder)
+    one, similarity = normalize_sample(sample, fit_views=[2])
+    _, all_views = normalize_sample(sample)
+    assert torch.equal(similarity.translation, all_views.translation) and similarity.scale == all_views.scale
+    assert similarity.apply_points(torch.tensor([[10.0, -20.0, 5.0]], dtype=torch.float64)).abs().max() < 1e-4
+    two, _ = normalize_sample(sample, fit_views=[0, 1])
+    assert two.cameras[[0, 1]].centers.norm(dim=-1).mean().item() == pytest.approx(2.7, rel=1e-5)

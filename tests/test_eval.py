@@ -396,3 +396,22 @@ def test_cli_eval_and_compare(synth_mice, checkpoints, tmp_path):
     assert run.exit_code == 1 and "refusing to compare" in run.output and "differing fields: mask" in run.output
     run = runner.invoke(main, ["eval", sample, "--out", str(tmp_path / "d")])
     assert run.exit_code == 1 and "nothing to evaluate" in run.output
+
+
+def test_run_summary_statistics_match_numpy(tmp_path):
+    from mouserecon.eval.runs import format_rows, summarize_run
+
+    norms = [0.3, 0.1, 40.0, float("nan"), 0.2, 0.5]
+    lines = [{"kind": "train", "step": i + 1, "grad_norm": g, "skipped_total": int(i >= 2) + int(i >= 3)}
+             for i, g in enumerate(norms)]
+    lines.append({"kind": "val", "step": 6, "psnr_masked": 17.5, "iou": 0.6})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    row = summarize_run(tmp_path)
+    finite = np.array([0.3, 0.1, 40.0, 0.2, 0.5])
+    assert row["steps"] == 6 and row["logged"] == 6 and row["skipped"] == 2
+    assert row["gn_median"] == pytest.approx(np.median(finite)) and row["gn_max"] == 40.0
+    assert row["gn_p95"] == pytest.approx(np.percentile(finite, 95)) and row["gn_mean"] == pytest.approx(finite.mean())
+    assert (row["val_psnr_fg"], row["val_iou"]) == (17.5, 0.6)
+    assert str(tmp_path) in format_rows({str(tmp_path): row})
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        summarize_run(tmp_path / "nothing")

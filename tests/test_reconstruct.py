@@ -27,7 +27,7 @@ from mouserecon.checkpoints import save_checkpoint
 from mouserecon.cli import main
 from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.ply import load_ply, property_names
-from mouserecon.reconstruct import ReconstructError, ReconstructOptions, reconstruct, turntable_cameras
+from mouserecon.reconstruct import ReconstructError, ReconstructOptions, demo_checkpoint, reconstruct, turntable_cameras
 from mouserecon.render import render
 
 DEMO_SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "demo_mouse"
@@ -323,10 +323,29 @@ def test_bad_inputs_are_clear_errors(mm_sample, tiny_checkpoint, tmp_path):
     assert not (tmp_path / "m.ply").exists()
 
 
-def test_without_checkpoint_says_one_is_needed(mm_sample, tmp_path):
-    result = _invoke(str(mm_sample), "-o", str(tmp_path / "m.ply"))
-    assert result.exit_code == 1
-    assert "demo checkpoint" in result.output and "--checkpoint" in result.output
+def test_without_checkpoint_uses_the_bundled_demo_model(demo_sample, tmp_path):
+    result = _invoke(str(demo_sample), "-o", str(tmp_path / "m.ply"))
+    assert result.exit_code == 0, result.output
+    assert "using the bundled demo checkpoint" in result.output
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert Path(sidecar["checkpoint"]["path"]) == demo_checkpoint()
+    assert sidecar["resolution"] == sidecar["checkpoint"]["config"]["image_size"]
+    assert sidecar["counts"]["written"] > 100
+
+
+def test_refine_improves_the_input_views_and_records_before_and_after(demo_sample, tiny_checkpoint, tmp_path):
+    out = tmp_path / "refined.ply"
+    result = _invoke(str(demo_sample), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--resolution", "32",
+                     "--refine", "15")
+    assert result.exit_code == 0, result.output
+    assert "refine: inputs views [0, 1, 2, 3, 4]: foreground PSNR" in result.output
+    record = json.loads(out.with_suffix(".json").read_text())["refine"]
+    assert record["steps"] == 15
+    before, after = record["metrics"]["before"], record["metrics"]["after"]
+    assert set(before) == set(after) == {"inputs", "heldout"}
+    # An untrained model's prediction, optimised against the input views: they must get much closer.
+    assert after["inputs"]["psnr_fg"] > before["inputs"]["psnr_fg"] + 1.0
+    assert after["inputs"]["iou"] > before["inputs"]["iou"]
 
 
 def test_broken_sample_names_the_file(tmp_path, tiny_checkpoint):
