@@ -198,7 +198,8 @@ def _model_list(o: EvalOptions) -> list[_Model]:
         raise EvalError(f"given more than once: {twice}")
     parts = [p.with_suffix("").parts if kind == "checkpoint" or p.suffix.lower() == ".ply" else p.parts
              for p, (kind, _) in zip(resolved, given)]
-    for k in range(1, max(len(x) for x in parts) + 1):
+    names = []
+    for k in range(1, max((len(x) for x in parts), default=0) + 1):
         names = ["-".join(x[-k:]) for x in parts]
         if len(set(names)) == len(names):
             break

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mouserecon.cameras import Cameras
-from mouserecon.gaussians import Gaussians
+from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
 
 LN_EPS = 1e-5
 SCALE_BIAS, SCALE_MAX = 2.3, -1.2  # log_scales = (s - 2.3).clamp(max=-1.2)
@@ -52,6 +52,11 @@ class ModelConfig:
     n_gaussians: int = 2
     sh_degree: int = 0
     clip_xyz: bool = False  # clamp pixel-aligned xyz to [-1, 1]; never active in FaceLift's shipped config
+    # Not in FaceLift: a pixel Gaussian's base (DC) colour = its input pixel's colour + the predicted
+    # value, so a model trained from scratch reproduces its input views from the first step and has
+    # to learn only where the pixels go (depth, size, opacity). The `demo` preset uses it.
+    pixel_color_skip: bool = False
+    scale_bias: float = SCALE_BIAS  # log_scales = (raw - scale_bias).clamp(max=SCALE_MAX); FaceLift: 2.3
     grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -86,6 +91,11 @@ PRESETS = {
     "facelift": ModelConfig(d=1024, d_head=64, n_layer=24, patch_size=8, image_size=512),
     # Trains on a 2-core CPU in hours at 128 px: 4.7 M parameters, ~22 GFLOP per 5-view forward.
     "small": ModelConfig(d=256, d_head=32, n_layer=6, patch_size=8, image_size=128),
+    # The bundled demo model (assets/DEMO_MODEL.md): `small` at 64 px with the pixel colour skip.
+    # Its Gaussians start at about a pixel's size (sigma exp(-3.9) = 0.02; a 64 px pixel spans ~0.03
+    # at the rig's distance 2.7) instead of FaceLift's ~3 px, so the first renders are not blurred.
+    "demo": ModelConfig(d=256, d_head=32, n_layer=6, patch_size=8, image_size=64, pixel_color_skip=True,
+                        scale_bias=3.9),
     # For tests: runs in milliseconds.
     "tiny": ModelConfig(d=64, d_head=16, n_layer=2, patch_size=8, image_size=64),
 }
@@ -193,6 +203,11 @@ class GSLRM(nn.Module):
         raw_pix = raw_pix.reshape(b, v * h * w, c.gaussian_channels)  # [b, v*h*w, G], patch-major
         raw = torch.cat([raw_tok, raw_pix], 1)  # [b, n, G]
         xyz, sh, scales, quats, opacity = raw.split([3, 3 * c.n_sh, 3, 4, 1], -1)
+        sh = sh.reshape(b, -1, c.n_sh, 3)  # [b, n, K, 3]; sh[n, k, c] = raw[n, 3 + 3k + c]
+        if c.pixel_color_skip:
+            pixel_rgb = patch_major(images.permute(0, 1, 3, 4, 2), p)  # [b, v*h*w, 3], the Gaussians' order
+            skip = torch.cat([torch.zeros_like(sh[:, : c.n_gaussians, 0]), rgb_to_sh_dc(pixel_rgb).to(sh.dtype)], 1)
+            sh = torch.cat([sh[:, :, :1] + skip[:, :, None], sh[:, :, 1:]], 2)
 
         # Pixel Gaussians sit on their own pixel's ray; the token Gaussians keep their raw xyz.
         origins, dirs = patch_major(origins, p), patch_major(dirs, p)  # [b, v*h*w, 3] each
@@ -203,8 +218,8 @@ class GSLRM(nn.Module):
             xyz_pix = xyz_pix.clamp(-1.0, 1.0)
         return Gaussians(
             means=torch.cat([xyz[:, : c.n_gaussians].to(xyz_pix.dtype), xyz_pix], 1),  # [b, n, 3]
-            sh=sh.reshape(b, -1, c.n_sh, 3),  # [b, n, K, 3]; sh[n, k, c] = raw[n, 3 + 3k + c]
-            log_scales=(scales - SCALE_BIAS).clamp(max=SCALE_MAX),  # [b, n, 3]
+            sh=sh,  # [b, n, K, 3]
+            log_scales=(scales - c.scale_bias).clamp(max=SCALE_MAX),  # [b, n, 3]
             quats=quats,  # [b, n, 4] wxyz, unnormalised
             opacity_logits=opacity[..., 0] - OPACITY_BIAS,  # [b, n]
         )

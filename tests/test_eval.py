@@ -267,6 +267,10 @@ def test_baselines_and_refined_models_share_the_report(synth_mice, checkpoints, 
     assert np.abs(refined - plain).max() > 1e-3  # the refinement changed the Gaussians
     with pytest.raises(EvalError, match="baselines must be distinct names"):
         EvalOptions(data, baselines=("hull", "mesh"))
+    with pytest.raises(EvalError, match="give the resolution"):
+        evaluate(EvalOptions(data, baselines=("flat",), out=tmp_path / "flat"))
+    only = evaluate(EvalOptions(data, baselines=("flat",), resolution=64, out=tmp_path / "flat", lpips="none"))
+    assert [m.name for m in only.models] == ["flat"]
 
 
 def test_ply_in_input_or_model_units_scores_as_its_checkpoint(synth_mice, checkpoints, tmp_path):

@@ -201,6 +201,45 @@ def test_clip_xyz_clamps_only_pixel_gaussians():
     assert clipped.means[:, :2].abs().max() > 1.0, "token Gaussians are never clamped"
 
 
+def test_pixel_color_skip_adds_each_pixels_own_colour():
+    g = torch.Generator().manual_seed(4)
+    plain_cfg = replace(PRESETS["tiny"], sh_degree=1)
+    plain = _perturbed(GSLRM(plain_cfg), g)
+    skip = GSLRM(replace(plain_cfg, pixel_color_skip=True))
+    skip.load_state_dict(plain.state_dict())
+    b, v, h, w, p = 1, 2, 16, 24, plain_cfg.patch_size
+    images = torch.rand(b, v, 3, h, w, generator=g)
+    cameras = _orbit_cameras(b, v, h, w, g)
+    with torch.no_grad():
+        a, c = plain(images, cameras), skip(images, cameras)
+    delta = c.sh - a.sh  # [b, n, 4, 3]
+    assert delta[:, :2].abs().max() == 0 and delta[:, :, 1:].abs().max() == 0  # tokens and higher SH untouched
+    # Gaussian 2 + k of the pixel part is pixel (row, col) of view vi in patch-major order, by hand:
+    for k in (0, 5, 64, 64 + 17, 2 * h * w - 1):
+        vi, rest = divmod(k, h * w)
+        patch, inner = divmod(rest, p * p)
+        row = (patch // (w // p)) * p + inner // p
+        col = (patch % (w // p)) * p + inner % p
+        expected = (images[0, vi, :, row, col] - 0.5) / 0.28209479177387814  # rgb -> SH DC
+        torch.testing.assert_close(delta[0, 2 + k, 0], expected, atol=1e-5, rtol=1e-5)
+    assert not PRESETS["facelift"].pixel_color_skip and PRESETS["demo"].pixel_color_skip
+
+
+def test_scale_bias_shifts_log_scales_below_the_clamp():
+    g = torch.Generator().manual_seed(5)
+    cfg = PRESETS["tiny"]
+    base = _perturbed(GSLRM(cfg), g)
+    shifted = GSLRM(replace(cfg, scale_bias=cfg.scale_bias + 1.5))
+    shifted.load_state_dict(base.state_dict())
+    images, cameras = torch.rand(1, 2, 3, 16, 16, generator=g), _orbit_cameras(1, 2, 16, 16, g)
+    with torch.no_grad():
+        a, b = base(images, cameras).log_scales, shifted(images, cameras).log_scales
+    free = a < -1.2  # unclamped in the base model: exactly 1.5 lower in the shifted one
+    assert free.float().mean() > 0.5
+    torch.testing.assert_close(b[free], a[free] - 1.5)
+    assert PRESETS["facelift"].scale_bias == 2.3 and PRESETS["demo"].scale_bias == 3.9
+
+
 def test_forward_flops_matches_torch_flop_counter():
     cfg = PRESETS["tiny"]
     model = GSLRM(cfg).eval()
