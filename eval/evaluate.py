@@ -312,7 +312,10 @@ def _render_prediction(model: _Model, network, sample: Sample, protocol: Protoco
         log.warning("%s: %d of %d predicted Gaussians are non-finite and were dropped", sample.sample_id,
                     gaussians.num - finite.num, gaussians.num)
     if model.refine:
-        finite = refine(finite, images, masks, cameras[:n_in].to(device), model.refine).gaussians
+        try:
+            finite = refine(finite, images, masks, cameras[:n_in].to(device), model.refine).gaussians
+        except ValueError as err:  # an input view without foreground
+            raise EvalError(f"{sample.path}: {err}") from None
     return _render(finite, cameras[n_in:], protocol, device)
 
 
@@ -357,7 +360,8 @@ def _render_ply(path: Path, sample: Sample, protocol: Protocol, device: torch.de
 
 
 def _render(gaussians, cameras: Cameras, protocol: Protocol, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Gaussians [N] into cameras [H] -> images [H, 3, R, R], alphas [H, 1, R, R], on `device`.
+    """Gaussians [N] into cameras [H] -> images [H, 3, R, R] clamped to [0, 1] (colours above 1 are
+    legal Gaussians, as in gsplat, but no image shows them), alphas [H, 1, R, R], on `device`.
     One view per call on the CPU (the torch backend's memory grows with the batch)."""
     gaussians = gaussians.to(device)
     step = 1 if device.type == "cpu" else len(cameras)
@@ -366,7 +370,7 @@ def _render(gaussians, cameras: Cameras, protocol: Protocol, device: torch.devic
         for i in range(0, len(cameras), step):
             out = render(gaussians, cameras[i:i + step], protocol.resolution, protocol.resolution,
                          background=protocol.background)
-            images.append(out.images.float())
+            images.append(out.images.float().clamp(0, 1))  # what an 8-bit image of the render shows
             alphas.append(out.alphas.float())
     return torch.cat(images), torch.cat(alphas)
 

@@ -89,7 +89,7 @@ class ModelConfig:
 PRESETS = {
     # FaceLift's configs/gslrm.yaml: 303.6 M parameters.
     "facelift": ModelConfig(d=1024, d_head=64, n_layer=24, patch_size=8, image_size=512),
-    # Trains on a 2-core CPU in hours at 128 px: 4.7 M parameters, ~22 GFLOP per 5-view forward.
+    # Trains on a 2-core CPU in hours at 128 px: 5.1 M parameters, ~22 GFLOP per 5-view forward.
     "small": ModelConfig(d=256, d_head=32, n_layer=6, patch_size=8, image_size=128),
     # The bundled demo model (assets/DEMO_MODEL.md): `small` at 64 px with the pixel colour skip.
     # Its Gaussians start at about a pixel's size (sigma exp(-3.9) = 0.02; a 64 px pixel spans ~0.03

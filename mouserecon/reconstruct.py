@@ -311,7 +311,10 @@ def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple
     images, masks = sample.images.to(gaussians.device), sample.masks.to(gaussians.device)  # all frames
     inputs = list(views)
     scores = {"before": _view_scores(gaussians, images, masks, cameras, views, heldout)}
-    result = refine(gaussians, images[inputs], masks[inputs], cameras[inputs], steps)
+    try:
+        result = refine(gaussians, images[inputs], masks[inputs], cameras[inputs], steps)
+    except ValueError as err:  # an input view without foreground
+        raise ReconstructError(f"{sample.path}: {err}") from None
     scores["after"] = _view_scores(result.gaussians, images, masks, cameras, views, heldout)
     for group, frames in (("inputs", views), ("heldout", heldout)):
         if frames:
