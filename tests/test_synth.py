@@ -242,6 +242,30 @@ def test_generate_sample_is_deterministic_and_loads_back(tmp_path):
     assert ((distances > 300 - 1e-3) & (distances < 330 + 1e-3)).all(), "units are millimetres"
 
 
+def test_wide_variety_draws_from_its_wider_ranges_and_keeps_the_rig_variety(tmp_path):
+    from mouserecon.synth.generate import WIDE_RIG
+
+    rig = json.loads((generate_sample(7, tmp_path / "rig", resolution=24) / "synth.json").read_text())
+    again = json.loads((generate_sample(7, tmp_path / "rig2", resolution=24, variety="rig") / "synth.json").read_text())
+    assert rig == again and rig["variety"] == "rig"  # the default is the rig variety, seed for seed
+    seen = {"distance": [], "hfov": [], "brightness": [], "tint": []}
+    for seed in range(6):
+        record = json.loads((generate_sample(seed, tmp_path / f"w{seed}", resolution=24, variety="wide")
+                             / "synth.json").read_text())
+        assert record["variety"] == "wide"
+        seen["distance"] += record["rig"]["distance_mm"]
+        seen["hfov"] += record["rig"]["hfov_deg"]
+        seen["brightness"].append(record["mouse"]["brightness"])
+        seen["tint"] += record["mouse"]["tint"]
+    lo, hi = WIDE_RIG.distance_mm
+    assert lo <= min(seen["distance"]) and max(seen["distance"]) <= hi
+    assert min(seen["distance"]) < 300 or max(seen["distance"]) > 330  # beyond the real rig's 300-330 mm
+    assert WIDE_RIG.hfov_deg[0] <= min(seen["hfov"]) and max(seen["hfov"]) <= WIDE_RIG.hfov_deg[1]
+    assert min(seen["tint"]) < 0.96 or max(seen["tint"]) > 1.04  # beyond the rig variety's +-4 %
+    with pytest.raises(ValueError, match="variety must be one of"):
+        generate_sample(0, tmp_path / "bad", resolution=16, variety="cartoon")
+
+
 def test_normalized_units_are_the_mm_rig_under_the_recorded_similarity(tmp_path):
     mm = generate_sample(3, tmp_path / "mm", resolution=32, n_heldout=1)
     norm = generate_sample(3, tmp_path / "norm", resolution=32, n_heldout=1, units="normalized")
