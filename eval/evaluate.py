@@ -54,7 +54,7 @@ from mouserecon.eval.report import GRID_LABELS, ModelResult, Report, grid_sample
 from mouserecon.normalize import Similarity
 from mouserecon.ply import load_ply
 from mouserecon.reconstruct import DEFAULT_INPUT_VIEWS, pick_device, predict
-from mouserecon.refine import refine
+from mouserecon.refine import RefineError, refine
 from mouserecon.render import render
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ def _render_prediction(model: _Model, network, sample: Sample, protocol: Protoco
     if model.refine:
         try:
             finite = refine(finite, images, masks, cameras[:n_in].to(device), model.refine).gaussians
-        except ValueError as err:  # an input view without foreground
+        except RefineError as err:
             raise EvalError(f"{sample.path}: {err}") from None
     return _render(finite, cameras[n_in:], protocol, device)
 

@@ -1,15 +1,14 @@
 """Summarise finetune run folders side by side: gradient-norm statistics, skipped steps, validation.
 
-    python -m mouserecon.eval.runs runs/exp_c runs/exp_b ...
+    mouserecon runs runs/exp_c runs/exp_b ...
 
 Reads each run's `metrics.jsonl` (see `train/loop.py`): the pre-clip gradient norms of the logged
 training steps (every step when the recipe logs every step: `--set training.log_every=1`), the
-skipped-update count, and the last validation record. Prints one row per run.
+skipped-update count, and the last validation record; `format_rows` makes one row per run.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -50,14 +49,3 @@ def format_rows(summaries: dict[str, dict[str, float]]) -> str:
         cells = [f"{row[c]:>12d}" if isinstance(row[c], int) else f"{row[c]:>12.4g}" for c in COLUMNS]
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finetune run folders")
-    args = parser.parse_args(argv)
-    print(format_rows({str(run): summarize_run(run) for run in args.runs}))
-
-
-if __name__ == "__main__":
-    main()

@@ -215,6 +215,18 @@ def compare(reports: tuple[str, ...]) -> None:
         raise click.ClickException(str(err)) from None
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def runs(run_dirs: tuple[str, ...]) -> None:
+    """Finetune RUN_DIRS side by side: gradient-norm statistics, skipped steps, last validation."""
+    from mouserecon.eval.runs import format_rows, summarize_run
+
+    try:
+        click.echo(format_rows({run: summarize_run(run) for run in run_dirs}))
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from None
+
+
 # ---- view --------------------------------------------------------------------------------------
 
 

@@ -206,8 +206,9 @@ class GSLRM(nn.Module):
         sh = sh.reshape(b, -1, c.n_sh, 3)  # [b, n, K, 3]; sh[n, k, c] = raw[n, 3 + 3k + c]
         if c.pixel_color_skip:
             pixel_rgb = patch_major(images.permute(0, 1, 3, 4, 2), p)  # [b, v*h*w, 3], the Gaussians' order
-            skip = torch.cat([torch.zeros_like(sh[:, : c.n_gaussians, 0]), rgb_to_sh_dc(pixel_rgb).to(sh.dtype)], 1)
-            sh = torch.cat([sh[:, :, :1] + skip[:, :, None], sh[:, :, 1:]], 2)
+            ng = c.n_gaussians
+            dc = torch.cat([sh[:, :ng, 0], sh[:, ng:, 0] + rgb_to_sh_dc(pixel_rgb).to(sh.dtype)], 1)  # [b, n, 3]
+            sh = torch.cat([dc[:, :, None], sh[:, :, 1:]], 2)
 
         # Pixel Gaussians sit on their own pixel's ray; the token Gaussians keep their raw xyz.
         origins, dirs = patch_major(origins, p), patch_major(dirs, p)  # [b, v*h*w, 3] each

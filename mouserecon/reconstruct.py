@@ -46,7 +46,7 @@ from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 from mouserecon.ply import save_ply
 from mouserecon.eval.metrics import foreground_iou, psnr, ssim
-from mouserecon.refine import refine
+from mouserecon.refine import RefineError, refine
 from mouserecon.render import render
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,7 @@ def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple
     scores = {"before": _view_scores(gaussians, images, masks, cameras, views, heldout)}
     try:
         result = refine(gaussians, images[inputs], masks[inputs], cameras[inputs], steps)
-    except ValueError as err:  # an input view without foreground
+    except RefineError as err:
         raise ReconstructError(f"{sample.path}: {err}") from None
     scores["after"] = _view_scores(result.gaussians, images, masks, cameras, views, heldout)
     for group, frames in (("inputs", views), ("heldout", heldout)):

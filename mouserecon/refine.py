@@ -46,8 +46,11 @@ class RefineResult:
     seconds: float
 
 
-def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras, steps: int,
-           learning_rates: dict[str, float] | None = None) -> RefineResult:
+class RefineError(ValueError):
+    """The inputs cannot be refined against (an input view without foreground)."""
+
+
+def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras, steps: int) -> RefineResult:
     """Optimise gaussians [N] against images [V, 3, H, W] in [0, 1] on white, masks [V, 1, H, W] in
     [0, 1] (the foreground), cameras [V] (same frame and device as the Gaussians) for `steps` steps."""
     assert steps >= 0, f"steps must be >= 0, got {steps}"
@@ -57,12 +60,11 @@ def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras
     assert len(cameras) == v and (cameras.height, cameras.width) == (h, w), "cameras do not match the images"
     empty = [i for i in range(v) if not (masks[i] > 0.5).any()]
     if empty:
-        raise ValueError(f"refine: input view(s) {empty} have an empty foreground mask (is the subject in view?)")
-    rates = {**LEARNING_RATES, **(learning_rates or {})}
+        raise RefineError(f"refine: input view(s) {empty} have an empty foreground mask (is the subject in view?)")
     device = gaussians.device
     images, masks = images.to(device), masks.to(device, images.dtype)
     params = {f.name: getattr(gaussians, f.name).detach().clone().requires_grad_() for f in fields(Gaussians)}
-    optimizer = torch.optim.Adam([{"params": [p], "lr": rates[name], "name": name} for name, p in params.items()],
+    optimizer = torch.optim.Adam([{"params": [p], "lr": LEARNING_RATES[name], "name": name} for name, p in params.items()],
                                  eps=1e-15)
     losses = Losses(REFINE_LOSS).to(device)
 

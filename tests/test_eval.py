@@ -417,5 +417,10 @@ def test_run_summary_statistics_match_numpy(tmp_path):
     assert row["gn_p95"] == pytest.approx(np.percentile(finite, 95)) and row["gn_mean"] == pytest.approx(finite.mean())
     assert (row["val_psnr_fg"], row["val_iou"]) == (17.5, 0.6)
     assert str(tmp_path) in format_rows({str(tmp_path): row})
+    cli = CliRunner().invoke(main, ["runs", str(tmp_path)])
+    assert cli.exit_code == 0 and cli.output.strip() == format_rows({str(tmp_path): row}), cli.output
+    (tmp_path / "nothing").mkdir()
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         summarize_run(tmp_path / "nothing")
+    refused = CliRunner().invoke(main, ["runs", str(tmp_path / "nothing")])
+    assert refused.exit_code == 1 and "no metrics.jsonl" in refused.output

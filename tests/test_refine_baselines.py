@@ -11,7 +11,7 @@ from mouserecon.baselines import flat_prediction, visual_hull_gaussians
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.eval.metrics import psnr
 from mouserecon.gaussians import Gaussians
-from mouserecon.refine import refine
+from mouserecon.refine import RefineError, refine
 from mouserecon.render import render
 
 SIZE = 48
@@ -112,7 +112,7 @@ def test_refine_zero_steps_is_the_identity_and_bad_shapes_are_refused():
     cameras = ring_cameras(3)
     scene = blob_scene(n=8)
     images, masks = torch.ones(3, 3, SIZE, SIZE), torch.zeros(3, 1, SIZE, SIZE)
-    with pytest.raises(ValueError, match=r"view\(s\) \[0, 1, 2\] have an empty foreground mask"):
+    with pytest.raises(RefineError, match=r"view\(s\) \[0, 1, 2\] have an empty foreground mask"):
         refine(scene, images, masks, cameras, steps=1)
     masks[..., 20:30, 20:30] = 1
     result = refine(scene, images, masks, cameras, steps=0)
