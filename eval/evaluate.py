@@ -9,9 +9,12 @@
      resize), then
      - checkpoint: map the cameras to the model rig with the similarity fitted to the input views
        (`data.normalize_sample`, as `reconstruct` does), predict from the input views
-       (`reconstruct.predict`), drop non-finite Gaussians (nothing is pruned), render the held-out views;
+       (`reconstruct.predict`; a model trained on crops, `input_crop`, gets each input view cropped
+       around its foreground from the full-resolution image, `data.load_model_inputs`), drop
+       non-finite Gaussians (nothing is pruned), render the held-out views;
      - baseline "hull": Gaussians from the visual hull of the input masks (`baselines`), in the same
-       normalised frame; baseline "flat": the flat background image (white, alpha 0), nothing rendered;
+       normalised frame, from the same crops (margin `baselines.HULL_INPUT_CROP`); baseline "flat":
+       the flat background image (white, alpha 0), nothing rendered;
      - with `refine` N > 0, every checkpoint and the hull are also scored refined: N steps of
        `refine.refine` against the input views and their masks (model name suffix "+refineN");
      - .ply: render it with the sample's own cameras (the camera file's frame, e.g. mm), or, when its
@@ -42,11 +45,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mouserecon.baselines import flat_prediction, visual_hull_gaussians
+from mouserecon.baselines import HULL_INPUT_CROP, flat_prediction, visual_hull_gaussians
 from mouserecon.cameras import CameraError, Cameras, load_nerfstudio_transforms, load_opencv_cameras
 from mouserecon.checkpoints import load_checkpoint
-from mouserecon.data import CAMERA_FILES, Sample, SampleError, find_camera_file, find_samples, load_sample, \
-    normalize_sample
+from mouserecon.data import CAMERA_FILES, Sample, SampleError, find_camera_file, find_samples, load_model_inputs, \
+    load_sample, normalize_sample
 from mouserecon.eval.figures import comparison_grid, save_image
 from mouserecon.eval.metrics import ViewMetrics, lpips_model, view_metrics
 from mouserecon.eval.protocol import LPIPS_CHOICES, Protocol, data_sha1, mask_string, parse_mask
@@ -301,12 +304,21 @@ def _render_prediction(model: _Model, network, sample: Sample, protocol: Protoco
     """Reconstruct from the input views (the checkpoint `network`, or the hull when it is None), refine when
     the model says so, and render the held-out views -> images [H, 3, R, R], alphas [H, 1, R, R]."""
     n_in = len(protocol.input_views)
-    cameras = normalize_sample(sample, fit_views=range(n_in))[0].cameras  # [I + H], fitted to the inputs only
+    normalized, similarity = normalize_sample(sample, fit_views=range(n_in))  # fitted to the inputs only
+    cameras = normalized.cameras  # [I + H]
     images, masks = sample.images[:n_in].to(device), sample.masks[:n_in].to(device)
-    if network is not None:
-        gaussians = predict(network, images, cameras[:n_in], device)
+    # The inputs as the model was trained to see them; the hull gets the same crops as the demo model.
+    crop = network.config.input_crop if network is not None else HULL_INPUT_CROP
+    if crop is None:
+        inputs = sample.select(range(n_in))
     else:
-        gaussians = visual_hull_gaussians(images, masks, cameras[:n_in].to(device))
+        inputs = load_model_inputs(sample.path, protocol.input_views, protocol.resolution, crop)
+    in_images, in_masks = inputs.images.to(device), inputs.masks.to(device)
+    in_cameras = similarity.apply_cameras(inputs.cameras).to(device)
+    if network is not None:
+        gaussians = predict(network, in_images, in_cameras, device)
+    else:
+        gaussians = visual_hull_gaussians(in_images, in_masks, in_cameras)
     finite = gaussians.drop_nonfinite()
     if finite.num < gaussians.num:
         log.warning("%s: %d of %d predicted Gaussians are non-finite and were dropped", sample.sample_id,

@@ -27,6 +27,9 @@ HULL_BOUND = 1.2  # the grid spans [-bound, bound]^3 in the model frame (cameras
 HULL_MASK_THRESHOLD = 0.5
 HULL_OPACITY = 0.95
 HULL_SCALE = 0.6  # Gaussian sigma in voxel sizes
+# In `eval` the hull sees the same inputs as a model trained on crops: each input view cropped to a
+# square around its foreground (this margin) from the full-resolution image (`data.load_model_inputs`).
+HULL_INPUT_CROP = 0.1
 
 
 def visual_hull_gaussians(images: Tensor, masks: Tensor, cameras: Cameras, grid: int = HULL_GRID,

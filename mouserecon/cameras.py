@@ -103,6 +103,11 @@ class Cameras:
             raise CameraError(
                 f"crop ({left}, {top}, {width}x{height}) outside the {self.width}x{self.height} image"
             )
+        return self.window(left, top, width, height)
+
+    def window(self, left: int, top: int, width: int, height: int) -> Cameras:
+        """Intrinsics for the window [top:top+height, left:left+width], which may reach outside the
+        image (the part outside is padding, e.g. a crop around an object near the border)."""
         shift = self.intrinsics.new_tensor([0.0, 0.0, left, top])
         return replace(self, intrinsics=self.intrinsics - shift, width=width, height=height)
 

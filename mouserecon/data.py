@@ -27,6 +27,7 @@ Every defect raises SampleError naming the file and the defect; no sample is eve
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import struct
 import warnings
@@ -94,6 +95,12 @@ class Sample:
     def to(self, *args, **kwargs) -> Sample:
         return replace(self, images=self.images.to(*args, **kwargs), masks=self.masks.to(*args, **kwargs),
                        cameras=self.cameras.to(*args, **kwargs))
+
+    def select(self, views: Sequence[int]) -> Sample:
+        """The given views, in the order given."""
+        views = list(views)
+        return replace(self, images=self.images[views], masks=self.masks[views], cameras=self.cameras[views],
+                       image_paths=tuple(self.image_paths[v] for v in views))
 
 
 @dataclass(frozen=True)
@@ -258,6 +265,62 @@ def _crop_and_resize(images: Tensor, masks: Tensor, cameras: Cameras, target: tu
     return images, masks, cameras
 
 
+def crop_to_foreground(sample: Sample, resolution: int, margin: float, jitter: float = 0.0) -> Sample:
+    """Crop every view to a square around its foreground and resize it to `resolution` px.
+
+    The square is centred on the bounding box of the view's mask (> 0.5); its side is the box's longer
+    side times (1 + 2 * margin). Where it reaches outside the image it is padded with white and mask 0.
+    Colour and mask are resized like `load_sample` does (antialiased bilinear) and each view's
+    intrinsics follow (`Cameras.window`, `Cameras.resize`); extrinsics are unchanged. Crop the
+    full-resolution images: the point is to spend the model's pixels on the mouse, which covers a few
+    percent of a rig frame. jitter > 0 (training augmentation) grows the side by a random factor in
+    [1, 1 + jitter] and moves the centre by up to jitter / 4 of the side (torch's global RNG).
+    Raises SampleError naming the image when a view's mask is empty.
+    """
+    if margin < 0 or jitter < 0:
+        raise ValueError(f"margin and jitter must be >= 0, got {margin}, {jitter}")
+    images, masks, intrinsics = [], [], []
+    for v in range(sample.num_views):
+        rows, cols = torch.nonzero(sample.masks[v, 0] > 0.5, as_tuple=True)
+        if rows.numel() == 0:
+            raise SampleError(f"{sample.image_paths[v]}: empty foreground mask; cannot crop to the mouse")
+        top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        side = max(bottom - top, right - left) * (1.0 + 2.0 * margin)
+        centre_x, centre_y = (left + right) / 2.0, (top + bottom) / 2.0
+        if jitter > 0:
+            side *= 1.0 + jitter * float(torch.rand(()))
+            shift = (torch.rand(2) * 2.0 - 1.0) * (jitter * side / 4.0)
+            centre_x, centre_y = centre_x + float(shift[0]), centre_y + float(shift[1])
+        side = max(1, math.ceil(side))
+        x0, y0 = round(centre_x - side / 2.0), round(centre_y - side / 2.0)
+        image, mask = _window(sample.images[v], 1.0, x0, y0, side), _window(sample.masks[v], 0.0, x0, y0, side)
+        both = F.interpolate(torch.cat([image, mask])[None], size=(resolution, resolution), mode="bilinear",
+                             antialias=True, align_corners=False)[0].clamp_(0.0, 1.0)
+        images.append(both[:3])
+        masks.append(both[3:])
+        intrinsics.append(sample.cameras[v].window(x0, y0, side, side).resize(resolution, resolution).intrinsics)
+    cameras = replace(sample.cameras, intrinsics=torch.stack(intrinsics), width=resolution, height=resolution)
+    return replace(sample, images=torch.stack(images), masks=torch.stack(masks), cameras=cameras)
+
+
+def load_model_inputs(folder: str | Path, views: Sequence[int], resolution: int, crop: float | None) -> Sample:
+    """The input views of a sample as a model sees them: whole frames resized to `resolution` (crop None,
+    as `load_sample`), or each view cropped around its foreground from the full-resolution image
+    (crop = the margin, `crop_to_foreground`). Views in the order given; one view is allowed."""
+    if crop is None:
+        return load_sample(folder, resolution).select(views)
+    return crop_to_foreground(load_sample(folder).select(views), resolution, crop)
+
+
+def _window(image: Tensor, fill: float, left: int, top: int, side: int) -> Tensor:
+    """image [C, H, W] -> [C, side, side] window at (left, top), `fill` outside the image."""
+    h, w = image.shape[-2:]
+    pad = (max(0, -left), max(0, left + side - w), max(0, -top), max(0, top + side - h))
+    padded = F.pad(image, pad, value=fill)
+    x0, y0 = left + pad[0], top + pad[2]
+    return padded[:, y0:y0 + side, x0:x0 + side]
+
+
 # ---- one image -------------------------------------------------------------------------------
 
 
@@ -365,8 +428,13 @@ class MouseDataset(Dataset):
 
     def __init__(self, source: str | Path, resolution: int | tuple[int, int] | None = None,
                  views: Sequence[int] | None = None, white_threshold: float = WHITE_THRESHOLD,
-                 normalize: bool = False, fit_views: Sequence[int] | None = None) -> None:
+                 normalize: bool = False, fit_views: Sequence[int] | None = None, crop: float | None = None,
+                 crop_jitter: float = 0.0) -> None:
         self.source = Path(source)
+        self.crop = crop  # margin: crop each view around its foreground (crop_to_foreground); None = whole frame
+        self.crop_jitter = crop_jitter
+        if crop is not None and not isinstance(resolution, int):
+            raise SampleError(f"{source}: cropping to the foreground needs a square resolution, got {resolution!r}")
         self.normalize = normalize  # map each sample's cameras to the model rig (normalize_sample)
         self.fit_views = fit_views  # ... with the similarity fitted to these views (default all)
         self.sample_dirs = find_samples(self.source)
@@ -378,7 +446,15 @@ class MouseDataset(Dataset):
         return len(self.sample_dirs)
 
     def __getitem__(self, index: int) -> Sample:
-        sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold)
+        return self.load(index, augment=True)
+
+    def load(self, index: int, augment: bool) -> Sample:
+        """Sample `index`; augment=False leaves out the random crop jitter (validation)."""
+        if self.crop is None:
+            sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold)
+        else:
+            sample = load_sample(self.sample_dirs[index], None, self.views, self.white_threshold)
+            sample = crop_to_foreground(sample, self.resolution, self.crop, self.crop_jitter if augment else 0.0)
         return normalize_sample(sample, self.fit_views)[0] if self.normalize else sample
 
 

@@ -57,6 +57,10 @@ class ModelConfig:
     # to learn only where the pixels go (depth, size, opacity). The `demo` preset uses it.
     pixel_color_skip: bool = False
     scale_bias: float = SCALE_BIAS  # log_scales = (raw - scale_bias).clamp(max=SCALE_MAX); FaceLift: 2.3
+    # Not an architecture knob but how the model was trained to see its inputs: None = whole frames
+    # resized; a number = each view cropped to a square around its foreground with this margin
+    # (`data.crop_to_foreground`). reconstruct and eval prepare the input views the same way.
+    input_crop: float | None = None
     grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"sh_degree must be 0..3, got {self.sh_degree}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.input_crop is not None and not self.input_crop >= 0:
+            raise ValueError(f"input_crop must be None or a margin >= 0, got {self.input_crop}")
         if min(self.d, self.n_layer, self.patch_size, self.n_gaussians) < 1:
             raise ValueError(f"non-positive size in {self}")
 

@@ -6,7 +6,10 @@ Steps (each logged with its wall time):
   3. normalise the cameras to the model's rig with a similarity fitted to the *input* views
      (`normalize.normalize_cameras`: centre = optical-axes intersection, mean distance 2.7, the
      camera file's `world_up` -> +Z, or +Z when it records none);
-  4. run the GS-LRM once (no grad; bf16 autocast on CUDA) -> 2 token Gaussians + one per input pixel;
+  4. a model trained on crops (`input_crop` in its config) gets each input view cropped to a square
+     around its foreground from the full-resolution image (`data.load_model_inputs`), as in training;
+     held-out scores, refinement and previews use the whole frames of step 2;
+     run the GS-LRM once (no grad; bf16 autocast on CUDA) -> 2 token Gaussians + one per input pixel;
   5. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0,
      optimise them for N steps against the input views (`refine.refine`), log masked PSNR / SSIM
      and IoU on the input and held-out views before and after, and prune again;
@@ -41,7 +44,7 @@ from torch import Tensor
 
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.checkpoints import CheckpointInfo, load_checkpoint
-from mouserecon.data import Sample, SampleError, find_camera_file, load_sample
+from mouserecon.data import Sample, SampleError, find_camera_file, load_model_inputs, load_sample
 from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 from mouserecon.ply import save_ply
@@ -193,8 +196,14 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     cameras = similarity.apply_cameras(sample.cameras)  # [F] all frames in the model frame
     _log_similarity(similarity, up)
 
+    inputs = sample.select(views)
+    if config.input_crop is not None:
+        with _timed("cropping the inputs", timings):
+            inputs = load_model_inputs(camera_file, views, resolution, config.input_crop)
+        log.info("input views cropped to a square around the mouse (margin %g, as the model was trained), "
+                 "from the full-resolution images", config.input_crop)
     with _timed("running the model", timings):
-        predicted = predict(model, sample.images[list(views)], cameras[list(views)], device)
+        predicted = predict(model, inputs.images, similarity.apply_cameras(inputs.cameras), device)
     numpredicted = predicted.num
     assert numpredicted == config.n_gaussians + len(views) * resolution * resolution, numpredicted
 

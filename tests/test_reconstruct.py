@@ -377,3 +377,31 @@ def test_mp4_without_imageio_ffmpeg_is_refused_before_any_work(mm_sample, tiny_c
     with pytest.raises(ReconstructError, match="imageio-ffmpeg"):
         reconstruct(options)
     assert not (tmp_path / "m.ply").exists()
+
+
+def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sample, tmp_path):
+    """Each pixel Gaussian of a crop model projects, with the user's full-frame camera, onto its pixel of
+    the square around that view's mask box (margin 0.1), computed here from the PNG alpha."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "crop.pt"
+    save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1)))
+    size, views = 32, (1, 3)
+    result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, views=views, resolution=size,
+                                            units="input", min_opacity=0.0))
+    assert json.loads(result.sidecar_path.read_text())["checkpoint"]["config"]["input_crop"] == 0.1
+    xyz = columns(read_ply(result.ply_path), "x", "y", "z")
+    rows, cols = np.mgrid[:size, :size]
+    order = ((rows // PATCH) * (size // PATCH) + cols // PATCH) * PATCH**2 + (rows % PATCH) * PATCH + cols % PATCH
+    frames = json.loads((mm_sample / "opencv_cameras.json").read_text())["frames"]
+    for k, frame in enumerate(views):
+        f, w2c = frames[frame], np.array(frames[frame]["w2c"])
+        fg_rows, fg_cols = np.nonzero(iio.imread(mm_sample / f["file_path"])[..., 3] >= 128)  # alpha > 0.5
+        box = max(fg_rows.max() + 1 - fg_rows.min(), fg_cols.max() + 1 - fg_cols.min())
+        side = math.ceil(box * 1.2)
+        left = round((fg_cols.min() + fg_cols.max() + 1) / 2 - side / 2)
+        top = round((fg_rows.min() + fg_rows.max() + 1) / 2 - side / 2)
+        cam = xyz[2 + k * size * size + order.ravel()] @ w2c[:3, :3].T + w2c[:3, 3]
+        u = f["fx"] * cam[:, 0] / cam[:, 2] + f["cx"]
+        v = f["fy"] * cam[:, 1] / cam[:, 2] + f["cy"]
+        np.testing.assert_allclose(u, left + (cols.ravel() + 0.5) * side / size, atol=2e-3)
+        np.testing.assert_allclose(v, top + (rows.ravel() + 0.5) * side / size, atol=2e-3)

@@ -35,6 +35,12 @@ class DataSection:
     resolution: int = 512
     batch_size: int = 1  # per rank
     val_samples: int = 8  # taken from the end of the sorted sample list, never trained on
+    # Crop every view (inputs and targets) to a square around its foreground, margin crop_margin, from
+    # the full-resolution images (data.crop_to_foreground); the model records it (input_crop) so that
+    # reconstruct and eval crop their inputs the same way. crop_jitter: random growth/shift (training).
+    crop: bool = False
+    crop_margin: float = 0.1
+    crop_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("input_views", "target_views"):
@@ -43,6 +49,9 @@ class DataSection:
                 raise RecipeError(f"data.{name}={list(views)}: need distinct indices in [0, {self.views_per_sample})")
         if self.resolution <= 0 or self.batch_size <= 0 or self.val_samples < 0:
             raise RecipeError("data.resolution and data.batch_size must be positive, data.val_samples >= 0")
+        if self.crop_margin < 0 or self.crop_jitter < 0:
+            raise RecipeError(f"data.crop_margin and data.crop_jitter must be >= 0, got {self.crop_margin}, "
+                              f"{self.crop_jitter}")
 
 
 @dataclass(frozen=True)

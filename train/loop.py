@@ -119,7 +119,8 @@ def _build_model(opts: FinetuneOptions, recipe: Recipe, device) -> GSLRM:
         # The nominal resolution of a model trained from scratch is the one it is trained at.
         model = GSLRM(ModelConfig.preset(recipe.model.preset, image_size=recipe.data.resolution))
         log.info("starting from scratch: preset %s at %d px", recipe.model.preset, recipe.data.resolution)
-    model.config = replace(model.config, grad_checkpoint=recipe.model.grad_checkpoint and device.type == "cuda")
+    model.config = replace(model.config, grad_checkpoint=recipe.model.grad_checkpoint and device.type == "cuda",
+                           input_crop=recipe.data.crop_margin if recipe.data.crop else None)
     return model.to(device)
 
 
@@ -143,7 +144,9 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
     t = recipe.training
     dataset = MouseDataset(opts.data, resolution=recipe.data.resolution,
                            views=range(recipe.data.views_per_sample), normalize=True,
-                           fit_views=recipe.data.input_views)  # the frame eval and reconstruct use
+                           fit_views=recipe.data.input_views,  # the frame eval and reconstruct use
+                           crop=recipe.data.crop_margin if recipe.data.crop else None,
+                           crop_jitter=recipe.data.crop_jitter)
     train_ids, val_ids = split_samples(dataset, recipe.data.val_samples)
 
     torch.manual_seed(t.seed)
@@ -168,7 +171,7 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
         run.create(recipe.to_dict(), sys.argv, sample_manifest([dataset.sample_dirs[i] for i in range(len(dataset))]))
 
     ddp_model = DistributedDataParallel(model) if info.enabled else model
-    val_batch = collate([dataset[i] for i in val_ids]) if val_ids else None
+    val_batch = collate([dataset.load(i, augment=False) for i in val_ids]) if val_ids else None
     if info.is_main and val_batch is not None and start_step == 0:
         validate(model, val_batch, recipe, losses, device, run, 0)
     end_step = t.steps if opts.stop_after is None else min(t.steps, start_step + opts.stop_after)
