@@ -18,7 +18,9 @@ Steps (each logged with its wall time):
      checkpoint, the views, the counts and the timings;
   7. optionally render previews through `render.render` in the model frame (same pictures as
      rendering the user-frame Gaussians with the user's cameras): `inputs.png` and `heldout.png`
-     (top row the views, bottom row the renders) and a turntable GIF or MP4.
+     (top row the views, bottom row the renders) and a turntable GIF or MP4. For a model trained on
+     crops every frame is shown cropped around its mask (so each needs a visible mouse), the
+     turntable zoomed likewise.
 
 Views: `views` are indices into the camera file's frames, in the order given; the default is the
 first 5 frames in file order (the Exp C recipe's 5 input views), or all frames if there are fewer.
@@ -44,7 +46,8 @@ from torch import Tensor
 
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.checkpoints import CheckpointInfo, load_checkpoint
-from mouserecon.data import Sample, SampleError, find_camera_file, load_model_inputs, load_sample
+from mouserecon.data import Sample, SampleError, crop_to_foreground, find_camera_file, load_model_inputs, \
+    load_sample
 from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 from mouserecon.ply import save_ply
@@ -228,7 +231,11 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     preview_files: tuple[Path, ...] = ()
     if o.previews_dir is not None:
         with _timed("rendering previews", timings):
-            preview_files = write_previews(o.previews_dir, kept.to(device), sample, cameras, views, heldout,
+            shown, shown_cameras = sample, cameras
+            if config.input_crop is not None:  # show every frame the way the model saw its inputs
+                shown = crop_to_foreground(load_sample(camera_file), resolution, config.input_crop)
+                shown_cameras = similarity.apply_cameras(shown.cameras)
+            preview_files = write_previews(o.previews_dir, kept.to(device), shown, shown_cameras, views, heldout,
                                            o.turntable_frames, o.turntable_format)
     result = ReconstructResult(
         ply_path=o.output, sidecar_path=o.output.with_suffix(".json"), gaussians=written, similarity=similarity,

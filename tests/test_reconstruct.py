@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from mouserecon.cameras import Cameras, load_opencv_cameras
 from mouserecon.checkpoints import save_checkpoint
 from mouserecon.cli import main
+from mouserecon.data import crop_to_foreground, load_sample
 from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.ply import load_ply, property_names
 from mouserecon.reconstruct import ReconstructError, ReconstructOptions, demo_checkpoint, reconstruct, turntable_cameras
@@ -387,8 +388,14 @@ def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sa
     save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1)))
     size, views = 32, (1, 3)
     result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, views=views, resolution=size,
-                                            units="input", min_opacity=0.0))
+                                            units="input", min_opacity=0.0, previews_dir=tmp_path / "previews",
+                                            turntable_frames=2))
     assert json.loads(result.sidecar_path.read_text())["checkpoint"]["config"]["input_crop"] == 0.1
+    # the previews show the views the way the model saw them: cropped around the mouse
+    shown = iio.imread(tmp_path / "previews" / "inputs.png")[:size]  # top row: the input views
+    crops = crop_to_foreground(load_sample(mm_sample), size, 0.1).images[list(views)]
+    expected = (torch.cat(list(crops), -1).permute(1, 2, 0) * 255).round().numpy()
+    assert np.abs(shown.astype(np.float64) - expected).max() <= 1
     xyz = columns(read_ply(result.ply_path), "x", "y", "z")
     rows, cols = np.mgrid[:size, :size]
     order = ((rows // PATCH) * (size // PATCH) + cols // PATCH) * PATCH**2 + (rows % PATCH) * PATCH + cols % PATCH
