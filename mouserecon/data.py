@@ -423,7 +423,10 @@ class MouseDataset(Dataset):
 
     `__getitem__` returns a Sample; use `collate` as the DataLoader's `collate_fn` to get a
     SampleBatch. Resolution and views are fixed at construction. A bad sample raises SampleError
-    with its path when it is loaded; it is never replaced by another.
+    with its path when it is loaded; it is never replaced by another. With `crop` (a margin) a
+    sample of V views has 2V: each view cropped around its foreground (`crop_to_foreground`, from the
+    full-resolution image), then the V whole frames resized, so that a loss can see the space
+    around the mouse too.
     """
 
     def __init__(self, source: str | Path, resolution: int | tuple[int, int] | None = None,
@@ -452,9 +455,14 @@ class MouseDataset(Dataset):
         """Sample `index`; augment=False leaves out the random crop jitter (validation)."""
         if self.crop is None:
             sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold)
-        else:
-            sample = load_sample(self.sample_dirs[index], None, self.views, self.white_threshold)
-            sample = crop_to_foreground(sample, self.resolution, self.crop, self.crop_jitter if augment else 0.0)
+        else:  # 2V views: the V crops, then the V whole frames
+            full = load_sample(self.sample_dirs[index], None, self.views, self.white_threshold)
+            crops = crop_to_foreground(full, self.resolution, self.crop, self.crop_jitter if augment else 0.0)
+            whole = _crop_and_resize(full.images, full.masks, full.cameras, (self.resolution, self.resolution))
+            sample = replace(crops, images=torch.cat([crops.images, whole[0]]), masks=torch.cat([crops.masks, whole[1]]),
+                             cameras=replace(crops.cameras, c2w=torch.cat([crops.cameras.c2w, whole[2].c2w]),
+                                             intrinsics=torch.cat([crops.cameras.intrinsics, whole[2].intrinsics])),
+                             image_paths=crops.image_paths * 2)
         return normalize_sample(sample, self.fit_views)[0] if self.normalize else sample
 
 

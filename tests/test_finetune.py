@@ -219,22 +219,23 @@ def test_starts_from_pretrained_checkpoint(mice, tmp_path):
         torch.testing.assert_close(after[k], v, rtol=0, atol=1e-12, msg=k)
 
 
-def test_crop_recipe_trains_on_crops_and_records_it_in_the_model(mice, tmp_path, monkeypatch):
+def test_crop_recipe_trains_on_crops_and_whole_frames_and_records_it_in_the_model(mice, tmp_path, monkeypatch):
     from mouserecon.checkpoints import load_checkpoint
 
     seen = []
-    step_batch = train_loop.step_batch
+    render = train_loop.render
 
-    def recording(model, batch, *args, **kwargs):
-        seen.append(batch.masks.mean().item())  # foreground fraction of the views trained on
-        return step_batch(model, batch, *args, **kwargs)
+    def recording(gaussians, cameras, height, width, **kwargs):
+        seen.append(cameras.intrinsics[0, :, 0].tolist())  # fx of every rendered view of the first sample
+        return render(gaussians, cameras, height, width, **kwargs)
 
-    monkeypatch.setattr(train_loop, "step_batch", recording)
-    whole = run(mice, tmp_path / "whole", ["training.steps=2", "data.val_samples=0"])
-    crop = run(mice, tmp_path / "crop", ["training.steps=2", "data.val_samples=0", "data.crop=true",
+    monkeypatch.setattr(train_loop, "render", recording)
+    whole = run(mice, tmp_path / "whole", ["training.steps=1", "data.val_samples=0"])
+    crop = run(mice, tmp_path / "crop", ["training.steps=1", "data.val_samples=0", "data.crop=true",
                                          "data.crop_margin=0.2", "data.crop_jitter=0.1"])
     assert load_checkpoint(whole)[1].config.input_crop is None
     assert load_checkpoint(crop)[1].config.input_crop == 0.2
-    # the synthetic mouse covers ~4 % of a rig frame, about twice that of its crop with this wide margin
-    # (seen: 0.049, 0.035 whole; 0.104, 0.095 cropped)
-    assert min(seen[2:]) > 1.5 * max(seen[:2]), seen
+    # exp_c renders 6 target views; with crops each twice: zoomed-in crops (larger fx), then the whole frames
+    assert len(seen[0]) == 6 and len(seen[1]) == 12
+    assert seen[1][6:] == pytest.approx(seen[0])
+    assert min(c / w for c, w in zip(seen[1][:6], seen[0])) > 1.1  # seen: 1.21 and up (64 px frames)

@@ -27,7 +27,7 @@ from mouserecon.eval.metrics import foreground_iou, psnr
 from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.render import render
 from mouserecon.train import distributed
-from mouserecon.train.config import Recipe
+from mouserecon.train.config import DataSection, Recipe
 from mouserecon.train.losses import Losses
 from mouserecon.train.optim import make_optimizer, make_scheduler, should_skip
 from mouserecon.train.rundir import RunDir, sample_manifest
@@ -85,13 +85,21 @@ def split_samples(dataset: MouseDataset, val_samples: int) -> tuple[list[int], l
     return list(range(n - val_samples)), list(range(n - val_samples, n))
 
 
+def target_indices(d: DataSection) -> list[int]:
+    """Views rendered for the losses. With data.crop a sample holds the V crops, then the V whole frames
+    (MouseDataset): the target views are rendered both ways, the crops for detail and the whole frames
+    so that Gaussians off the mouse (which project outside every tight crop) are seen and penalised."""
+    targets = list(d.target_views)
+    return targets + [d.views_per_sample + t for t in targets] if d.crop else targets
+
+
 def step_batch(model, batch, recipe: Recipe, losses: Losses, device: torch.device):
     """Forward one batch: predict from the input views, render the target views, weighted losses."""
     d = recipe.data
     images = batch.images.to(device)  # [b, v, 3, h, w]
     masks = batch.masks.to(device)  # [b, v, 1, h, w]
     cameras = batch.cameras.to(device)  # [b, v]
-    inputs, targets = list(d.input_views), list(d.target_views)
+    inputs, targets = list(d.input_views), target_indices(d)
     with _autocast(recipe, device):
         gaussians = model(images[:, inputs], cameras[:, inputs])
     gaussians = gaussians.to(torch.float32)
@@ -260,7 +268,10 @@ def validate(model, batch, recipe: Recipe, losses: Losses, device, run: RunDir, 
     """Render the validation samples' target views; log whole/masked PSNR and IoU; warn on white collapse."""
     model.eval()
     terms, out = step_batch(model, batch, recipe, losses, device)
-    targets = list(recipe.data.target_views)
+    targets = target_indices(recipe.data)
+    if recipe.data.crop:  # score the whole frames, as eval does
+        targets = targets[len(targets) // 2:]
+        out = replace(out, images=out.images[:, -len(targets):], alphas=out.alphas[:, -len(targets):])
     gt = batch.images[:, targets].to(device)  # [b, v, 3, h, w]
     mask = batch.masks[:, targets].to(device)  # [b, v, 1, h, w]
     record = {
