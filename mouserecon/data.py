@@ -458,11 +458,12 @@ class MouseDataset(Dataset):
         else:  # 2V views: the V crops, then the V whole frames
             full = load_sample(self.sample_dirs[index], None, self.views, self.white_threshold)
             crops = crop_to_foreground(full, self.resolution, self.crop, self.crop_jitter if augment else 0.0)
-            whole = _crop_and_resize(full.images, full.masks, full.cameras, (self.resolution, self.resolution))
-            sample = replace(crops, images=torch.cat([crops.images, whole[0]]), masks=torch.cat([crops.masks, whole[1]]),
-                             cameras=replace(crops.cameras, c2w=torch.cat([crops.cameras.c2w, whole[2].c2w]),
-                                             intrinsics=torch.cat([crops.cameras.intrinsics, whole[2].intrinsics])),
-                             image_paths=crops.image_paths * 2)
+            images, masks, cameras = _crop_and_resize(full.images, full.masks, full.cameras,
+                                                      (self.resolution, self.resolution))
+            both = replace(cameras, c2w=torch.cat([crops.cameras.c2w, cameras.c2w]),
+                           intrinsics=torch.cat([crops.cameras.intrinsics, cameras.intrinsics]))
+            sample = replace(crops, images=torch.cat([crops.images, images]), masks=torch.cat([crops.masks, masks]),
+                             cameras=both, image_paths=crops.image_paths * 2)
         return normalize_sample(sample, self.fit_views)[0] if self.normalize else sample
 
 

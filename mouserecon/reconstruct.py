@@ -8,7 +8,7 @@ Steps (each logged with its wall time):
      camera file's `world_up` -> +Z, or +Z when it records none);
   4. a model trained on crops (`input_crop` in its config) gets each input view cropped to a square
      around its foreground from the full-resolution image (`data.load_model_inputs`), as in training;
-     held-out scores, refinement and previews use the whole frames of step 2;
+     held-out scores and refinement use the whole frames of step 2;
      run the GS-LRM once (no grad; bf16 autocast on CUDA) -> 2 token Gaussians + one per input pixel;
   5. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0,
      optimise them for N steps against the input views (`refine.refine`), log masked PSNR / SSIM

@@ -35,9 +35,10 @@ class DataSection:
     resolution: int = 512
     batch_size: int = 1  # per rank
     val_samples: int = 8  # taken from the end of the sorted sample list, never trained on
-    # Crop every view (inputs and targets) to a square around its foreground, margin crop_margin, from
-    # the full-resolution images (data.crop_to_foreground); the model records it (input_crop) so that
-    # reconstruct and eval crop their inputs the same way. crop_jitter: random growth/shift (training).
+    # The model sees every input view cropped to a square around its foreground, margin crop_margin,
+    # from the full-resolution image (data.crop_to_foreground); the targets are rendered both cropped and
+    # whole (loop.target_indices). The model records it (input_crop) so that reconstruct and eval crop
+    # their inputs the same way. crop_jitter: random growth/shift of the crops (training only).
     crop: bool = False
     crop_margin: float = 0.1
     crop_jitter: float = 0.0
