@@ -11,9 +11,12 @@ held-out view and its render, then turntable frames; bottom: the viewer screensh
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageSequence
+
+log = logging.getLogger("make_quickstart")
 
 SCALE = 3  # previews are at the model's 64 px
 GAP = 12
@@ -63,8 +66,9 @@ def main() -> None:
     out.paste(top, (0, 0))
     out.paste(shot, (0, top.height + GAP))
     out.save(args.output, optimize=True)
-    print(f"wrote {args.output} ({out.width}x{out.height})")
+    log.info("wrote %s (%dx%d)", args.output, out.width, out.height)
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     main()

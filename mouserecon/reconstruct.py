@@ -7,7 +7,7 @@ Steps (each logged with its wall time):
      (`normalize.normalize_cameras`: centre = optical-axes intersection, mean distance 2.7, the
      camera file's `world_up` -> +Z, or +Z when it records none);
   4. a model trained on crops (`input_crop` in its config) gets each input view cropped to a square
-     around its foreground from the full-resolution image (`data.load_model_inputs`), as in training;
+     around its foreground from the full-resolution image (`data.crop_to_foreground`), as in training;
      held-out scores and refinement use the whole frames of step 2;
      run the GS-LRM once (no grad; bf16 autocast on CUDA) -> 2 token Gaussians + one per input pixel;
   5. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0,
@@ -46,8 +46,7 @@ from torch import Tensor
 
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.checkpoints import CheckpointInfo, load_checkpoint
-from mouserecon.data import Sample, SampleError, crop_to_foreground, find_camera_file, load_model_inputs, \
-    load_sample
+from mouserecon.data import Sample, SampleError, crop_to_foreground, find_camera_file, load_sample
 from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 from mouserecon.ply import save_ply
@@ -199,10 +198,11 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     cameras = similarity.apply_cameras(sample.cameras)  # [F] all frames in the model frame
     _log_similarity(similarity, up)
 
-    inputs = sample.select(views)
+    inputs, full = sample.select(views), None
     if config.input_crop is not None:
         with _timed("cropping the inputs", timings):
-            inputs = load_model_inputs(camera_file, views, resolution, config.input_crop)
+            full = load_sample(camera_file)  # all frames at full resolution, also for the previews
+            inputs = crop_to_foreground(full.select(views), resolution, config.input_crop)
         log.info("input views cropped to a square around the mouse (margin %g, as the model was trained), "
                  "from the full-resolution images", config.input_crop)
     with _timed("running the model", timings):
@@ -232,8 +232,8 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     if o.previews_dir is not None:
         with _timed("rendering previews", timings):
             shown, shown_cameras = sample, cameras
-            if config.input_crop is not None:  # show every frame the way the model saw its inputs
-                shown = crop_to_foreground(load_sample(camera_file), resolution, config.input_crop)
+            if full is not None:  # a crop model: show every frame the way it saw its inputs
+                shown = crop_to_foreground(full, resolution, config.input_crop)
                 shown_cameras = similarity.apply_cameras(shown.cameras)
             preview_files = write_previews(o.previews_dir, kept.to(device), shown, shown_cameras, views, heldout,
                                            o.turntable_frames, o.turntable_format)

@@ -54,6 +54,11 @@ class DataSection:
             raise RecipeError(f"data.crop_margin and data.crop_jitter must be >= 0, got {self.crop_margin}, "
                               f"{self.crop_jitter}")
 
+    @property
+    def input_crop(self) -> float | None:
+        """The crop margin the model is trained with (ModelConfig.input_crop); None = whole frames."""
+        return self.crop_margin if self.crop else None
+
 
 @dataclass(frozen=True)
 class LossSection:

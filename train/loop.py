@@ -128,7 +128,7 @@ def _build_model(opts: FinetuneOptions, recipe: Recipe, device) -> GSLRM:
         model = GSLRM(ModelConfig.preset(recipe.model.preset, image_size=recipe.data.resolution))
         log.info("starting from scratch: preset %s at %d px", recipe.model.preset, recipe.data.resolution)
     model.config = replace(model.config, grad_checkpoint=recipe.model.grad_checkpoint and device.type == "cuda",
-                           input_crop=recipe.data.crop_margin if recipe.data.crop else None)
+                           input_crop=recipe.data.input_crop)
     return model.to(device)
 
 
@@ -153,7 +153,7 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
     dataset = MouseDataset(opts.data, resolution=recipe.data.resolution,
                            views=range(recipe.data.views_per_sample), normalize=True,
                            fit_views=recipe.data.input_views,  # the frame eval and reconstruct use
-                           crop=recipe.data.crop_margin if recipe.data.crop else None,
+                           crop=recipe.data.input_crop,
                            crop_jitter=recipe.data.crop_jitter)
     train_ids, val_ids = split_samples(dataset, recipe.data.val_samples)
 
