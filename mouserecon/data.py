@@ -20,6 +20,12 @@ align_corners=False)`, i.e. the pixel-centre convention of C3) and intrinsics ar
 premultiplied colour, `resize(alpha * fg) + (1 - resize(alpha))`, because the filter is linear with
 weights summing to one, so no colour bleeds in from transparent pixels.
 
+Depth maps (optional, for training losses): `depth.npz` in the sample folder, array "depth"
+[F, H, W] float32 with one map per frame in camera-file order at the images' size: the camera z of
+the surface under each pixel centre, in the camera file's units, 0 where there is none (synthetic
+samples have it). Resampled as a masked mean over valid pixels (a pixel that mixes surface and
+background becomes 0), scaled by the normalisation like every length.
+
 View order is the order of frames in the camera file (or of `views`, when given); never shuffled.
 Every defect raises SampleError naming the file and the defect; no sample is ever substituted.
 """
@@ -47,6 +53,7 @@ from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 log = logging.getLogger(__name__)
 
 CAMERA_FILES = ("opencv_cameras.json", "transforms.json")  # looked for in this order
+DEPTH_FILE = "depth.npz"  # optional depth maps, see the module docstring
 WHITE_THRESHOLD = 0.97
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,6 +77,7 @@ class Sample:
     sample_id:   the sample folder's name.
     path:        the sample folder.
     mask_source: "alpha" or "threshold:<t>".
+    depths:      [V, 1, H, W] float32 camera z (0 = unknown), or None when not loaded.
     """
 
     images: Tensor
@@ -79,6 +87,7 @@ class Sample:
     sample_id: str
     path: Path
     mask_source: str
+    depths: Tensor | None = None
 
     def __post_init__(self) -> None:
         v, c, h, w = self.images.shape
@@ -87,6 +96,7 @@ class Sample:
         assert self.cameras.batch_shape == (v,), f"cameras {tuple(self.cameras.batch_shape)} for {v} views"
         assert (self.cameras.height, self.cameras.width) == (h, w), "cameras and images differ in size"
         assert len(self.image_paths) == v, f"{len(self.image_paths)} image paths for {v} views"
+        assert self.depths is None or self.depths.shape == (v, 1, h, w), f"depths {tuple(self.depths.shape)}"
 
     @property
     def num_views(self) -> int:
@@ -94,18 +104,21 @@ class Sample:
 
     def to(self, *args, **kwargs) -> Sample:
         return replace(self, images=self.images.to(*args, **kwargs), masks=self.masks.to(*args, **kwargs),
-                       cameras=self.cameras.to(*args, **kwargs))
+                       cameras=self.cameras.to(*args, **kwargs),
+                       depths=None if self.depths is None else self.depths.to(*args, **kwargs))
 
     def select(self, views: Sequence[int]) -> Sample:
         """The given views, in the order given."""
         views = list(views)
         return replace(self, images=self.images[views], masks=self.masks[views], cameras=self.cameras[views],
-                       image_paths=tuple(self.image_paths[v] for v in views))
+                       image_paths=tuple(self.image_paths[v] for v in views),
+                       depths=None if self.depths is None else self.depths[views])
 
 
 @dataclass(frozen=True)
 class SampleBatch:
-    """Samples stacked by `collate`: images [B, V, 3, H, W], masks [B, V, 1, H, W], cameras [B, V]."""
+    """Samples stacked by `collate`: images [B, V, 3, H, W], masks [B, V, 1, H, W], cameras [B, V],
+    depths [B, V, 1, H, W] or None."""
 
     images: Tensor
     masks: Tensor
@@ -113,16 +126,19 @@ class SampleBatch:
     sample_ids: tuple[str, ...]
     paths: tuple[Path, ...]
     mask_sources: tuple[str, ...]
+    depths: Tensor | None = None
 
     def __post_init__(self) -> None:
         b, v, c, h, w = self.images.shape
         assert c == 3 and self.masks.shape == (b, v, 1, h, w), f"images {(b, v, c, h, w)}, masks {self.masks.shape}"
         assert self.cameras.batch_shape == (b, v), f"cameras {tuple(self.cameras.batch_shape)} for {(b, v)}"
         assert len(self.sample_ids) == len(self.paths) == len(self.mask_sources) == b
+        assert self.depths is None or self.depths.shape == (b, v, 1, h, w), f"depths {tuple(self.depths.shape)}"
 
     def to(self, *args, **kwargs) -> SampleBatch:
         return replace(self, images=self.images.to(*args, **kwargs), masks=self.masks.to(*args, **kwargs),
-                       cameras=self.cameras.to(*args, **kwargs))
+                       cameras=self.cameras.to(*args, **kwargs),
+                       depths=None if self.depths is None else self.depths.to(*args, **kwargs))
 
 
 def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, center=None,
@@ -145,7 +161,8 @@ def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, cen
         _, similarity = normalize_cameras(fit, center=center, up=up)
     except CameraError as err:
         raise SampleError(f"{sample.path}: cannot normalise the cameras ({err})") from err
-    return replace(sample, cameras=similarity.apply_cameras(sample.cameras)), similarity
+    depths = None if sample.depths is None else sample.depths * similarity.scale
+    return replace(sample, cameras=similarity.apply_cameras(sample.cameras), depths=depths), similarity
 
 
 # ---- one sample ------------------------------------------------------------------------------
@@ -164,6 +181,7 @@ def load_sample(
     resolution: int | tuple[int, int] | None = None,
     views: Sequence[int] | None = None,
     white_threshold: float = WHITE_THRESHOLD,
+    depth: bool = False,
 ) -> Sample:
     """Load a sample folder (or its camera file) -> Sample.
 
@@ -172,6 +190,7 @@ def load_sample(
     views: indices into the camera file's frames, returned in the order given (at least 2,
         distinct); None takes all frames in file order.
     white_threshold: for images without alpha, pixels with every channel >= this are background.
+    depth: also load the depth maps (`DEPTH_FILE`, which must then exist).
     Raises SampleError naming the file and the defect (camera defects included).
     """
     folder = Path(folder)
@@ -201,9 +220,30 @@ def load_sample(
     if not has_alpha[0]:
         masks_t = (images_t < white_threshold).any(1, keepdim=True).float()  # background: all channels >= t
     cameras = cameras[list(views)]
-    images_t, masks_t, cameras = _crop_and_resize(images_t, masks_t, cameras, target)
+    depths = _read_depth(folder / DEPTH_FILE, len(file_paths), cameras)[views] if depth else None
+    images_t, masks_t, cameras, depths = _crop_and_resize(images_t, masks_t, cameras, target, depths)
     log.debug("loaded %s: %d views at %dx%d, mask from %s", folder, len(views), target[1], target[0], mask_source)
-    return Sample(images_t, masks_t, cameras, tuple(image_paths[i] for i in views), folder.name, folder, mask_source)
+    return Sample(images_t, masks_t, cameras, tuple(image_paths[i] for i in views), folder.name, folder, mask_source,
+                  depths)
+
+
+def _read_depth(path: Path, num_frames: int, cameras: Cameras) -> Tensor:
+    """`DEPTH_FILE` -> [F, 1, H, W] float32, checked against the camera file's frames."""
+    import numpy as np
+
+    if not path.is_file():
+        raise SampleError(f"{path}: depth file missing (depth maps were asked for; `mouserecon synth` writes them)")
+    try:
+        with np.load(path) as archive:
+            depth = torch.from_numpy(np.asarray(archive["depth"], dtype=np.float32))
+    except (OSError, ValueError, KeyError) as err:
+        raise SampleError(f"{path}: cannot read the depth maps ({err})") from err
+    expected = (num_frames, cameras.height, cameras.width)
+    if tuple(depth.shape) != expected:
+        raise SampleError(f"{path}: depth maps are {tuple(depth.shape)}, expected (frames, H, W) = {expected}")
+    if not (torch.isfinite(depth).all() and (depth >= 0).all()):
+        raise SampleError(f"{path}: depth maps must be finite and >= 0 (0 = no surface)")
+    return depth[:, None]
 
 
 def _check_image_files(camera_file: Path, folder: Path, file_paths: list[str]) -> list[Path]:
@@ -246,23 +286,36 @@ def _target_size(cameras: Cameras, resolution, camera_file: Path) -> tuple[int, 
     return tuple(size)
 
 
-def _crop_and_resize(images: Tensor, masks: Tensor, cameras: Cameras, target: tuple[int, int]):
+def _crop_and_resize(images: Tensor, masks: Tensor, cameras: Cameras, target: tuple[int, int],
+                     depths: Tensor | None = None):
     """Centre-crop to the target aspect, then antialiased bilinear resize; cameras follow."""
     height, width = target
     h, w = images.shape[-2:]
     if w * height != h * width:  # aspect differs: crop the largest centred window with the target aspect
         crop_w, crop_h = (round(h * width / height), h) if w * height > h * width else (w, round(w * height / width))
         left, top = (w - crop_w) // 2, (h - crop_h) // 2
-        images = images[..., top:top + crop_h, left:left + crop_w]
-        masks = masks[..., top:top + crop_h, left:left + crop_w]
+        images, masks = images[..., top:top + crop_h, left:left + crop_w], masks[..., top:top + crop_h, left:left + crop_w]
+        depths = None if depths is None else depths[..., top:top + crop_h, left:left + crop_w]
         cameras = cameras.crop(left, top, crop_w, crop_h)
     if images.shape[-2:] != (height, width):
-        both = torch.cat([images, masks], 1)  # [V, 4, h, w]
-        both = F.interpolate(both, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        both = both.clamp_(0.0, 1.0)  # rounding only: the filter weights are non-negative and sum to one
-        images, masks = both[:, :3].contiguous(), both[:, 3:].contiguous()
+        images, masks, depths = _resample(images, masks, depths, (height, width))
         cameras = cameras.resize(height, width)
-    return images, masks, cameras
+    return images, masks, cameras, depths
+
+
+def _resample(images: Tensor, masks: Tensor, depths: Tensor | None, size: tuple[int, int]):
+    """Antialiased bilinear resize of [V, 3|1|1, h, w] colour, mask and depth (or None) to `size`.
+
+    Depth is a masked mean: the filter runs on (depth * valid, valid) and a pixel keeps depth / valid
+    only where every source pixel under its filter had a depth (valid > 0.999), else 0.
+    """
+    channels = [images, masks] if depths is None else [images, masks, depths * (depths > 0), (depths > 0).float()]
+    out = F.interpolate(torch.cat(channels, -3), size=size, mode="bilinear", antialias=True, align_corners=False)
+    colour = out[..., :4, :, :].clamp(0.0, 1.0)  # rounding only: the filter weights are non-negative, sum to one
+    if depths is not None:
+        total, valid = out[..., 4:5, :, :], out[..., 5:6, :, :]
+        depths = torch.where(valid > 0.999, total / valid.clamp_min(1e-6), torch.zeros_like(total))
+    return colour[..., :3, :, :].contiguous(), colour[..., 3:, :, :].contiguous(), depths
 
 
 def crop_to_foreground(sample: Sample, resolution: int, margin: float, jitter: float = 0.0) -> Sample:
@@ -279,7 +332,7 @@ def crop_to_foreground(sample: Sample, resolution: int, margin: float, jitter: f
     """
     if margin < 0 or jitter < 0:
         raise ValueError(f"margin and jitter must be >= 0, got {margin}, {jitter}")
-    images, masks, intrinsics = [], [], []
+    images, masks, depths, intrinsics = [], [], [], []
     for v in range(sample.num_views):
         rows, cols = torch.nonzero(sample.masks[v, 0] > 0.5, as_tuple=True)
         if rows.numel() == 0:
@@ -294,13 +347,16 @@ def crop_to_foreground(sample: Sample, resolution: int, margin: float, jitter: f
         side = max(1, math.ceil(side))
         x0, y0 = round(centre_x - side / 2.0), round(centre_y - side / 2.0)
         image, mask = _window(sample.images[v], 1.0, x0, y0, side), _window(sample.masks[v], 0.0, x0, y0, side)
-        both = F.interpolate(torch.cat([image, mask])[None], size=(resolution, resolution), mode="bilinear",
-                             antialias=True, align_corners=False)[0].clamp_(0.0, 1.0)
-        images.append(both[:3])
-        masks.append(both[3:])
+        depth = None if sample.depths is None else _window(sample.depths[v], 0.0, x0, y0, side)
+        image, mask, depth = _resample(image[None], mask[None], None if depth is None else depth[None],
+                                       (resolution, resolution))
+        images.append(image[0])
+        masks.append(mask[0])
+        depths.append(None if depth is None else depth[0])
         intrinsics.append(sample.cameras[v].window(x0, y0, side, side).resize(resolution, resolution).intrinsics)
     cameras = replace(sample.cameras, intrinsics=torch.stack(intrinsics), width=resolution, height=resolution)
-    return replace(sample, images=torch.stack(images), masks=torch.stack(masks), cameras=cameras)
+    return replace(sample, images=torch.stack(images), masks=torch.stack(masks), cameras=cameras,
+                   depths=None if sample.depths is None else torch.stack(depths))
 
 
 def load_model_inputs(folder: str | Path, views: Sequence[int], resolution: int, crop: float | None) -> Sample:
@@ -426,14 +482,15 @@ class MouseDataset(Dataset):
     with its path when it is loaded; it is never replaced by another. With `crop` (a margin) a
     sample of V views has 2V: each view cropped around its foreground (`crop_to_foreground`, from the
     full-resolution image), then the V whole frames resized, so that a loss can see the space
-    around the mouse too.
+    around the mouse too. With `depth` every sample also carries its depth maps (`DEPTH_FILE`).
     """
 
     def __init__(self, source: str | Path, resolution: int | tuple[int, int] | None = None,
                  views: Sequence[int] | None = None, white_threshold: float = WHITE_THRESHOLD,
                  normalize: bool = False, fit_views: Sequence[int] | None = None, crop: float | None = None,
-                 crop_jitter: float = 0.0) -> None:
+                 crop_jitter: float = 0.0, depth: bool = False) -> None:
         self.source = Path(source)
+        self.depth = depth
         self.crop = crop  # margin: crop each view around its foreground (crop_to_foreground); None = whole frame
         self.crop_jitter = crop_jitter
         if crop is not None and not isinstance(resolution, int):
@@ -454,16 +511,18 @@ class MouseDataset(Dataset):
     def load(self, index: int, augment: bool) -> Sample:
         """Sample `index`; augment=False leaves out the random crop jitter (validation)."""
         if self.crop is None:
-            sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold)
+            sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold,
+                                 self.depth)
         else:  # 2V views: the V crops, then the V whole frames
-            full = load_sample(self.sample_dirs[index], None, self.views, self.white_threshold)
+            full = load_sample(self.sample_dirs[index], None, self.views, self.white_threshold, self.depth)
             crops = crop_to_foreground(full, self.resolution, self.crop, self.crop_jitter if augment else 0.0)
-            images, masks, cameras = _crop_and_resize(full.images, full.masks, full.cameras,
-                                                      (self.resolution, self.resolution))
+            images, masks, cameras, depths = _crop_and_resize(full.images, full.masks, full.cameras,
+                                                              (self.resolution, self.resolution), full.depths)
             both = replace(cameras, c2w=torch.cat([crops.cameras.c2w, cameras.c2w]),
                            intrinsics=torch.cat([crops.cameras.intrinsics, cameras.intrinsics]))
             sample = replace(crops, images=torch.cat([crops.images, images]), masks=torch.cat([crops.masks, masks]),
-                             cameras=both, image_paths=crops.image_paths * 2)
+                             cameras=both, image_paths=crops.image_paths * 2,
+                             depths=None if depths is None else torch.cat([crops.depths, depths]))
         return normalize_sample(sample, self.fit_views)[0] if self.normalize else sample
 
 
@@ -473,6 +532,10 @@ def collate(samples: Sequence[Sample]) -> SampleBatch:
     if len(shapes) != 1:
         listing = ", ".join(f"{s.path} {tuple(s.images.shape)}" for s in samples)
         raise SampleError(f"cannot batch samples of different view counts or sizes: {listing}")
+    with_depth = [s.depths is not None for s in samples]
+    if any(with_depth) and not all(with_depth):
+        raise SampleError(f"cannot batch samples with and without depth maps: {samples[with_depth.index(False)].path} "
+                          f"has none, {samples[with_depth.index(True)].path} has")
     return SampleBatch(
         images=torch.stack([s.images for s in samples]),  # [B, V, 3, H, W]
         masks=torch.stack([s.masks for s in samples]),  # [B, V, 1, H, W]
@@ -480,4 +543,5 @@ def collate(samples: Sequence[Sample]) -> SampleBatch:
         sample_ids=tuple(s.sample_id for s in samples),
         paths=tuple(s.path for s in samples),
         mask_sources=tuple(s.mask_source for s in samples),
+        depths=torch.stack([s.depths for s in samples]) if all(with_depth) else None,  # [B, V, 1, H, W]
     )

@@ -67,10 +67,11 @@ class LossSection:
     lpips: float = 0.0
     perceptual: float = 0.0  # VGG19 feature loss (FaceLift's "perceptual")
     alpha: float = 0.0  # silhouette: L2 between the rendered alpha and the ground-truth mask, all pixels
+    depth: float = 0.0  # L1 between rendered and ground-truth depth (needs the samples' depth.npz)
     masked: bool = False  # restrict the image losses to the ground-truth foreground
 
     def __post_init__(self) -> None:
-        weights = (self.l2, self.ssim, self.lpips, self.perceptual, self.alpha)
+        weights = (self.l2, self.ssim, self.lpips, self.perceptual, self.alpha, self.depth)
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights[:4]):
             raise RecipeError(f"loss weights must be >= 0 with at least one image loss > 0, got {weights}")
 

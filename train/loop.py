@@ -103,9 +103,11 @@ def step_batch(model, batch, recipe: Recipe, losses: Losses, device: torch.devic
     with _autocast(recipe, device):
         gaussians = model(images[:, inputs], cameras[:, inputs])
     gaussians = gaussians.to(torch.float32)
-    out = render(gaussians, cameras[:, targets], images.shape[-2], images.shape[-1])
+    want_depth = recipe.loss.depth > 0
+    out = render(gaussians, cameras[:, targets], images.shape[-2], images.shape[-1], render_depth=want_depth)
+    gt_depth = batch.depths[:, targets].to(device) if want_depth else None
     terms = losses(out.images, images[:, targets], masks[:, targets] if recipe.loss.masked else None,
-                   out.alphas, masks[:, targets])
+                   out.alphas, masks[:, targets], out.depths, gt_depth)
     return terms, out
 
 
@@ -154,7 +156,8 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
                            views=range(recipe.data.views_per_sample), normalize=True,
                            fit_views=recipe.data.input_views,  # the frame eval and reconstruct use
                            crop=recipe.data.input_crop,
-                           crop_jitter=recipe.data.crop_jitter)
+                           crop_jitter=recipe.data.crop_jitter,
+                           depth=recipe.loss.depth > 0)
     train_ids, val_ids = split_samples(dataset, recipe.data.val_samples)
 
     torch.manual_seed(t.seed)

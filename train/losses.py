@@ -66,6 +66,16 @@ class PerceptualLoss(nn.Module):
         return total
 
 
+def depth_l1(pred: Tensor, gt: Tensor, pred_alpha: Tensor, min_alpha: float = 0.5) -> Tensor:
+    """Mean |pred - gt| depth [..., 1, h, w] over the pixels where the ground truth has a surface (gt > 0)
+    and the render is mostly opaque (pred_alpha > min_alpha, not differentiated): the rendered depth
+    is sum(w z) / alpha, which is unstable where alpha is small, and coverage is the alpha loss's job.
+    Averaged per image like the other losses; an image with no such pixel contributes 0."""
+    weight = ((gt > 0) & (pred_alpha.detach() > min_alpha)).to(pred.dtype)
+    per_image = ((pred - gt).abs() * weight).flatten(-3).sum(-1) / weight.flatten(-3).sum(-1).clamp_min(1.0)
+    return per_image.mean()
+
+
 class Losses(nn.Module):
     """Weighted sum of the recipe's losses. Returns {"l2": .., "ssim": .., ..., "total": ..}."""
 
@@ -77,13 +87,16 @@ class Losses(nn.Module):
         self.terms = nn.ModuleDict({k: builders[k]() for k in self.weights})
 
         self.alpha_weight = cfg.alpha
+        self.depth_weight = cfg.depth
 
     def forward(self, pred: Tensor, gt: Tensor, mask: Tensor | None = None, pred_alpha: Tensor | None = None,
-                gt_alpha: Tensor | None = None) -> dict[str, Tensor]:
+                gt_alpha: Tensor | None = None, pred_depth: Tensor | None = None,
+                gt_depth: Tensor | None = None) -> dict[str, Tensor]:
         """pred, gt [..., 3, h, w] in [0, 1]; mask [..., 1, h, w] or None (whole image).
 
         pred_alpha, gt_alpha [..., 1, h, w]: needed when the recipe weights the silhouette (alpha) loss;
         it is never masked (the background is where it matters).
+        pred_depth, gt_depth [..., 1, h, w]: needed when the recipe weights the depth loss (`depth_l1`).
         """
         assert pred.shape == gt.shape, f"pred {tuple(pred.shape)} vs gt {tuple(gt.shape)}"
         out = {k: term(pred, gt, mask) for k, term in self.terms.items()}
@@ -92,5 +105,9 @@ class Losses(nn.Module):
             assert pred_alpha is not None and gt_alpha is not None, "the alpha loss needs pred_alpha and gt_alpha"
             assert pred_alpha.shape == gt_alpha.shape, f"{tuple(pred_alpha.shape)} vs {tuple(gt_alpha.shape)}"
             out["alpha"], weights["alpha"] = ((pred_alpha - gt_alpha) ** 2).mean(), self.alpha_weight
+        if self.depth_weight > 0:
+            assert pred_depth is not None and gt_depth is not None, "the depth loss needs pred_depth and gt_depth"
+            assert pred_alpha is not None, "the depth loss needs pred_alpha"
+            out["depth"], weights["depth"] = depth_l1(pred_depth, gt_depth, pred_alpha), self.depth_weight
         out["total"] = sum(weights[k] * v for k, v in out.items())
         return out

@@ -2,8 +2,10 @@
 
 A sample folder holds `images/cam_000.png ...` (8-bit RGBA, alpha = coverage of the mouse,
 white where alpha is 0), `opencv_cameras.json` (w2c on disk; top-level `world_up` and, for
-normalised samples, the `normalization` similarity from mm) and `synth.json` (seed, mouse
-parameters, light, rig values, which frames are rig views and which are held out).
+normalised samples, the `normalization` similarity from mm), `depth.npz` (each frame's depth map:
+camera z of the surface under each pixel centre in the sample's units, 0 off the mouse; see
+`mouserecon.data.DEPTH_FILE`) and `synth.json` (seed, mouse parameters, light, rig values, which
+frames are rig views and which are held out).
 Frames 0 .. n_views-1 are the rig views in azimuth order; held-out views follow them.
 
 Units: "mm" writes the raw world (mm, +Z up, ground z = 0, cameras ~300-330 mm from the aim
@@ -27,12 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mouserecon.cameras import Cameras, save_opencv_cameras
-from mouserecon.normalize import normalize_cameras
+from mouserecon.cameras import Cameras, load_opencv_cameras, save_opencv_cameras
+from mouserecon.data import DEPTH_FILE
+from mouserecon.normalize import Similarity, normalize_cameras
 from mouserecon.synth.mouse import MouseParams, build_mouse, sample_params
 from mouserecon.synth.rig import RigConfig, sample_rig
 from mouserecon.synth.sdf import Shape
-from mouserecon.synth.trace import Light, TraceConfig, render_rgba
+from mouserecon.synth.trace import Light, TraceConfig, render_depth, render_rgba
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,18 @@ def widen(params: MouseParams, light: Light, rng: np.random.Generator) -> tuple[
     return params, light
 
 
+def draw_mouse(seed: int, variety: str) -> tuple[MouseParams, Light, np.random.Generator]:
+    """The mouse and light of `seed` -> (mouse parameters, light, the generator, ready to draw the rig)."""
+    if variety not in VARIETIES:
+        raise ValueError(f"variety must be one of {VARIETIES}, got {variety!r}")
+    rng = np.random.default_rng(seed)
+    params = sample_params(rng)
+    light = sample_light(rng)
+    if variety == "wide":
+        params, light = widen(params, light, rng)
+    return params, light, rng
+
+
 def mouse_center(shape: Shape) -> np.ndarray:
     """Centre [3] (mm) of the mouse's torso box (body and head, not the tail)."""
     box = shape.parts[0].bounds().double().numpy()
@@ -96,20 +111,18 @@ def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_vie
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: output folder exists and is not empty")
-    rng = np.random.default_rng(seed)
-    params = sample_params(rng)
-    light = sample_light(rng)
-    if variety == "wide":
-        params, light = widen(params, light, rng)
+    params, light, rng = draw_mouse(seed, variety)
     shape = build_mouse(params)
     aim = mouse_center(shape) + rng.uniform(-5.0, 5.0, size=3)
     drawn = sample_rig(rng, aim, resolution, n_views, n_heldout, rig)
     rgba = render_rgba(shape, drawn.cameras, light, trace)  # [V, H, W, 4]
+    depth = render_depth(shape, drawn.cameras, trace, near_silhouette(rgba[..., 3]))  # [V, H, W] mm
 
     cameras, extra = drawn.cameras, {"world_up": [0.0, 0.0, 1.0]}
     if units == "normalized":
         _, similarity = normalize_cameras(cameras[:n_views])
         cameras = similarity.apply_cameras(cameras)
+        depth = depth * similarity.scale
         extra["normalization"] = similarity.to_dict()
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -121,6 +134,7 @@ def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_vie
     for name, image in zip(files, pixels):
         iio.imwrite(tmp / name, image)
     save_opencv_cameras(tmp / "opencv_cameras.json", cameras, files, **extra)
+    save_depth(tmp / DEPTH_FILE, depth)
     record = {
         "generator": "mouserecon.synth", "seed": seed, "variety": variety, "units": units, "resolution": resolution,
         "rig_views": list(range(n_views)), "heldout_views": list(range(n_views, n_views + n_heldout)),
@@ -146,8 +160,44 @@ def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, **sample_kwargs
     return folders
 
 
-def render_cameras(seed: int, cameras: Cameras, trace: TraceConfig = TraceConfig()) -> torch.Tensor:
+def render_cameras(seed: int, cameras: Cameras, trace: TraceConfig = TraceConfig(),
+                   variety: str = "rig") -> torch.Tensor:
     """The mouse and light of `seed` rendered from any cameras [V] in mm -> RGBA [V, H, W, 4]."""
-    rng = np.random.default_rng(seed)
-    shape = build_mouse(sample_params(rng))
-    return render_rgba(shape, cameras, sample_light(rng), trace)
+    params, light, _ = draw_mouse(seed, variety)
+    return render_rgba(build_mouse(params), cameras, light, trace)
+
+
+def near_silhouette(alpha: torch.Tensor) -> torch.Tensor:
+    """alpha [V, H, W] -> bool [V, H, W]: pixels with alpha > 0 or next to one, the only ones whose
+    centre ray can hit the mouse (a centre hit makes the pixel or its neighbours partly covered)."""
+    covered = (alpha > 0).float()[:, None]
+    return torch.nn.functional.max_pool2d(covered, 3, stride=1, padding=1)[:, 0] > 0
+
+
+def save_depth(path: Path, depth: torch.Tensor) -> None:
+    """Write depth maps [F, H, W] (float32, 0 = no surface) as `mouserecon.data.DEPTH_FILE` expects."""
+    np.savez_compressed(path, depth=depth.float().numpy())
+
+
+def add_depth(folder: str | Path, trace: TraceConfig | None = None) -> Path:
+    """Write `depth.npz` into a synthetic sample folder written without one (by an older version).
+
+    The mouse is redrawn from `synth.json` (seed, variety) and traced from the folder's own cameras,
+    mapped back to mm when the sample is normalised, at the pixels the images' alpha marks (see
+    `near_silhouette`), as `generate_sample` does. Returns the depth file's path.
+    """
+    folder = Path(folder)
+    record = json.loads((folder / "synth.json").read_text())
+    cameras, files = load_opencv_cameras(folder / "opencv_cameras.json")
+    to_mm = Similarity.identity()
+    if record["units"] == "normalized":
+        norm = json.loads((folder / "opencv_cameras.json").read_text())["normalization"]
+        to_mm = Similarity.from_dict(norm).inverse()
+    alpha = torch.stack([torch.from_numpy(iio.imread(folder / f)[..., 3].astype(np.float32)) for f in files])
+    params, _, _ = draw_mouse(record["seed"], record["variety"])
+    trace = TraceConfig(**record["trace"]) if trace is None else trace
+    depth = render_depth(build_mouse(params), to_mm.apply_cameras(cameras), trace, near_silhouette(alpha))
+    depth = depth / to_mm.scale
+    path = folder / DEPTH_FILE
+    save_depth(path, depth)
+    return path

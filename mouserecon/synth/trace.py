@@ -176,6 +176,32 @@ def render_rgba(scene: Scene, cameras: Cameras, light: Light, config: TraceConfi
         return _render(scene, cameras, light, config)
 
 
+def render_depth(scene: Scene, cameras: Cameras, config: TraceConfig = TraceConfig(),
+                 where: Tensor | None = None) -> Tensor:
+    """Depth maps of cameras [V] -> [V, H, W] float32: the camera z (OpenCV, along the optical axis) of
+    the surface point hit by the ray through each pixel centre, 0 where that ray misses.
+
+    One ray per pixel, no shading; silhouette pixels whose centre ray misses are 0 although the
+    mouse covers part of them (see `render_rgba` for the coverage). where [V, H, W] bool: trace only
+    these pixels (e.g. near a known silhouette), the others are 0. Runs under `one_thread()`.
+    """
+    assert cameras.c2w.ndim == 3, "render a [V] set of cameras"
+    n_views, height, width = len(cameras), cameras.height, cameras.width
+    with one_thread():
+        origins, dirs = cameras.rays()  # [V, H, W, 3]
+        forward = cameras.c2w[:, None, None, :3, 2].to(dirs.dtype).expand_as(dirs)  # optical axis in world
+        pick = torch.ones(n_views, height, width, dtype=torch.bool) if where is None else where
+        assert pick.shape == (n_views, height, width), f"where {tuple(pick.shape)} vs {(n_views, height, width)}"
+        origins, dirs, forward = origins[pick], dirs[pick], forward[pick]  # [P, 3]
+        focal = cameras.intrinsics[:, :2].min(-1).values[:, None, None].expand(n_views, height, width)[pick]
+        box = scene.bounds()
+        t_near, t_far = ray_box(origins, dirs, box)
+        t, hit, _ = sphere_trace(scene, origins, dirs, t_near, t_far, config.hit_px / focal, config)
+        depth = torch.zeros(n_views, height, width)
+        depth[pick] = torch.where(hit, t * (dirs * forward).sum(-1), torch.zeros_like(t)).float()
+        return depth
+
+
 def _render(scene: Scene, cameras: Cameras, light: Light, config: TraceConfig) -> Tensor:
     s, n_views, height, width = config.supersample, len(cameras), cameras.height, cameras.width
     box = scene.bounds()
