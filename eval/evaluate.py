@@ -16,7 +16,8 @@
        normalised frame, from the same crops (margin `baselines.HULL_INPUT_CROP`); baseline "flat":
        the flat background image (white, alpha 0), nothing rendered;
      - with `refine` N > 0, every checkpoint and the hull are also scored refined: N steps of
-       `refine.refine` against the input views and their masks (model name suffix "+refineN");
+       `refine.refine` against the input views and their masks (model name suffix "+refineN"); with
+       crops, against both the crops and the whole input frames, as in training;
      - .ply: render it with the sample's own cameras (the camera file's frame, e.g. mm), or, when its
        `reconstruct` sidecar says "units": "model", with the cameras mapped by the sidecar's recorded
        similarity. A sidecar that names another sample, or input views or a resolution other than the
@@ -324,8 +325,11 @@ def _render_prediction(model: _Model, network, sample: Sample, protocol: Protoco
         log.warning("%s: %d of %d predicted Gaussians are non-finite and were dropped", sample.sample_id,
                     gaussians.num - finite.num, gaussians.num)
     if model.refine:
+        targets = images, masks, cameras[:n_in].to(device)
+        if crop is not None:  # as in training: the crops (detail) and the whole frames (what lies around)
+            targets = torch.cat([in_images, images]), torch.cat([in_masks, masks]), Cameras.cat([in_cameras, targets[2]])
         try:
-            finite = refine(finite, images, masks, cameras[:n_in].to(device), model.refine).gaussians
+            finite = refine(finite, *targets, model.refine).gaussians
         except RefineError as err:
             raise EvalError(f"{sample.path}: {err}") from None
     return _render(finite, cameras[n_in:], protocol, device)

@@ -65,12 +65,20 @@ class Cameras:
 
     @staticmethod
     def stack(cameras: list[Cameras], dim: int = 0) -> Cameras:
+        return Cameras._join(torch.stack, cameras, dim)
+
+    @staticmethod
+    def cat(cameras: list[Cameras], dim: int = 0) -> Cameras:
+        return Cameras._join(torch.cat, cameras, dim)
+
+    @staticmethod
+    def _join(join, cameras: list[Cameras], dim: int) -> Cameras:
         sizes = {(c.width, c.height) for c in cameras}
         if len(sizes) != 1:
-            raise CameraError(f"cannot stack cameras with different image sizes {sorted(sizes)}")
+            raise CameraError(f"cannot join cameras with different image sizes {sorted(sizes)}")
         return Cameras(
-            c2w=torch.stack([c.c2w for c in cameras], dim),
-            intrinsics=torch.stack([c.intrinsics for c in cameras], dim),
+            c2w=join([c.c2w for c in cameras], dim),
+            intrinsics=join([c.intrinsics for c in cameras], dim),
             width=cameras[0].width,
             height=cameras[0].height,
         )

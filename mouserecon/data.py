@@ -518,10 +518,8 @@ class MouseDataset(Dataset):
             crops = crop_to_foreground(full, self.resolution, self.crop, self.crop_jitter if augment else 0.0)
             images, masks, cameras, depths = _crop_and_resize(full.images, full.masks, full.cameras,
                                                               (self.resolution, self.resolution), full.depths)
-            both = replace(cameras, c2w=torch.cat([crops.cameras.c2w, cameras.c2w]),
-                           intrinsics=torch.cat([crops.cameras.intrinsics, cameras.intrinsics]))
             sample = replace(crops, images=torch.cat([crops.images, images]), masks=torch.cat([crops.masks, masks]),
-                             cameras=both, image_paths=crops.image_paths * 2,
+                             cameras=Cameras.cat([crops.cameras, cameras]), image_paths=crops.image_paths * 2,
                              depths=None if depths is None else torch.cat([crops.depths, depths]))
         return normalize_sample(sample, self.fit_views)[0] if self.normalize else sample
 

@@ -8,7 +8,7 @@ Steps (each logged with its wall time):
      camera file's `world_up` -> +Z, or +Z when it records none);
   4. a model trained on crops (`input_crop` in its config) gets each input view cropped to a square
      around its foreground from the full-resolution image (`data.crop_to_foreground`), as in training;
-     held-out scores and refinement use the whole frames of step 2;
+     held-out scores use the whole frames of step 2, refinement the crops and the whole frames;
      run the GS-LRM once (no grad; bf16 autocast on CUDA) -> 2 token Gaussians + one per input pixel;
   5. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0,
      optimise them for N steps against the input views (`refine.refine`), log masked PSNR / SSIM
@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -205,8 +205,9 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
             inputs = crop_to_foreground(full.select(views), resolution, config.input_crop)
         log.info("input views cropped to a square around the mouse (margin %g, as the model was trained), "
                  "from the full-resolution images", config.input_crop)
+    input_cameras = similarity.apply_cameras(inputs.cameras)
     with _timed("running the model", timings):
-        predicted = predict(model, inputs.images, similarity.apply_cameras(inputs.cameras), device)
+        predicted = predict(model, inputs.images, input_cameras, device)
     numpredicted = predicted.num
     assert numpredicted == config.n_gaussians + len(views) * resolution * resolution, numpredicted
 
@@ -217,7 +218,8 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     refine_metrics = None
     if o.refine:
         with _timed(f"refining ({o.refine} steps)", timings):
-            kept, refine_metrics = _refine(kept, sample, cameras.to(device), views, heldout, o.refine)
+            crops = None if full is None else replace(inputs, cameras=input_cameras)
+            kept, refine_metrics = _refine(kept, sample, cameras.to(device), views, heldout, o.refine, crops)
         before = kept.num
         kept = kept.prune(o.min_opacity)
         log.info("after refinement: %d Gaussians with opacity < %g pruned, %d kept", before - kept.num,
@@ -322,13 +324,20 @@ def predict(model, images: Tensor, cameras: Cameras, device: torch.device) -> Ga
 
 
 def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple[int, ...], heldout: tuple[int, ...],
-            steps: int) -> tuple[Gaussians, dict]:
-    """Refine against the input views; score the input and held-out views before and after."""
-    images, masks = sample.images.to(gaussians.device), sample.masks.to(gaussians.device)  # all frames
+            steps: int, crops: Sample | None) -> tuple[Gaussians, dict]:
+    """Refine against the input views (and, for a crop model, their crops `crops`, cameras in the model
+    frame, as in training); score the whole input and held-out views before and after."""
+    device = gaussians.device
+    images, masks = sample.images.to(device), sample.masks.to(device)  # all frames
     inputs = list(views)
     scores = {"before": _view_scores(gaussians, images, masks, cameras, views, heldout)}
+    targets = images[inputs], masks[inputs], cameras[inputs]
+    if crops is not None:
+        crops = crops.to(device)
+        targets = (torch.cat([crops.images, targets[0]]), torch.cat([crops.masks, targets[1]]),
+                   Cameras.cat([crops.cameras, targets[2]]))
     try:
-        result = refine(gaussians, images[inputs], masks[inputs], cameras[inputs], steps)
+        result = refine(gaussians, *targets, steps)
     except RefineError as err:
         raise ReconstructError(f"{sample.path}: {err}") from None
     scores["after"] = _view_scores(result.gaussians, images, masks, cameras, views, heldout)

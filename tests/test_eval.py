@@ -27,6 +27,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from mouserecon.checkpoints import save_checkpoint
 from mouserecon.data import SampleError
 from mouserecon.cli import main
+from mouserecon.eval import evaluate as evaluate_module
 from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate
 from mouserecon.eval.lpips_weights import LpipsWeightsMissing, build_lpips, fetch_lpips_weights
 from mouserecon.eval.protocol import Protocol, ProtocolMismatch, data_sha1, parse_mask, require_same_protocol
@@ -249,12 +250,25 @@ def test_end_to_end_report_is_complete_and_recomputes_from_saved_renders(synth_m
     assert f"{psnr['mean']:.2f}" in table.splitlines()[2].split()
 
 
-def test_baselines_and_refined_models_share_the_report(synth_mice, checkpoints, tmp_path):
+def test_baselines_and_refined_models_share_the_report(synth_mice, checkpoints, tmp_path, monkeypatch):
     data = _dataset(tmp_path, synth_mice, 2)
     out = tmp_path / "report"
+    targets = []  # fx of the views each refinement fits
+    refine = evaluate_module.refine
+
+    def recording(gaussians, images, masks, cameras, steps):
+        targets.append(cameras.intrinsics[:, 0].tolist())
+        return refine(gaussians, images, masks, cameras, steps)
+
+    monkeypatch.setattr(evaluate_module, "refine", recording)
     report = evaluate(EvalOptions(data, checkpoints[1:], baselines=("flat", "hull"), refine=2, out=out, lpips="none"))
     names = [m.name for m in report.models]
     assert names == ["tiny_seed1", "flat", "hull", "tiny_seed1+refine2", "hull+refine2"]
+    # A whole-frame model refines against the 5 whole input frames; the hull, built from crops, against
+    # the 5 crops (zoomed in: larger fx) and then the same 5 whole frames.
+    whole, crops = targets[1], targets[3]  # the same sample (the second) for both models
+    assert len(targets) == 4 and len(whole) == 5 and len(crops) == 10
+    assert crops[5:] == pytest.approx(whole) and min(c / w for c, w in zip(crops[:5], whole)) > 1.2  # seen: 1.39 and up
     rows = _rows(out)
     for row in (r for r in rows if r["model"] == "flat"):  # white everywhere: closed form from the PNG
         gt, mask = _ground_truth(synth_mice / row["sample"], HELDOUT)

@@ -412,3 +412,29 @@ def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sa
         v = f["fy"] * cam[:, 1] / cam[:, 2] + f["cy"]
         np.testing.assert_allclose(u, left + (cols.ravel() + 0.5) * side / size, atol=2e-3)
         np.testing.assert_allclose(v, top + (rows.ravel() + 0.5) * side / size, atol=2e-3)
+
+
+def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, tmp_path, monkeypatch):
+    from mouserecon import reconstruct as reconstruct_module
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "crop.pt"
+    save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1)))
+    seen = []
+    refine = reconstruct_module.refine
+
+    def recording(gaussians, images, masks, cameras, steps):
+        seen.append((images, cameras))
+        return refine(gaussians, images, masks, cameras, steps)
+
+    monkeypatch.setattr(reconstruct_module, "refine", recording)
+    size, views = 32, (1, 3)
+    result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, views=views, resolution=size,
+                                            refine=1))
+    (images, cameras), = seen
+    # the 2 crops the model saw, then the 2 whole frames, each with its own camera in the model frame
+    crops, whole = crop_to_foreground(load_sample(mm_sample), size, 0.1), load_sample(mm_sample, size)
+    torch.testing.assert_close(images, torch.cat([crops.images[list(views)], whole.images[list(views)]]))
+    expected = result.similarity.apply_cameras(Cameras.cat([crops.cameras[list(views)], whole.cameras[list(views)]]))
+    torch.testing.assert_close(cameras.intrinsics, expected.intrinsics)
+    torch.testing.assert_close(cameras.c2w, expected.c2w)
