@@ -271,7 +271,7 @@ def view(plys, camera_file, sample_dir, host, port, up, render_dir) -> None:
 @click.option("--variety", default="rig", show_default=True, type=click.Choice(["rig", "wide"]),
               help="rig: a rig like the real one; wide: wider rigs, coat colours and lighting (for training).")
 def synth(out_dir: str, n: int, seed: int, resolution: int, views: int, heldout: int, units: str, variety: str) -> None:
-    """Generate synthetic mouse samples (RGBA views + opencv_cameras.json + synth.json)."""
+    """Generate synthetic mouse samples (RGBA views + opencv_cameras.json + depth.npz + synth.json)."""
     from mouserecon.synth import generate_dataset
 
     generate_dataset(out_dir, n, seed, resolution=resolution, n_views=views, n_heldout=heldout, units=units,

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.io
@@ -229,8 +230,6 @@ def load_sample(
 
 def _read_depth(path: Path, num_frames: int, cameras: Cameras) -> Tensor:
     """`DEPTH_FILE` -> [F, 1, H, W] float32, checked against the camera file's frames."""
-    import numpy as np
-
     if not path.is_file():
         raise SampleError(f"{path}: depth file missing (depth maps were asked for; `mouserecon synth` writes them)")
     try:

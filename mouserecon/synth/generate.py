@@ -168,8 +168,9 @@ def render_cameras(seed: int, cameras: Cameras, trace: TraceConfig = TraceConfig
 
 
 def near_silhouette(alpha: torch.Tensor) -> torch.Tensor:
-    """alpha [V, H, W] -> bool [V, H, W]: pixels with alpha > 0 or next to one, the only ones whose
-    centre ray can hit the mouse (a centre hit makes the pixel or its neighbours partly covered)."""
+    """alpha [V, H, W] -> bool [V, H, W]: pixels with alpha > 0 and their neighbours, the pixels whose
+    centre ray is traced for depth. A centre ray can hit where none of the pixel's sub-pixel rays
+    did only on parts thinner than half a pixel; such pixels keep depth 0."""
     covered = (alpha > 0).float()[:, None]
     return torch.nn.functional.max_pool2d(covered, 3, stride=1, padding=1)[:, 0] > 0
 
