@@ -307,29 +307,27 @@ def _render_prediction(model: _Model, network, sample: Sample, protocol: Protoco
     n_in = len(protocol.input_views)
     normalized, similarity = normalize_sample(sample, fit_views=range(n_in))  # fitted to the inputs only
     cameras = normalized.cameras  # [I + H]
-    images, masks = sample.images[:n_in].to(device), sample.masks[:n_in].to(device)
+    whole = normalized.select(range(n_in))  # the whole input frames, model frame
     # The inputs as the model was trained to see them; the hull gets the same crops as the demo model.
     crop = network.config.input_crop if network is not None else HULL_INPUT_CROP
-    if crop is None:
-        inputs = sample.select(range(n_in))
-    else:
+    inputs = whole
+    if crop is not None:
         inputs = load_model_inputs(sample.path, protocol.input_views, protocol.resolution, crop)
-    in_images, in_masks = inputs.images.to(device), inputs.masks.to(device)
-    in_cameras = similarity.apply_cameras(inputs.cameras).to(device)
+        inputs = replace(inputs, cameras=similarity.apply_cameras(inputs.cameras))
+    seen = inputs.to(device)
     if network is not None:
-        gaussians = predict(network, in_images, in_cameras, device)
+        gaussians = predict(network, seen.images, seen.cameras, device)
     else:
-        gaussians = visual_hull_gaussians(in_images, in_masks, in_cameras)
+        gaussians = visual_hull_gaussians(seen.images, seen.masks, seen.cameras)
     finite = gaussians.drop_nonfinite()
     if finite.num < gaussians.num:
         log.warning("%s: %d of %d predicted Gaussians are non-finite and were dropped", sample.sample_id,
                     gaussians.num - finite.num, gaussians.num)
     if model.refine:
-        targets = images, masks, cameras[:n_in].to(device)
-        if crop is not None:  # as in training: the crops (detail) and the whole frames (what lies around)
-            targets = torch.cat([in_images, images]), torch.cat([in_masks, masks]), Cameras.cat([in_cameras, targets[2]])
+        # as in training: a crop model fits the crops (detail) and the whole frames (what lies around)
+        fit = (whole if crop is None else Sample.cat([inputs, whole])).to(device)
         try:
-            finite = refine(finite, *targets, model.refine).gaussians
+            finite = refine(finite, fit.images, fit.masks, fit.cameras, model.refine).gaussians
         except RefineError as err:
             raise EvalError(f"{sample.path}: {err}") from None
     return _render(finite, cameras[n_in:], protocol, device)

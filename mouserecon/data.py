@@ -108,6 +108,17 @@ class Sample:
                        cameras=self.cameras.to(*args, **kwargs),
                        depths=None if self.depths is None else self.depths.to(*args, **kwargs))
 
+    @staticmethod
+    def cat(samples: Sequence[Sample]) -> Sample:
+        """The views of `samples` (same size; all with depth maps or none) one after another, as one
+        Sample with the first one's id, path and mask source."""
+        with_depth = {s.depths is not None for s in samples}
+        assert len(with_depth) == 1, "cannot join samples with and without depth maps"
+        return replace(samples[0], images=torch.cat([s.images for s in samples]),
+                       masks=torch.cat([s.masks for s in samples]), cameras=Cameras.cat([s.cameras for s in samples]),
+                       image_paths=sum((s.image_paths for s in samples), ()),
+                       depths=torch.cat([s.depths for s in samples]) if with_depth == {True} else None)
+
     def select(self, views: Sequence[int]) -> Sample:
         """The given views, in the order given."""
         views = list(views)
@@ -517,9 +528,7 @@ class MouseDataset(Dataset):
             crops = crop_to_foreground(full, self.resolution, self.crop, self.crop_jitter if augment else 0.0)
             images, masks, cameras, depths = _crop_and_resize(full.images, full.masks, full.cameras,
                                                               (self.resolution, self.resolution), full.depths)
-            sample = replace(crops, images=torch.cat([crops.images, images]), masks=torch.cat([crops.masks, masks]),
-                             cameras=Cameras.cat([crops.cameras, cameras]), image_paths=crops.image_paths * 2,
-                             depths=None if depths is None else torch.cat([crops.depths, depths]))
+            sample = Sample.cat([crops, replace(full, images=images, masks=masks, cameras=cameras, depths=depths)])
         return normalize_sample(sample, self.fit_views)[0] if self.normalize else sample
 
 

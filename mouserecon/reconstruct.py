@@ -327,17 +327,12 @@ def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple
             steps: int, crops: Sample | None) -> tuple[Gaussians, dict]:
     """Refine against the input views (and, for a crop model, their crops `crops`, cameras in the model
     frame, as in training); score the whole input and held-out views before and after."""
-    device = gaussians.device
-    images, masks = sample.images.to(device), sample.masks.to(device)  # all frames
-    inputs = list(views)
+    images, masks = sample.images.to(gaussians.device), sample.masks.to(gaussians.device)  # all frames
     scores = {"before": _view_scores(gaussians, images, masks, cameras, views, heldout)}
-    targets = images[inputs], masks[inputs], cameras[inputs]
-    if crops is not None:
-        crops = crops.to(device)
-        targets = (torch.cat([crops.images, targets[0]]), torch.cat([crops.masks, targets[1]]),
-                   Cameras.cat([crops.cameras, targets[2]]))
+    fit = replace(sample.select(views), cameras=cameras[list(views)])
+    fit = (fit if crops is None else Sample.cat([crops, fit])).to(gaussians.device)
     try:
-        result = refine(gaussians, *targets, steps)
+        result = refine(gaussians, fit.images, fit.masks, fit.cameras, steps)
     except RefineError as err:
         raise ReconstructError(f"{sample.path}: {err}") from None
     scores["after"] = _view_scores(result.gaussians, images, masks, cameras, views, heldout)

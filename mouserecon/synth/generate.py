@@ -189,11 +189,11 @@ def add_depth(folder: str | Path, trace: TraceConfig | None = None) -> Path:
     """
     folder = Path(folder)
     record = json.loads((folder / "synth.json").read_text())
-    cameras, files = load_opencv_cameras(folder / "opencv_cameras.json")
+    camera_file = folder / "opencv_cameras.json"
+    cameras, files = load_opencv_cameras(camera_file)
     to_mm = Similarity.identity()
-    if record["units"] == "normalized":
-        norm = json.loads((folder / "opencv_cameras.json").read_text())["normalization"]
-        to_mm = Similarity.from_dict(norm).inverse()
+    if record["units"] == "normalized":  # the similarity from mm, recorded beside the frames
+        to_mm = Similarity.from_dict(json.loads(camera_file.read_text())["normalization"]).inverse()
     alpha = torch.stack([torch.from_numpy(iio.imread(folder / f)[..., 3].astype(np.float32)) for f in files])
     params, _, _ = draw_mouse(record["seed"], record["variety"])
     trace = TraceConfig(**record["trace"]) if trace is None else trace

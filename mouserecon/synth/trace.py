@@ -151,14 +151,19 @@ def _shade_hits(scene: Scene, origins: Tensor, dirs: Tensor, t: Tensor, light: L
     return shade(scene, points, normals, dirs, light, visibility)
 
 
-def _trace_rays(scene: Scene, cameras: Cameras, box: Tensor, config: TraceConfig) -> tuple[Tensor, ...]:
-    """Rays through every pixel centre of cameras [V], traced: origins, dirs [R, 3], t, hit, closest [R]."""
+def _trace_rays(scene: Scene, cameras: Cameras, box: Tensor, config: TraceConfig,
+                where: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Rays through the pixel centres of cameras [V] (every pixel, or those `where` [V, H, W] marks, in
+    row-major order), traced: origins, dirs [R, 3], t, hit, closest [R]."""
     origins, dirs = cameras.rays()  # [V, H, W, 3]
-    origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
-    focal = cameras.intrinsics[:, :2].min(-1).values  # [V]
-    eps = (config.hit_px / focal)[:, None].expand(len(cameras), cameras.height * cameras.width).reshape(-1)
+    focal = cameras.intrinsics[:, :2].min(-1).values[:, None, None].expand(origins.shape[:-1])  # [V, H, W]
+    if where is None:
+        origins, dirs, focal = origins.reshape(-1, 3), dirs.reshape(-1, 3), focal.reshape(-1)
+    else:
+        assert where.shape == origins.shape[:-1], f"where {tuple(where.shape)} vs pixels {tuple(origins.shape[:-1])}"
+        origins, dirs, focal = origins[where], dirs[where], focal[where]
     t_near, t_far = ray_box(origins, dirs, box)
-    return (origins, dirs, *sphere_trace(scene, origins, dirs, t_near, t_far, eps, config))
+    return (origins, dirs, *sphere_trace(scene, origins, dirs, t_near, t_far, config.hit_px / focal, config))
 
 
 def render_rgba(scene: Scene, cameras: Cameras, light: Light, config: TraceConfig = TraceConfig()) -> Tensor:
@@ -186,18 +191,12 @@ def render_depth(scene: Scene, cameras: Cameras, config: TraceConfig = TraceConf
     these pixels (e.g. near a known silhouette), the others are 0. Runs under `one_thread()`.
     """
     assert cameras.c2w.ndim == 3, "render a [V] set of cameras"
-    n_views, height, width = len(cameras), cameras.height, cameras.width
+    shape = (len(cameras), cameras.height, cameras.width)
+    pick = torch.ones(shape, dtype=torch.bool) if where is None else where
     with one_thread():
-        origins, dirs = cameras.rays()  # [V, H, W, 3]
-        forward = cameras.c2w[:, None, None, :3, 2].to(dirs.dtype).expand_as(dirs)  # optical axis in world
-        pick = torch.ones(n_views, height, width, dtype=torch.bool) if where is None else where
-        assert pick.shape == (n_views, height, width), f"where {tuple(pick.shape)} vs {(n_views, height, width)}"
-        origins, dirs, forward = origins[pick], dirs[pick], forward[pick]  # [P, 3]
-        focal = cameras.intrinsics[:, :2].min(-1).values[:, None, None].expand(n_views, height, width)[pick]
-        box = scene.bounds()
-        t_near, t_far = ray_box(origins, dirs, box)
-        t, hit, _ = sphere_trace(scene, origins, dirs, t_near, t_far, config.hit_px / focal, config)
-        depth = torch.zeros(n_views, height, width)
+        _, dirs, t, hit, _ = _trace_rays(scene, cameras, scene.bounds(), config, pick)
+        forward = cameras.c2w[:, None, None, :3, 2].expand(*shape, 3)[pick].to(dirs.dtype)  # optical axes [P, 3]
+        depth = torch.zeros(shape)
         depth[pick] = torch.where(hit, t * (dirs * forward).sum(-1), torch.zeros_like(t)).float()
         return depth
 
