@@ -17,7 +17,8 @@
        the flat background image (white, alpha 0), nothing rendered;
      - with `refine` N > 0, every checkpoint and the hull are also scored refined: N steps of
        `refine.refine` against the input views and their masks (model name suffix "+refineN"); with
-       crops, against both the crops and the whole input frames, as in training;
+       crops, against both the crops and the whole input frames, as in training; carved with the
+       whole input frames' masks before and after (`carve.carve`);
      - .ply: render it with the sample's own cameras (the camera file's frame, e.g. mm), or, when its
        `reconstruct` sidecar says "units": "model", with the cameras mapped by the sidecar's recorded
        similarity. A sidecar that names another sample, or input views or a resolution other than the
@@ -326,8 +327,9 @@ def _render_prediction(model: _Model, network, sample: Sample, protocol: Protoco
     if model.refine:
         # as in training: a crop model fits the crops (detail) and the whole frames (what lies around)
         fit = (whole if crop is None else Sample.cat([inputs, whole])).to(device)
+        silhouettes = (whole.masks.to(device), whole.cameras.to(device))  # carved with before and after
         try:
-            finite = refine(finite, fit.images, fit.masks, fit.cameras, model.refine).gaussians
+            finite = refine(finite, fit.images, fit.masks, fit.cameras, model.refine, silhouettes).gaussians
         except RefineError as err:
             raise EvalError(f"{sample.path}: {err}") from None
     return _render(finite, cameras[n_in:], protocol, device)

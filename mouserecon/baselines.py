@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mouserecon.cameras import Cameras
+from mouserecon.carve import project_to_masks
 from mouserecon.gaussians import Gaussians
 
 log = logging.getLogger(__name__)
 
 HULL_GRID = 96  # voxels per side
 HULL_BOUND = 1.2  # the grid spans [-bound, bound]^3 in the model frame (cameras 2.7 from the origin)
-HULL_MASK_THRESHOLD = 0.5
 HULL_OPACITY = 0.95
 HULL_SCALE = 0.6  # Gaussian sigma in voxel sizes
 # In `eval` the hull sees the same inputs as a model trained on crops: each input view cropped to a
@@ -41,12 +41,8 @@ def visual_hull_gaussians(images: Tensor, masks: Tensor, cameras: Cameras, grid:
     axis = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) * voxel - bound
     points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)  # [P, 3]
 
-    uv, depth = cameras.to(device=device, dtype=torch.float32).project(points.expand(v, -1, -1))  # [V, P, 2], [V, P]
-    pixel = uv.floor().long()  # pixel (i, j) covers [i, i + 1) x [j, j + 1)
-    inside = (depth > 0) & (pixel[..., 0] >= 0) & (pixel[..., 0] < w) & (pixel[..., 1] >= 0) & (pixel[..., 1] < h)
-    index = pixel[..., 1].clamp(0, h - 1) * w + pixel[..., 0].clamp(0, w - 1)  # [V, P] flat pixel index
-    foreground = masks.reshape(v, -1).gather(1, index) >= HULL_MASK_THRESHOLD  # [V, P]
-    occupied = (inside & foreground).all(0).reshape(grid, grid, grid)
+    on_foreground, index, depth = project_to_masks(points, masks, cameras)  # [V, P] each
+    occupied = on_foreground.all(0).reshape(grid, grid, grid)
     interior = -F.max_pool3d(-occupied[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0.5
     surface = (occupied & ~interior).reshape(-1)  # [P]
     log.info("visual hull: %d of %d voxels occupied, %d on the surface", int(occupied.sum()), grid**3,

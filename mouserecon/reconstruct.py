@@ -11,8 +11,9 @@ Steps (each logged with its wall time):
      held-out scores use the whole frames of step 2, refinement the crops and the whole frames;
      run the GS-LRM once (no grad; bf16 autocast on CUDA) -> 2 token Gaussians + one per input pixel;
   5. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0,
-     optimise them for N steps against the input views (`refine.refine`), log masked PSNR / SSIM
-     and IoU on the input and held-out views before and after, and prune again;
+     drop those off the input silhouettes, optimise them for N steps against the input views and
+     carve again (`refine.refine`), log masked PSNR / SSIM and IoU on the input and held-out views
+     before and after, and prune again;
   6. write the PLY in model units, or mapped back to the user's frame (`units="input"`, e.g. mm),
      and a sidecar JSON (`mouse.ply` -> `mouse.json`) recording the similarity, the units, the
      checkpoint, the views, the counts and the timings;
@@ -138,7 +139,8 @@ class ReconstructResult:
 
     gaussians: the written set [N] (CPU float32, in `units`). similarity: user -> model frame
     (x_model = s R x_user + t). views / heldout_views: frame indices. Counts: predicted =
-    2 + V*H*W; written = predicted - nonfinite - pruned. timings: seconds per step.
+    2 + V*H*W; written = predicted - nonfinite - pruned (pruned: below `min_opacity`, or carved off the
+    input silhouettes by refinement). timings: seconds per step.
     """
 
     ply_path: Path
@@ -329,10 +331,10 @@ def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple
     frame, as in training); score the whole input and held-out views before and after."""
     images, masks = sample.images.to(gaussians.device), sample.masks.to(gaussians.device)  # all frames
     scores = {"before": _view_scores(gaussians, images, masks, cameras, views, heldout)}
-    fit = replace(sample.select(views), cameras=cameras[list(views)])
-    fit = (fit if crops is None else Sample.cat([crops, fit])).to(gaussians.device)
+    whole = replace(sample.select(views), cameras=cameras[list(views)]).to(gaussians.device)
+    fit = whole if crops is None else Sample.cat([crops.to(gaussians.device), whole])
     try:
-        result = refine(gaussians, fit.images, fit.masks, fit.cameras, steps)
+        result = refine(gaussians, fit.images, fit.masks, fit.cameras, steps, (whole.masks, whole.cameras))
     except RefineError as err:
         raise ReconstructError(f"{sample.path}: {err}") from None
     scores["after"] = _view_scores(result.gaussians, images, masks, cameras, views, heldout)

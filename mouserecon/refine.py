@@ -1,17 +1,22 @@
 """Test-time refinement: optimise a set of Gaussians against the input views through the renderer.
 
-`refine(gaussians, images, masks, cameras, steps)` runs `steps` Adam steps on every Gaussian
+`refine(gaussians, images, masks, cameras, steps, silhouettes)` runs `steps` Adam steps on every Gaussian
 parameter (means, colour SH, log-scales, quaternions, opacity logits) to minimise, over the input
 views, L2 + 0.5 (1 - SSIM) on the ground-truth foreground plus the silhouette term L2(rendered
 alpha, mask) over all pixels (the training recipe's losses with `masked: true`, `alpha: 1`). The
 silhouette term is what keeps the background clean, since the image terms ignore it. After each
 step the base (DC) colour is clamped to [0, 1].
 
+With `silhouettes` (the masks and cameras of the whole input frames), the Gaussians whose centre is
+off any input silhouette are dropped before the first step and after the last (`carve.carve`): the
+image losses cannot see Gaussians that no input view checks, and refinement would spread them into
+floaters in novel views.
+
 Learning rates are per parameter kind, for the model frame (object at the origin, about 1 unit
 across, cameras 2.7 away): the 3D Gaussian Splatting paper's rates for a scene of extent ~3, held
 constant (refinement runs are short), except colour, 8x faster so that a hundred steps can move a
 colour by about half its range. The Gaussians' count and order never change (no densification or
-pruning here), so pixel-aligned Gaussians stay pixel-aligned in the .ply.
+pruning during the steps).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 
 from mouserecon.cameras import Cameras
+from mouserecon.carve import carve
 from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
 from mouserecon.render import render
 from mouserecon.train.config import LossSection
@@ -39,20 +45,24 @@ DC_RANGE = (rgb_to_sh_dc(torch.tensor(0.0)).item(), rgb_to_sh_dc(torch.tensor(1.
 
 @dataclass(frozen=True)
 class RefineResult:
-    """The refined Gaussians [N] (detached) and the loss before every step (`losses[0]`: the start)."""
+    """The refined Gaussians (detached), the loss before every step (`losses[0]`: the start) and the
+    counts carved away before and after the steps (0, 0 without silhouettes)."""
 
     gaussians: Gaussians
     losses: tuple[float, ...]
     seconds: float
+    carved: tuple[int, int] = (0, 0)
 
 
 class RefineError(ValueError):
     """The inputs cannot be refined against (an input view without foreground)."""
 
 
-def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras, steps: int) -> RefineResult:
+def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras, steps: int,
+           silhouettes: tuple[Tensor, Cameras] | None = None) -> RefineResult:
     """Optimise gaussians [N] against images [V, 3, H, W] in [0, 1] on white, masks [V, 1, H, W] in
-    [0, 1] (the foreground), cameras [V] (same frame and device as the Gaussians) for `steps` steps."""
+    [0, 1] (the foreground), cameras [V] (same frame and device as the Gaussians) for `steps` steps;
+    silhouettes = (masks [W, 1, h, w], cameras [W]) of the whole input frames to carve with, or None."""
     assert steps >= 0, f"steps must be >= 0, got {steps}"
     assert gaussians.means.ndim == 2, f"refine takes one set of Gaussians [N], got means {tuple(gaussians.means.shape)}"
     v, _, h, w = images.shape
@@ -62,6 +72,12 @@ def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras
     if empty:
         raise RefineError(f"refine: input view(s) {empty} have an empty foreground mask (is the subject in view?)")
     device = gaussians.device
+    num = gaussians.num
+    if silhouettes is not None:
+        gaussians = carve(gaussians, *silhouettes)
+        if gaussians.num == 0:
+            raise RefineError(f"refine: none of the {num} Gaussians lies on every input silhouette (do the masks "
+                              "and the cameras belong together?)")
     images, masks = images.to(device), masks.to(device, images.dtype)
     params = {f.name: getattr(gaussians, f.name).detach().clone().requires_grad_() for f in fields(Gaussians)}
     optimizer = torch.optim.Adam([{"params": [p], "lr": LEARNING_RATES[name], "name": name} for name, p in params.items()],
@@ -87,4 +103,9 @@ def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras
             log.info("  refine %d/%d: loss %.5f (start %.5f, %.1f s)", step + 1, steps, history[-1], history[0],
                      time.perf_counter() - start)
     refined = Gaussians(**{name: p.detach() for name, p in params.items()})
-    return RefineResult(refined, tuple(history), time.perf_counter() - start)
+    carved = num - refined.num
+    if silhouettes is not None:
+        refined = carve(refined, *silhouettes)
+        log.info("  refine: %d Gaussians off the input silhouettes dropped before, %d after", carved,
+                 num - carved - refined.num)
+    return RefineResult(refined, tuple(history), time.perf_counter() - start, (carved, num - carved - refined.num))

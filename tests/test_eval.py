@@ -256,9 +256,12 @@ def test_baselines_and_refined_models_share_the_report(synth_mice, checkpoints, 
     targets = []  # fx of the views each refinement fits
     refine = evaluate_module.refine
 
-    def recording(gaussians, images, masks, cameras, steps):
+    carved_with = []  # fx of the views each refinement carves with
+
+    def recording(gaussians, images, masks, cameras, steps, silhouettes):
         targets.append(cameras.intrinsics[:, 0].tolist())
-        return refine(gaussians, images, masks, cameras, steps)
+        carved_with.append(silhouettes[1].intrinsics[:, 0].tolist())
+        return refine(gaussians, images, masks, cameras, steps, silhouettes)
 
     monkeypatch.setattr(evaluate_module, "refine", recording)
     report = evaluate(EvalOptions(data, checkpoints[1:], baselines=("flat", "hull"), refine=2, out=out, lpips="none"))
@@ -269,6 +272,7 @@ def test_baselines_and_refined_models_share_the_report(synth_mice, checkpoints, 
     whole, crops = targets[1], targets[3]  # the same sample (the second) for both models
     assert len(targets) == 4 and len(whole) == 5 and len(crops) == 10
     assert crops[5:] == pytest.approx(whole) and min(c / w for c, w in zip(crops[:5], whole)) > 1.2  # seen: 1.39 and up
+    assert carved_with[1] == carved_with[3] == pytest.approx(whole)  # both carve with the whole input frames
     rows = _rows(out)
     for row in (r for r in rows if r["model"] == "flat"):  # white everywhere: closed form from the PNG
         gt, mask = _ground_truth(synth_mice / row["sample"], HELDOUT)

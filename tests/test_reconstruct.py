@@ -423,18 +423,22 @@ def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, 
     seen = []
     refine = reconstruct_module.refine
 
-    def recording(gaussians, images, masks, cameras, steps):
-        seen.append((images, cameras))
-        return refine(gaussians, images, masks, cameras, steps)
+    def recording(gaussians, images, masks, cameras, steps, silhouettes):
+        seen.append((images, cameras, silhouettes))
+        return refine(gaussians, images, masks, cameras, steps, silhouettes)
 
     monkeypatch.setattr(reconstruct_module, "refine", recording)
     size, views = 32, (1, 3)
     result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, views=views, resolution=size,
                                             refine=1))
-    (images, cameras), = seen
+    (images, cameras, (carve_masks, carve_cameras)), = seen
     # the 2 crops the model saw, then the 2 whole frames, each with its own camera in the model frame
     crops, whole = crop_to_foreground(load_sample(mm_sample), size, 0.1), load_sample(mm_sample, size)
     torch.testing.assert_close(images, torch.cat([crops.images[list(views)], whole.images[list(views)]]))
     expected = result.similarity.apply_cameras(Cameras.cat([crops.cameras[list(views)], whole.cameras[list(views)]]))
     torch.testing.assert_close(cameras.intrinsics, expected.intrinsics)
     torch.testing.assert_close(cameras.c2w, expected.c2w)
+    # carved with the whole input frames only
+    torch.testing.assert_close(carve_masks, whole.masks[list(views)])
+    torch.testing.assert_close(carve_cameras.intrinsics, expected.intrinsics[2:])
+    torch.testing.assert_close(carve_cameras.c2w, expected.c2w[2:])

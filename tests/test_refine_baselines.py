@@ -9,6 +9,7 @@ import torch
 
 from mouserecon.baselines import flat_prediction, visual_hull_gaussians
 from mouserecon.cameras import Cameras, look_at
+from mouserecon.carve import carve, dilation_px
 from mouserecon.eval.metrics import psnr
 from mouserecon.gaussians import Gaussians
 from mouserecon.refine import RefineError, refine
@@ -121,3 +122,56 @@ def test_refine_zero_steps_is_the_identity_and_bad_shapes_are_refused():
         refine(scene, images, masks[:2], cameras, steps=1)
     with pytest.raises(AssertionError, match="cameras do not match"):
         refine(scene, images, masks, cameras[:2], steps=1)
+
+
+def test_carve_keeps_points_on_every_silhouette_and_drops_the_rest():
+    cameras, radius = ring_cameras(6), 0.5
+    _, masks = sphere_views(cameras, radius)
+    g = torch.Generator().manual_seed(2)
+    directions = torch.nn.functional.normalize(torch.randn(200, 3, generator=g), dim=-1)
+    inner = directions * 0.45  # inside the sphere: on every silhouette
+    outer = directions * 1.0  # twice the radius: beyond the sphere's 6-view hull (< 1.35 r, see above)
+    eye = cameras.centers[0]
+    near_camera = eye * torch.linspace(0.3, 0.7, 5)[:, None]  # on camera 0's optical axis: only view 0 agrees
+    points = torch.cat([inner, outer, near_camera])
+    scene = Gaussians.from_activated(points, torch.rand(len(points), 3, generator=g), torch.full((len(points), 3), 0.01),
+                                     torch.tensor([1.0, 0, 0, 0]).expand(len(points), 4).clone(),
+                                     torch.full((len(points),), 0.9))
+    kept = carve(scene, masks, cameras, dilation=0)
+    torch.testing.assert_close(kept.means, inner)
+
+
+def test_carve_dilates_the_masks_by_whole_pixels():
+    camera = ring_cameras(1)
+    masks = torch.zeros(1, 1, SIZE, SIZE)
+    masks[..., 20:28, 20:28] = 1.0  # columns 20..27
+    origins, dirs = camera.rays()  # [1, H, W, 3], through pixel centres
+    points = origins[0, 24, [27, 29, 30]] + 2.7 * dirs[0, 24, [27, 29, 30]]  # 0, 2 and 3 px right of the mask
+    scene = Gaussians.from_activated(points, torch.rand(3, 3), torch.full((3, 3), 0.01),
+                                     torch.tensor([1.0, 0, 0, 0]).expand(3, 4).clone(), torch.full((3,), 0.9))
+    assert carve(scene, masks, camera, dilation=0).num == 1
+    torch.testing.assert_close(carve(scene, masks, camera, dilation=2).means, points[:2])
+    assert carve(scene, masks, camera, dilation=3).num == 3
+    assert dilation_px(64, 64) == 2 and dilation_px(384, 512) == 16 and dilation_px(16, 16) == 1
+
+
+def test_refine_carves_floaters_that_reproduce_an_input_view():
+    """Copies of the scene pulled toward input camera 0 along its rays look right from camera 0 (they
+    cover their originals) but float in the other views; carving drops exactly them, before refining."""
+    cameras = ring_cameras(7)
+    truth = blob_scene()
+    with torch.no_grad():
+        target = render(truth, cameras, SIZE, SIZE)
+    images, masks = target.images, (target.alphas > 0.5).float()
+    eye = cameras.centers[0]
+    floaters = Gaussians(means=eye + 0.4 * (truth.means - eye), sh=truth.sh, log_scales=truth.log_scales + math.log(0.4),
+                         quats=truth.quats, opacity_logits=truth.opacity_logits)
+    inputs = list(range(6))
+    silhouettes = (masks[inputs], cameras[inputs])
+    start = Gaussians.cat([truth, floaters])
+    result = refine(start, images[inputs], masks[inputs], cameras[inputs], steps=0, silhouettes=silhouettes)
+    assert result.carved == (floaters.num, 0)
+    torch.testing.assert_close(result.gaussians.means, truth.means)
+    with pytest.raises(RefineError, match="none of the 128 Gaussians lies on every input silhouette"):
+        refine(start, images[inputs], masks[inputs], cameras[inputs], steps=1,
+               silhouettes=(torch.zeros_like(masks[inputs]), cameras[inputs]))

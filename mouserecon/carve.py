@@ -1,0 +1,55 @@
+"""Silhouette carving: the input masks as a hard constraint on where Gaussians may lie.
+
+A point on the mouse projects onto the foreground of every input view (the visual-hull condition).
+`project_to_masks` tests points against masks; `visual_hull_gaussians` (baselines) carves a voxel
+grid with it, and `carve` drops the Gaussians of a reconstruction whose centre fails it, which
+refinement does before its first step and after its last (`refine.refine`).
+
+Why before refinement: a pixel-aligned model leaves Gaussians where no input view checks them
+(near a camera, or outside every tight crop); the image losses cannot see them, and refinement
+spreads them into floaters in novel views (the demo model on 8 evaluation mice, 100 steps: held-out
+whole-image PSNR 21.0 dB refined as is, 29.0 dB carved first). The masks are dilated by
+`dilation_px` so that calibration error and Gaussians on the rim survive.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mouserecon.cameras import Cameras
+from mouserecon.gaussians import Gaussians
+
+MASK_THRESHOLD = 0.5  # a mask value at or above this is foreground
+DILATION_FRACTION = 1 / 32  # carve's mask dilation, as a fraction of the image's longer side (2 px at 64 px)
+
+
+def dilation_px(height: int, width: int) -> int:
+    """carve's default mask dilation in pixels for an image of this size (at least 1)."""
+    return max(1, round(DILATION_FRACTION * max(height, width)))
+
+
+def project_to_masks(points: Tensor, masks: Tensor, cameras: Cameras, dilation: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """points [P, 3], masks [V, 1, H, W] in [0, 1], cameras [V] (same frame) ->
+    on_foreground [V, P] (in front of the camera, inside the image, on a pixel whose mask, dilated by
+    `dilation` px, is >= MASK_THRESHOLD), flat pixel index y * W + x [V, P] (clamped into the image),
+    depth [V, P]. Pixel (x, y) covers [x, x + 1) x [y, y + 1)."""
+    v, _, h, w = masks.shape
+    assert len(cameras) == v and points.ndim == 2, f"{len(cameras)} cameras, masks {tuple(masks.shape)}"
+    if dilation > 0:
+        masks = F.max_pool2d(masks, 2 * dilation + 1, stride=1, padding=dilation)
+    uv, depth = cameras.to(device=points.device, dtype=points.dtype).project(points.expand(v, -1, -1))
+    pixel = uv.floor().long()
+    inside = (depth > 0) & (pixel[..., 0] >= 0) & (pixel[..., 0] < w) & (pixel[..., 1] >= 0) & (pixel[..., 1] < h)
+    index = pixel[..., 1].clamp(0, h - 1) * w + pixel[..., 0].clamp(0, w - 1)
+    foreground = masks.reshape(v, -1).gather(1, index) >= MASK_THRESHOLD
+    return inside & foreground, index, depth
+
+
+def carve(gaussians: Gaussians, masks: Tensor, cameras: Cameras, dilation: int | None = None) -> Gaussians:
+    """Keep the Gaussians [N] whose centre is on the foreground of every view (masks [V, 1, H, W] of the
+    whole input frames, cameras [V], the Gaussians' frame); dilation None = `dilation_px` of the masks."""
+    if dilation is None:
+        dilation = dilation_px(*masks.shape[-2:])
+    on_foreground, _, _ = project_to_masks(gaussians.means, masks.to(gaussians.means), cameras, dilation)
+    return gaussians.select(on_foreground.all(0))
