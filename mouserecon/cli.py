@@ -57,7 +57,8 @@ def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="input (default): the camera file's frame and units (e.g. mm); model: the normalised rig.")
 @click.option("--min-opacity", type=float, help="Prune Gaussians below this opacity (default 0.005).")
 @click.option("--refine", type=click.IntRange(min=0),
-              help="Refine the predicted Gaussians for N steps against the input views (default 0: none).")
+              help="Refine the predicted Gaussians for N steps against the input views, dropping those off "
+                   "any input silhouette before and after (default 0: none).")
 @click.option("--previews", "previews_dir", type=click.Path(file_okay=False),
               help="Write inputs.png, heldout.png and a turntable here.")
 @click.option("--turntable", "turntable_frames", type=int, help="Turntable frames with --previews (default 36; 0: none).")
