@@ -103,9 +103,9 @@ def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras
             log.info("  refine %d/%d: loss %.5f (start %.5f, %.1f s)", step + 1, steps, history[-1], history[0],
                      time.perf_counter() - start)
     refined = Gaussians(**{name: p.detach() for name, p in params.items()})
-    carved = num - refined.num
+    fitted = refined.num
     if silhouettes is not None:
         refined = carve(refined, *silhouettes)
-        log.info("  refine: %d Gaussians off the input silhouettes dropped before, %d after", carved,
-                 num - carved - refined.num)
-    return RefineResult(refined, tuple(history), time.perf_counter() - start, (carved, num - carved - refined.num))
+        log.info("  refine: %d Gaussians off the input silhouettes dropped before, %d after", num - fitted,
+                 fitted - refined.num)
+    return RefineResult(refined, tuple(history), time.perf_counter() - start, (num - fitted, fitted - refined.num))
