@@ -155,6 +155,7 @@ class ReconstructResult:
     num_nonfinite: int
     num_pruned: int
     refine_metrics: dict | None = None  # {"before"|"after": {"inputs"|"heldout": {psnr_fg, ssim_fg, iou}}}
+    refine_carved: tuple[int, int] = (0, 0)  # Gaussians off the input silhouettes, dropped before / after refining
     preview_files: tuple[Path, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -217,11 +218,12 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     kept = finite.prune(o.min_opacity)
     log.info("Gaussians: %d predicted, %d non-finite dropped, %d with opacity < %g pruned, %d kept",
              numpredicted, numpredicted - finite.num, finite.num - kept.num, o.min_opacity, kept.num)
-    refine_metrics = None
+    refine_metrics, refine_carved = None, (0, 0)
     if o.refine:
         with _timed(f"refining ({o.refine} steps)", timings):
             crops = None if full is None else replace(inputs, cameras=input_cameras)
-            kept, refine_metrics = _refine(kept, sample, cameras.to(device), views, heldout, o.refine, crops)
+            kept, refine_metrics, refine_carved = _refine(kept, sample, cameras.to(device), views, heldout,
+                                                          o.refine, crops)
         before = kept.num
         kept = kept.prune(o.min_opacity)
         log.info("after refinement: %d Gaussians with opacity < %g pruned, %d kept", before - kept.num,
@@ -245,7 +247,7 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
         ply_path=o.output, sidecar_path=o.output.with_suffix(".json"), gaussians=written, similarity=similarity,
         units=o.units, views=views, heldout_views=heldout, resolution=resolution, numpredicted=numpredicted,
         num_nonfinite=numpredicted - finite.num + kept.num - written.num, num_pruned=finite.num - kept.num,
-        refine_metrics=refine_metrics, preview_files=preview_files, timings=timings,
+        refine_metrics=refine_metrics, refine_carved=refine_carved, preview_files=preview_files, timings=timings,
     )
     _write_sidecar(result, o, info, sample, up, str(device))
     log.info("wrote %s (%d Gaussians, %s units) and %s; total %.1f s", result.ply_path, result.num_written,
@@ -326,9 +328,10 @@ def predict(model, images: Tensor, cameras: Cameras, device: torch.device) -> Ga
 
 
 def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple[int, ...], heldout: tuple[int, ...],
-            steps: int, crops: Sample | None) -> tuple[Gaussians, dict]:
+            steps: int, crops: Sample | None) -> tuple[Gaussians, dict, tuple[int, int]]:
     """Refine against the input views (and, for a crop model, their crops `crops`, cameras in the model
-    frame, as in training); score the whole input and held-out views before and after."""
+    frame, as in training); score the whole input and held-out views before and after -> the refined
+    Gaussians, the scores and the counts carved before and after."""
     images, masks = sample.images.to(gaussians.device), sample.masks.to(gaussians.device)  # all frames
     scores = {"before": _view_scores(gaussians, images, masks, cameras, views, heldout)}
     whole = replace(sample.select(views), cameras=cameras[list(views)]).to(gaussians.device)
@@ -343,7 +346,7 @@ def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple
             b, a = scores["before"][group], scores["after"][group]
             log.info("refine: %s views %s: foreground PSNR %.2f -> %.2f dB, SSIM %.4f -> %.4f, IoU %.3f -> %.3f",
                      group, list(frames), b["psnr_fg"], a["psnr_fg"], b["ssim_fg"], a["ssim_fg"], b["iou"], a["iou"])
-    return result.gaussians, scores
+    return result.gaussians, scores, result.carved
 
 
 def _view_scores(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras, views: tuple[int, ...],
@@ -390,7 +393,8 @@ def _write_sidecar(result: ReconstructResult, o: ReconstructOptions, info: Check
                        "config": asdict(info.config)},
         "device": device,
         "min_opacity": o.min_opacity,
-        "refine": {"steps": o.refine, "metrics": result.refine_metrics},
+        "refine": {"steps": o.refine, "carved": dict(zip(("before", "after"), result.refine_carved)),
+                   "metrics": result.refine_metrics},
         "counts": {"predicted": result.numpredicted, "nonfinite": result.num_nonfinite,
                    "pruned": result.num_pruned, "written": result.num_written},
         "previews": [str(p) for p in result.preview_files],

@@ -347,6 +347,19 @@ def test_refine_improves_the_input_views_and_records_before_and_after(demo_sampl
     # An untrained model's prediction, optimised against the input views: they must get much closer.
     assert after["inputs"]["psnr_fg"] > before["inputs"]["psnr_fg"] + 1.0
     assert after["inputs"]["iou"] > before["inputs"]["iou"]
+    # Refinement carved: every written Gaussian's centre projects (camera file, input units) onto the
+    # foreground of every input view's 32 px mask dilated by 1 px (1/32 of the side).
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert record["carved"]["before"] > 0 and sidecar["counts"]["pruned"] >= sum(record["carved"].values())
+    xyz = columns(read_ply(out), "x", "y", "z")
+    sample = load_sample(demo_sample, 32)
+    dilated = torch.nn.functional.max_pool2d(sample.masks, 3, stride=1, padding=1)[:, 0].numpy()
+    for view in range(5):
+        w2c, (fx, fy, cx, cy) = sample.cameras.w2c[view].double().numpy(), sample.cameras.intrinsics[view].tolist()
+        cam = xyz @ w2c[:3, :3].T + w2c[:3, 3]
+        u, v = fx * cam[:, 0] / cam[:, 2] + cx, fy * cam[:, 1] / cam[:, 2] + cy
+        assert (cam[:, 2] > 0).all() and (u >= 0).all() and (u < 32).all() and (v >= 0).all() and (v < 32).all()
+        assert (dilated[view][np.floor(v).astype(int), np.floor(u).astype(int)] >= 0.5).all(), view
 
 
 def test_broken_sample_names_the_file(tmp_path, tiny_checkpoint):
