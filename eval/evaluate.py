@@ -16,8 +16,8 @@
        normalised frame, from the same crops (margin `baselines.HULL_INPUT_CROP`); baseline "flat":
        the flat background image (white, alpha 0), nothing rendered;
      - with `refine` N > 0, every checkpoint and the hull are also scored refined: N steps of
-       `refine.refine` against the input views and their masks (model name suffix "+refineN"); with
-       crops, against both the crops and the whole input frames, as in training; carved with the
+       `refine.refine_inputs` against the input views and their masks (model name suffix "+refineN"):
+       with crops, against both the crops and the whole input frames, as in training; carved with the
        whole input frames' masks before and after (`carve.carve`);
      - .ply: render it with the sample's own cameras (the camera file's frame, e.g. mm), or, when its
        `reconstruct` sidecar says "units": "model", with the cameras mapped by the sidecar's recorded
@@ -59,7 +59,7 @@ from mouserecon.eval.report import GRID_LABELS, ModelResult, Report, grid_sample
 from mouserecon.normalize import Similarity
 from mouserecon.ply import load_ply
 from mouserecon.reconstruct import DEFAULT_INPUT_VIEWS, pick_device, predict
-from mouserecon.refine import RefineError, refine
+from mouserecon.refine import RefineError, refine_inputs
 from mouserecon.render import render
 
 log = logging.getLogger(__name__)
@@ -325,11 +325,8 @@ def _render_prediction(model: _Model, network, sample: Sample, protocol: Protoco
         log.warning("%s: %d of %d predicted Gaussians are non-finite and were dropped", sample.sample_id,
                     gaussians.num - finite.num, gaussians.num)
     if model.refine:
-        # as in training: a crop model fits the crops (detail) and the whole frames (what lies around)
-        fit = (whole if crop is None else Sample.cat([inputs, whole])).to(device)
-        silhouettes = (whole.masks.to(device), whole.cameras.to(device))  # carved with before and after
         try:
-            finite = refine(finite, fit.images, fit.masks, fit.cameras, model.refine, silhouettes).gaussians
+            finite = refine_inputs(finite, whole.to(device), None if crop is None else seen, model.refine).gaussians
         except RefineError as err:
             raise EvalError(f"{sample.path}: {err}") from None
     return _render(finite, cameras[n_in:], protocol, device)

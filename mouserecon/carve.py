@@ -8,8 +8,8 @@ refinement does before its first step and after its last (`refine.refine`).
 Why before refinement: a pixel-aligned model leaves most of its Gaussians off the silhouettes (the
 demo model: 18,900 of 20,482, nearly transparent, away from the mouse); the image losses barely
 see them, and refinement grows them into floaters in novel views (the demo model on 8 evaluation
-mice, 100 steps: held-out whole-image PSNR 21.0 dB refined as is, 29.0 dB carved first). The masks are dilated by
-`dilation_px` so that calibration error and Gaussians on the rim survive.
+mice, 100 steps: held-out whole-image PSNR 21.0 dB refined as is, 29.0 dB carved first). The masks
+are dilated by `dilation_px` so that calibration error and Gaussians on the rim survive.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def dilation_px(height: int, width: int) -> int:
     return max(1, round(DILATION_FRACTION * max(height, width)))
 
 
-def project_to_masks(points: Tensor, masks: Tensor, cameras: Cameras, dilation: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def project_to_masks(points: Tensor, masks: Tensor, cameras: Cameras,
+                     dilation: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """points [P, 3], masks [V, 1, H, W] in [0, 1], cameras [V] (same frame) ->
     on_foreground [V, P] (in front of the camera, inside the image, on a pixel whose mask, dilated by
     `dilation` px, is >= MASK_THRESHOLD), flat pixel index y * W + x [V, P] (clamped into the image),

@@ -12,7 +12,7 @@ Steps (each logged with its wall time):
      run the GS-LRM once (no grad; bf16 autocast on CUDA) -> 2 token Gaussians + one per input pixel;
   5. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0,
      drop those off the input silhouettes, optimise them for N steps against the input views and
-     carve again (`refine.refine`), log masked PSNR / SSIM and IoU on the input and held-out views
+     carve again (`refine.refine_inputs`), log masked PSNR / SSIM and IoU on the input and held-out views
      before and after, and prune again;
   6. write the PLY in model units, or mapped back to the user's frame (`units="input"`, e.g. mm),
      and a sidecar JSON (`mouse.ply` -> `mouse.json`) recording the similarity, the units, the
@@ -52,7 +52,7 @@ from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 from mouserecon.ply import save_ply
 from mouserecon.eval.metrics import foreground_iou, psnr, ssim
-from mouserecon.refine import RefineError, refine
+from mouserecon.refine import RefineError, refine_inputs
 from mouserecon.render import render
 
 log = logging.getLogger(__name__)
@@ -335,9 +335,8 @@ def _refine(gaussians: Gaussians, sample: Sample, cameras: Cameras, views: tuple
     images, masks = sample.images.to(gaussians.device), sample.masks.to(gaussians.device)  # all frames
     scores = {"before": _view_scores(gaussians, images, masks, cameras, views, heldout)}
     whole = replace(sample.select(views), cameras=cameras[list(views)]).to(gaussians.device)
-    fit = whole if crops is None else Sample.cat([crops.to(gaussians.device), whole])
     try:
-        result = refine(gaussians, fit.images, fit.masks, fit.cameras, steps, (whole.masks, whole.cameras))
+        result = refine_inputs(gaussians, whole, None if crops is None else crops.to(gaussians.device), steps)
     except RefineError as err:
         raise ReconstructError(f"{sample.path}: {err}") from None
     scores["after"] = _view_scores(result.gaussians, images, masks, cameras, views, heldout)

@@ -1,7 +1,7 @@
 """Test-time refinement: optimise a set of Gaussians against the input views through the renderer.
 
-`refine(gaussians, images, masks, cameras, steps, silhouettes)` runs `steps` Adam steps on every Gaussian
-parameter (means, colour SH, log-scales, quaternions, opacity logits) to minimise, over the input
+`refine(gaussians, images, masks, cameras, steps, silhouettes)` runs `steps` Adam steps on every
+Gaussian parameter (means, colour SH, log-scales, quaternions, opacity logits) to minimise, over the input
 views, L2 + 0.5 (1 - SSIM) on the ground-truth foreground plus the silhouette term L2(rendered
 alpha, mask) over all pixels (the training recipe's losses with `masked: true`, `alpha: 1`). The
 silhouette term is what keeps the background clean, since the image terms ignore it. After each
@@ -10,7 +10,7 @@ step the base (DC) colour is clamped to [0, 1].
 With `silhouettes` (the masks and cameras of the whole input frames), the Gaussians whose centre is
 off any input silhouette are dropped before the first step and after the last (`carve.carve`): the
 image losses cannot see Gaussians that no input view checks, and refinement would spread them into
-floaters in novel views.
+floaters in novel views. `refine_inputs` is how `eval` and `reconstruct` call it.
 
 Learning rates are per parameter kind, for the model frame (object at the origin, about 1 unit
 across, cameras 2.7 away): the 3D Gaussian Splatting paper's rates for a scene of extent ~3, held
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from mouserecon.cameras import Cameras
 from mouserecon.carve import carve
+from mouserecon.data import Sample
 from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
 from mouserecon.render import render
 from mouserecon.train.config import LossSection
@@ -109,3 +110,11 @@ def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras
         log.info("  refine: %d Gaussians off the input silhouettes dropped before, %d after", num - fitted,
                  fitted - refined.num)
     return RefineResult(refined, tuple(history), time.perf_counter() - start, (num - fitted, fitted - refined.num))
+
+
+def refine_inputs(gaussians: Gaussians, whole: Sample, crops: Sample | None, steps: int) -> RefineResult:
+    """`refine` a reconstruction against its input views, as it was trained: the whole input frames
+    `whole` [V], preceded by the crops [V] a crop model saw (None for a whole-frame model), all in the
+    Gaussians' frame and on their device; carved with the whole frames."""
+    fit = whole if crops is None else Sample.cat([crops, whole])
+    return refine(gaussians, fit.images, fit.masks, fit.cameras, steps, (whole.masks, whole.cameras))

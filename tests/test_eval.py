@@ -27,7 +27,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from mouserecon.checkpoints import save_checkpoint
 from mouserecon.data import SampleError
 from mouserecon.cli import main
-from mouserecon.eval import evaluate as evaluate_module
+from mouserecon import refine as refine_module
 from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate
 from mouserecon.eval.lpips_weights import LpipsWeightsMissing, build_lpips, fetch_lpips_weights
 from mouserecon.eval.protocol import Protocol, ProtocolMismatch, data_sha1, parse_mask, require_same_protocol
@@ -254,16 +254,15 @@ def test_baselines_and_refined_models_share_the_report(synth_mice, checkpoints, 
     data = _dataset(tmp_path, synth_mice, 2)
     out = tmp_path / "report"
     targets = []  # fx of the views each refinement fits
-    refine = evaluate_module.refine
-
     carved_with = []  # fx of the views each refinement carves with
+    refine = refine_module.refine
 
     def recording(gaussians, images, masks, cameras, steps, silhouettes):
         targets.append(cameras.intrinsics[:, 0].tolist())
         carved_with.append(silhouettes[1].intrinsics[:, 0].tolist())
         return refine(gaussians, images, masks, cameras, steps, silhouettes)
 
-    monkeypatch.setattr(evaluate_module, "refine", recording)
+    monkeypatch.setattr(refine_module, "refine", recording)
     report = evaluate(EvalOptions(data, checkpoints[1:], baselines=("flat", "hull"), refine=2, out=out, lpips="none"))
     names = [m.name for m in report.models]
     assert names == ["tiny_seed1", "flat", "hull", "tiny_seed1+refine2", "hull+refine2"]

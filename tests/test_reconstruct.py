@@ -428,19 +428,19 @@ def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sa
 
 
 def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, tmp_path, monkeypatch):
-    from mouserecon import reconstruct as reconstruct_module
+    from mouserecon import refine as refine_module
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "crop.pt"
     save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1)))
     seen = []
-    refine = reconstruct_module.refine
+    refine = refine_module.refine
 
     def recording(gaussians, images, masks, cameras, steps, silhouettes):
         seen.append((images, cameras, silhouettes))
         return refine(gaussians, images, masks, cameras, steps, silhouettes)
 
-    monkeypatch.setattr(reconstruct_module, "refine", recording)
+    monkeypatch.setattr(refine_module, "refine", recording)
     size, views = 32, (1, 3)
     result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, views=views, resolution=size,
                                             refine=1))
