@@ -47,13 +47,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mouserecon.errors import MouseReconError
 from mouserecon.baselines import HULL_INPUT_CROP, flat_prediction, visual_hull_gaussians
 from mouserecon.cameras import CameraError, Cameras, load_nerfstudio_transforms, load_opencv_cameras
 from mouserecon.checkpoints import load_checkpoint
 from mouserecon.data import CAMERA_FILES, Sample, SampleError, find_camera_file, find_samples, load_model_inputs, \
     load_sample, normalize_sample
-from mouserecon.eval.figures import comparison_grid, save_image
-from mouserecon.eval.metrics import ViewMetrics, lpips_model, view_metrics
+from mouserecon.figures import comparison_grid, save_image
+from mouserecon.metrics import ViewMetrics, lpips_model, view_metrics
 from mouserecon.eval.protocol import LPIPS_CHOICES, Protocol, data_sha1, mask_string, parse_mask
 from mouserecon.eval.report import GRID_LABELS, ModelResult, Report, grid_samples, write_report
 from mouserecon.normalize import Similarity
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 BASELINES = ("flat", "hull")
 
 
-class EvalError(ValueError):
+class EvalError(MouseReconError, ValueError):
     """Bad options or inputs for `evaluate`; the message names the file or option and the defect."""
 
 

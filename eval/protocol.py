@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from mouserecon.eval.metrics import MaskSpec, describe_metrics
-from mouserecon.train.rundir import sample_manifest
+from mouserecon.errors import MouseReconError
+from mouserecon.metrics import MaskSpec, describe_metrics
+from mouserecon.rundir import sample_manifest
 
 PROTOCOL_VERSION = 1
 LPIPS_CHOICES = ("alex", "vgg", "none")
@@ -28,7 +29,7 @@ NORMALIZATION = "similarity fitted to the input views (optical-axes centre, mean
 WHITE = (1.0, 1.0, 1.0)
 
 
-class ProtocolMismatch(ValueError):
+class ProtocolMismatch(MouseReconError, ValueError):
     """Results measured under different protocols were about to be compared; the message lists the fields."""
 
 

@@ -17,6 +17,7 @@ so an infinite PSNR (a render identical to the ground truth) stays visible.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -26,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from mouserecon.eval.metrics import MetricSummary, ViewMetrics, summarize
+from mouserecon.metrics import MetricSummary, ViewMetrics, summarize
 from mouserecon.eval.protocol import Protocol, require_same_protocol
-from mouserecon.train.rundir import versions
+from mouserecon.files import atomic_write_json, atomic_write_text
+from mouserecon.rundir import versions
 
 GRID_LABELS = ("worst", "median", "best")
 # Table columns: (metric, header, format). Metrics a report lacks (LPIPS with --lpips none) are left out.
@@ -97,10 +99,10 @@ def write_report(out: Path, protocol: Protocol, models: tuple[ModelResult, ...],
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_json(out / "summary.json", summary)
     _write_per_view_csv(out / "per_view.csv", protocol, models)
     report = Report(out, protocol, models, summary)
-    _write_text(out / "table.txt", report.table() + "\n")
+    atomic_write_text(out / "table.txt", report.table() + "\n")
     return report
 
 
@@ -112,26 +114,19 @@ def _summary_record(s: MetricSummary, views: tuple[int, ...]) -> dict:
 
 def _write_per_view_csv(path: Path, protocol: Protocol, models: tuple[ModelResult, ...]) -> None:
     names = list(models[0].metrics.as_dict())
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "sample", "view", *names])
-        for m in models:
-            values = {k: v.tolist() for k, v in m.metrics.as_dict().items()}  # [S][V]
-            for s, sample_id in enumerate(protocol.sample_ids):
-                for v, view in enumerate(protocol.heldout_views):
-                    writer.writerow([m.name, sample_id, view, *(_csv_value(values[k][s][v]) for k in names)])
-    tmp.replace(path)
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["model", "sample", "view", *names])
+    for m in models:
+        values = {k: v.tolist() for k, v in m.metrics.as_dict().items()}  # [S][V]
+        for s, sample_id in enumerate(protocol.sample_ids):
+            for v, view in enumerate(protocol.heldout_views):
+                writer.writerow([m.name, sample_id, view, *(_csv_value(values[k][s][v]) for k in names)])
+    atomic_write_text(path, rows.getvalue())
 
 
 def _csv_value(x) -> str:
     return str(int(x)) if isinstance(x, bool) else repr(float(x))  # repr: shortest exact round trip
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ---- the text table and comparisons --------------------------------------------------------------

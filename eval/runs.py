@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mouserecon.train.rundir import RunDir
+from mouserecon.rundir import RunDir
 
 COLUMNS = ("steps", "logged", "gn_median", "gn_p95", "gn_max", "gn_mean", "skipped", "val_psnr_fg", "val_iou")
 

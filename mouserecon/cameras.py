@@ -19,10 +19,13 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from mouserecon.errors import MouseReconError
+from mouserecon.files import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 
-class CameraError(ValueError):
+class CameraError(MouseReconError, ValueError):
     """A camera file or camera set violates the contract; the message names file, frame, defect."""
 
 
@@ -282,10 +285,7 @@ def save_opencv_cameras(path: str | Path, cameras: Cameras, file_paths: list[str
         fx, fy, cx, cy = cameras.intrinsics[i].double().tolist()
         frames.append({"w": cameras.width, "h": cameras.height, "fx": fx, "fy": fy, "cx": cx, "cy": cy,
                        "w2c": w2c[i].tolist(), "file_path": file_path})
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**extra, "frames": frames}, indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, {**extra, "frames": frames})
 
 
 # OpenGL camera axes (+x right, +y up, +z backward) -> OpenCV (+x right, +y down, +z forward).

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import platform
 import re
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mouserecon.errors import MouseReconError
+from mouserecon.files import atomic_torch_save
 from mouserecon.model import GSLRM, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ _FACELIFT_PATTERNS = [(re.compile("^" + re.escape(a).replace(r"\{i\}", r"(\d+)")
 _OURS_TO_FACELIFT = [(re.compile("^" + re.escape(b).replace(r"\{i\}", r"(\d+)") + "$"), a) for a, b in FACELIFT_KEY_MAP.items()]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MouseReconError, ValueError):
     """A checkpoint file is unreadable or does not match the model; the message names file and defect."""
 
 
@@ -118,20 +119,6 @@ def save_checkpoint(
 ) -> None:
     """Write `model_checkpoint(...)` to `path` atomically (temp file + rename). `fp16` halves the size."""
     atomic_torch_save(model_checkpoint(model, recipe=recipe, step=step, metrics=metrics, fp16=fp16), Path(path))
-
-
-def atomic_torch_save(obj: dict, path: Path) -> None:
-    """torch.save to a temp file beside `path`, fsync, rename: a reader (or a resume) never sees a
-    partial file, even if the process is killed mid-write."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---- loading -----------------------------------------------------------------------------------

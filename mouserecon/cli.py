@@ -154,7 +154,7 @@ def export(checkpoint: str, output: str, fp16: bool) -> None:
 @click.option("--net", "nets", multiple=True, type=click.Choice(["alex", "vgg"]), help="Default: both.")
 def fetch_weights(what: str, source: str | None, nets: tuple[str, ...]) -> None:
     """Put LPIPS backbone weights (AlexNet, VGG16) into the torch cache without network access to the hub."""
-    from mouserecon.eval.lpips_weights import NETS, LpipsWeightsMissing, fetch_lpips_weights
+    from mouserecon.lpips_weights import NETS, LpipsWeightsMissing, fetch_lpips_weights
 
     try:
         paths = fetch_lpips_weights(Path(source) if source else None, nets or NETS)
@@ -190,7 +190,7 @@ def eval_(data: str, **given) -> None:
     from mouserecon.checkpoints import CheckpointError
     from mouserecon.data import SampleError
     from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate
-    from mouserecon.eval.lpips_weights import LpipsWeightsMissing
+    from mouserecon.lpips_weights import LpipsWeightsMissing
     from mouserecon.ply import PlyError
     from mouserecon.reconstruct import ReconstructError
 

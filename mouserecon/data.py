@@ -48,6 +48,7 @@ import torchvision.io
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mouserecon.errors import MouseReconError
 from mouserecon.cameras import CameraError, Cameras, load_nerfstudio_transforms, load_opencv_cameras
 from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 
@@ -63,7 +64,7 @@ _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _PNG_COLOUR_TYPES = {0: ("grey", False), 2: ("RGB", False), 4: ("grey+alpha", True), 6: ("RGBA", True)}
 
 
-class SampleError(ValueError):
+class SampleError(MouseReconError, ValueError):
     """A sample or dataset violates the contract; the message names the file and the defect."""
 
 

@@ -15,14 +15,14 @@ An empty set (`element vertex 0`) is a valid file and round-trips.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from numpy.lib import recfunctions
 
+from mouserecon.errors import MouseReconError
+from mouserecon.files import atomic_write_bytes
 from mouserecon.gaussians import Gaussians
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _MAX_HEADER_LINES = 10_000
 _MAX_LINE_BYTES = 4096
 
 
-class PlyError(ValueError):
+class PlyError(MouseReconError, ValueError):
     """A PLY file that is not a readable 3DGS file; the message names the file and the defect."""
 
 
@@ -84,18 +84,7 @@ def save_ply(path: str | Path, gaussians: Gaussians, comments: tuple[str, ...] |
               f"element vertex {n}", *(f"property float {name}" for name in names), "end_header"]
     payload = table.numpy().astype("<f4", copy=False).tobytes()
 
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename; open(..., "xb") honours the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            f.write(("\n".join(header) + "\n").encode("ascii"))
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, ("\n".join(header) + "\n").encode("ascii") + payload)
     log.info("wrote %d Gaussians (SH degree %d) to %s%s", n, g.sh_degree, path,
              f"; {total - n} non-finite dropped" if n < total else "")
     return n

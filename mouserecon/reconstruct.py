@@ -45,13 +45,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mouserecon.errors import MouseReconError
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.checkpoints import CheckpointInfo, load_checkpoint
 from mouserecon.data import Sample, SampleError, crop_to_foreground, find_camera_file, load_sample
 from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
 from mouserecon.ply import save_ply
-from mouserecon.eval.metrics import foreground_iou, psnr, ssim
+from mouserecon.metrics import foreground_iou, psnr, ssim
 from mouserecon.refine import RefineError, refine_inputs
 from mouserecon.render import render
 
@@ -66,7 +67,7 @@ TURNTABLE_FORMATS = ("gif", "mp4")
 RENDER_BATCH = {"cpu": 1, "cuda": 8}  # views per render() call in previews (the torch backend's memory grows with it)
 
 
-class ReconstructError(ValueError):
+class ReconstructError(MouseReconError, ValueError):
     """Bad options or inputs for `reconstruct`; the message names the file or option and the defect."""
 
 

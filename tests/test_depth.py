@@ -20,9 +20,9 @@ from mouserecon.synth.rig import look_at
 from mouserecon.synth.sdf import Part, Shape
 from mouserecon.synth.trace import render_depth
 from mouserecon.train.config import load_recipe
-from mouserecon.train.losses import depth_l1
+from mouserecon.losses import depth_l1
 from mouserecon.train.loop import FinetuneOptions, finetune
-from mouserecon.train.rundir import RunDir
+from mouserecon.rundir import RunDir
 
 
 def _sphere(center, radius) -> Shape:

@@ -29,7 +29,7 @@ from mouserecon.data import SampleError
 from mouserecon.cli import main
 from mouserecon import refine as refine_module
 from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate
-from mouserecon.eval.lpips_weights import LpipsWeightsMissing, build_lpips, fetch_lpips_weights
+from mouserecon.lpips_weights import LpipsWeightsMissing, build_lpips, fetch_lpips_weights
 from mouserecon.eval.protocol import Protocol, ProtocolMismatch, data_sha1, parse_mask, require_same_protocol
 from mouserecon.eval.report import compare_reports
 from mouserecon.model import GSLRM, ModelConfig

@@ -16,7 +16,7 @@ import torch
 from mouserecon.train import loop as train_loop
 from mouserecon.train.config import load_recipe
 from mouserecon.train.loop import FinetuneOptions, TrainingError, finetune
-from mouserecon.train.rundir import RunDir
+from mouserecon.rundir import RunDir
 
 TINY = ["model.preset=tiny", "data.resolution=32", "data.val_samples=2", "optim.warmup_steps=5",
         "training.log_every=1", "training.val_every=1000", "training.ckpt_every=1000"]

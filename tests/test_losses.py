@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mouserecon.eval.lpips_weights import build_lpips, fetch_lpips_weights, imagenet_features
-from mouserecon.eval.metrics import lpips_distance, ssim
-from mouserecon.train.config import LossSection
-from mouserecon.train.losses import L2Loss, Losses, PerceptualLoss, SSIMLoss
+from mouserecon.lpips_weights import build_lpips, fetch_lpips_weights, imagenet_features
+from mouserecon.metrics import lpips_distance, ssim
+from mouserecon.losses import LossSection
+from mouserecon.losses import L2Loss, Losses, PerceptualLoss, SSIMLoss
 
 
 def images(b=2, v=2, h=32, w=32, seed=0):

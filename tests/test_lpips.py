@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from mouserecon.eval import lpips_weights
-from mouserecon.eval.lpips_weights import (
+from mouserecon import lpips_weights
+from mouserecon.lpips_weights import (
     CONVERTED_FILES,
     TORCHVISION_FILES,
     LpipsWeightsMissing,
@@ -26,7 +26,7 @@ from mouserecon.eval.lpips_weights import (
     load_numpy_pickle,
     main,
 )
-from mouserecon.eval.metrics import lpips_distance, view_metrics
+from mouserecon.metrics import lpips_distance, view_metrics
 
 
 @pytest.fixture(scope="session")

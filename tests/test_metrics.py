@@ -17,7 +17,7 @@ import pytorch_msssim
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from mouserecon.eval.metrics import (
+from mouserecon.metrics import (
     SSIM,
     MaskSpec,
     ViewMetrics,

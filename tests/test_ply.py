@@ -249,7 +249,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mouserecon.ply.os.fsync", failing_fsync)
+    monkeypatch.setattr("mouserecon.files.os.fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         save_ply(path, random_gaussians(99, 3))
     assert path.read_bytes() == before

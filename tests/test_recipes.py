@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from mouserecon.train.config import RecipeError, available_recipes, load_recipe
+from mouserecon.errors import RecipeError
+from mouserecon.train.config import available_recipes, load_recipe
 from mouserecon.train.optim import lr_factor, make_optimizer, should_skip
 
 

@@ -10,7 +10,7 @@ import torch
 from mouserecon.baselines import flat_prediction, visual_hull_gaussians
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.carve import carve, dilation_px
-from mouserecon.eval.metrics import psnr
+from mouserecon.metrics import psnr
 from mouserecon.gaussians import Gaussians
 from mouserecon.refine import RefineError, refine
 from mouserecon.render import render

@@ -16,9 +16,8 @@ from typing import Any
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe file or override is malformed; the message names the file/key and the defect."""
+from mouserecon.errors import RecipeError
+from mouserecon.losses import LossSection
 
 
 @dataclass(frozen=True)
@@ -58,22 +57,6 @@ class DataSection:
     def input_crop(self) -> float | None:
         """The crop margin the model is trained with (ModelConfig.input_crop); None = whole frames."""
         return self.crop_margin if self.crop else None
-
-
-@dataclass(frozen=True)
-class LossSection:
-    l2: float = 1.0
-    ssim: float = 0.5
-    lpips: float = 0.0
-    perceptual: float = 0.0  # VGG19 feature loss (FaceLift's "perceptual")
-    alpha: float = 0.0  # silhouette: L2 between the rendered alpha and the ground-truth mask, all pixels
-    depth: float = 0.0  # L1 between rendered and ground-truth depth (needs the samples' depth.npz)
-    masked: bool = False  # restrict the image losses to the ground-truth foreground
-
-    def __post_init__(self) -> None:
-        weights = (self.l2, self.ssim, self.lpips, self.perceptual, self.alpha, self.depth)
-        if any(w < 0 for w in weights) or not any(w > 0 for w in weights[:4]):
-            raise RecipeError(f"loss weights must be >= 0 with at least one image loss > 0, got {weights}")
 
 
 @dataclass(frozen=True)

@@ -20,22 +20,23 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from mouserecon.errors import MouseReconError
 from mouserecon.checkpoints import load_checkpoint, model_checkpoint
 from mouserecon.data import MouseDataset, collate
-from mouserecon.eval.figures import comparison_grid, plot_training_curves, save_image
-from mouserecon.eval.metrics import foreground_iou, psnr
+from mouserecon.figures import comparison_grid, plot_training_curves, save_image
+from mouserecon.metrics import foreground_iou, psnr
 from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.render import render
 from mouserecon.train import distributed
 from mouserecon.train.config import DataSection, Recipe
-from mouserecon.train.losses import Losses
+from mouserecon.losses import Losses
 from mouserecon.train.optim import make_optimizer, make_scheduler, should_skip
-from mouserecon.train.rundir import RunDir, sample_manifest
+from mouserecon.rundir import RunDir, sample_manifest
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MouseReconError, RuntimeError):
     """Training cannot continue (too many consecutive bad steps, nothing to train on, ...)."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import viser
 from PIL import Image
 
+from mouserecon.errors import MouseReconError
 from mouserecon.cameras import Cameras
 from mouserecon.data import SampleError, load_sample
 from mouserecon.gaussians import Gaussians
@@ -44,7 +45,7 @@ UP_DIRECTIONS = ("+x", "-x", "+y", "-y", "+z", "-z")
 FRUSTUM_IMAGE_PX = 256  # longest side of the image shown on a frustum (transport size only)
 
 
-class ViewerError(Exception):
+class ViewerError(MouseReconError):
     """The viewer cannot start: bad input file or unusable address; the message names which."""
 
 

@@ -1,4 +1,4 @@
-"""Training losses: small modules, each returning a scalar; `Losses` weights and sums them.
+"""Losses for training and refinement: small modules, each returning a scalar; `Losses` weights and sums them.
 
 Every term is computed per image, optionally restricted to the ground-truth foreground, and then
 averaged over images, so a batch split across DDP ranks averages to the same loss as one process.
@@ -8,11 +8,31 @@ when `Losses` is constructed: a missing file fails at start-up, not mid-run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from mouserecon.eval.metrics import lpips_distance, lpips_model, masked_mean, ssim
-from mouserecon.train.config import LossSection
+from mouserecon.errors import RecipeError
+from mouserecon.metrics import lpips_distance, lpips_model, masked_mean, ssim
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """Loss weights (a recipe's `loss` section; refinement uses its own)."""
+
+    l2: float = 1.0
+    ssim: float = 0.5
+    lpips: float = 0.0
+    perceptual: float = 0.0  # VGG19 feature loss (FaceLift's "perceptual")
+    alpha: float = 0.0  # silhouette: L2 between the rendered alpha and the ground-truth mask, all pixels
+    depth: float = 0.0  # L1 between rendered and ground-truth depth (needs the samples' depth.npz)
+    masked: bool = False  # restrict the image losses to the ground-truth foreground
+
+    def __post_init__(self) -> None:
+        weights = (self.l2, self.ssim, self.lpips, self.perceptual, self.alpha, self.depth)
+        if any(w < 0 for w in weights) or not any(w > 0 for w in weights[:4]):
+            raise RecipeError(f"loss weights must be >= 0 with at least one image loss > 0, got {weights}")
 
 
 class L2Loss(nn.Module):
@@ -46,7 +66,7 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from mouserecon.eval.lpips_weights import imagenet_features
+        from mouserecon.lpips_weights import imagenet_features
 
         self.features = imagenet_features("vgg")[: self.LAYERS[-1] + 1]  # real ImageNet weights, frozen
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406])[:, None, None])

