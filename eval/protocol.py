@@ -18,15 +18,20 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mouserecon.errors import MouseReconError
+from mouserecon import options
 from mouserecon.metrics import MaskSpec, describe_metrics
+from mouserecon.options import LPIPS_CHOICES
 from mouserecon.rundir import sample_manifest
 
 PROTOCOL_VERSION = 1
-LPIPS_CHOICES = ("alex", "vgg", "none")
 # How the model's cameras are made (DESIGN.md §4): a similarity fitted to the input views only, as
 # `mouserecon reconstruct` does, so the held-out cameras never influence the reconstruction.
 NORMALIZATION = "similarity fitted to the input views (optical-axes centre, mean distance 2.7, world_up -> +Z)"
 WHITE = (1.0, 1.0, 1.0)
+
+
+class ProtocolError(MouseReconError, ValueError):
+    """A protocol record is malformed (fields, views, LPIPS net, mask)."""
 
 
 class ProtocolMismatch(MouseReconError, ValueError):
@@ -34,15 +39,9 @@ class ProtocolMismatch(MouseReconError, ValueError):
 
 
 def parse_mask(spec: str) -> MaskSpec:
-    """"alpha" | "alpha:<t>" | "near_white:<t>" -> MaskSpec (alpha's threshold defaults to 0.5)."""
-    source, _, value = spec.partition(":")
-    if source not in ("alpha", "near_white") or (source == "near_white" and not value):
-        raise ValueError(f"mask must be 'alpha', 'alpha:<t>' or 'near_white:<t>' (e.g. near_white:0.95), got {spec!r}")
-    try:
-        threshold = float(value) if value else 0.5
-    except ValueError:
-        raise ValueError(f"mask threshold in {spec!r} is not a number") from None
-    return MaskSpec(source, threshold)
+    """"alpha" | "alpha:<t>" | "near_white:<t>" -> MaskSpec (`options.parse_mask`: alpha's threshold
+    defaults to 0.5)."""
+    return MaskSpec(*options.parse_mask(spec))
 
 
 def mask_string(mask: MaskSpec) -> str:
@@ -92,19 +91,19 @@ class Protocol:
         for name in ("sample_ids", "input_views", "heldout_views", "background"):
             set_(self, name, tuple(getattr(self, name)))
         if not self.sample_ids:
-            raise ValueError("a protocol needs at least one sample")
+            raise ProtocolError("a protocol needs at least one sample")
         if not self.input_views or not self.heldout_views:
-            raise ValueError(f"a protocol needs input and held-out views, got {list(self.input_views)} / "
+            raise ProtocolError(f"a protocol needs input and held-out views, got {list(self.input_views)} / "
                              f"{list(self.heldout_views)}")
         overlap = sorted(set(self.input_views) & set(self.heldout_views))
         if overlap:
-            raise ValueError(f"views {overlap} are both input and held out")
+            raise ProtocolError(f"views {overlap} are both input and held out")
         for name in ("input_views", "heldout_views"):
             views = getattr(self, name)
             if len(set(views)) != len(views) or min(views) < 0:
-                raise ValueError(f"{name} must be distinct non-negative frame indices, got {list(views)}")
+                raise ProtocolError(f"{name} must be distinct non-negative frame indices, got {list(views)}")
         if self.lpips not in LPIPS_CHOICES:
-            raise ValueError(f"lpips must be one of {LPIPS_CHOICES}, got {self.lpips!r}")
+            raise ProtocolError(f"lpips must be one of {LPIPS_CHOICES}, got {self.lpips!r}")
         parse_mask(self.mask)
 
     @property
@@ -119,7 +118,7 @@ class Protocol:
         """Inverse of `to_dict`; unknown or missing fields are an error naming `source`."""
         names = {f.name for f in fields(Protocol)}
         if set(record) != names:
-            raise ValueError(f"{source}: protocol fields {sorted(record)} differ from {sorted(names)} "
+            raise ProtocolError(f"{source}: protocol fields {sorted(record)} differ from {sorted(names)} "
                              f"(unknown: {sorted(set(record) - names)}, missing: {sorted(names - set(record))})")
         return Protocol(**record)
 
@@ -144,7 +143,7 @@ def require_same_protocol(protocols: Mapping[str, Protocol]) -> Protocol:
     """The common protocol of `protocols` ({label: Protocol}, e.g. report paths); raises ProtocolMismatch
     listing every differing field with each label's value when they are not all equal."""
     if not protocols:
-        raise ValueError("no protocols to compare")
+        raise ProtocolError("no protocols to compare")
     (first_label, first), *rest = protocols.items()
     differing = sorted({name for _, p in rest for name in first.differences(p)},
                        key=[f.name for f in fields(Protocol)].index)

@@ -29,10 +29,17 @@ from torch import Tensor
 
 from mouserecon.metrics import MetricSummary, ViewMetrics, summarize
 from mouserecon.eval.protocol import Protocol, require_same_protocol
+from mouserecon.errors import MouseReconError
 from mouserecon.files import atomic_write_json, atomic_write_text
 from mouserecon.rundir import versions
 
 GRID_LABELS = ("worst", "median", "best")
+
+
+class ReportError(MouseReconError, ValueError):
+    """A report folder or summary.json is missing or malformed; the message names the file."""
+
+
 # Table columns: (metric, header, format). Metrics a report lacks (LPIPS with --lpips none) are left out.
 COLUMNS = (("psnr", "PSNR", ".2f"), ("psnr_fg", "PSNR_fg", ".2f"), ("ssim", "SSIM", ".4f"),
            ("ssim_fg", "SSIM_fg", ".4f"), ("lpips", "LPIPS", ".4f"), ("lpips_fg", "LPIPS_fg", ".4f"),
@@ -172,17 +179,17 @@ def load_summary(path: str | Path) -> tuple[Path, dict, Protocol]:
     if path.is_dir():
         path = path / "summary.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no summary.json (not a `mouserecon eval` report)")
+        raise ReportError(f"{path}: no summary.json (not a `mouserecon eval` report)")
     try:
         summary = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ReportError(f"{path}: not valid JSON ({err})") from None
     for key in ("protocol_tag", "protocol", "models"):
         if key not in summary:
-            raise ValueError(f"{path}: missing {key!r} (not a `mouserecon eval` summary)")
+            raise ReportError(f"{path}: missing {key!r} (not a `mouserecon eval` summary)")
     protocol = Protocol.from_dict(summary["protocol"], source=str(path))
     if protocol.tag() != summary["protocol_tag"]:
-        raise ValueError(f"{path}: protocol_tag {summary['protocol_tag']} does not match its protocol "
+        raise ReportError(f"{path}: protocol_tag {summary['protocol_tag']} does not match its protocol "
                          f"(tag {protocol.tag()}): the file was edited or written by another protocol version")
     return path, summary, protocol
 
@@ -191,7 +198,7 @@ def compare_reports(paths: list[str | Path]) -> str:
     """The comparison table of several reports; raises ProtocolMismatch (listing the differing fields)
     unless they all share one protocol. Models are labelled <report folder>/<model>."""
     if len(paths) < 2:
-        raise ValueError("comparing needs at least two reports")
+        raise ReportError("comparing needs at least two reports")
     loaded = [load_summary(p) for p in paths]
     labels = tuple(path.parent.name for path, _, _ in loaded)
     if len(set(labels)) != len(labels):

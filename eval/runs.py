@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mouserecon.rundir import RunDir
+from mouserecon.rundir import RunDir, RunError
 
 COLUMNS = ("steps", "logged", "gn_median", "gn_p95", "gn_max", "gn_mean", "skipped", "val_psnr_fg", "val_iou")
 
@@ -23,7 +23,7 @@ def summarize_run(folder: str | Path) -> dict[str, float]:
     """{column: value} for one run folder (NaN where the run logged nothing of that kind)."""
     records = RunDir(folder).read_metrics()
     if not records:
-        raise FileNotFoundError(f"{folder}: no metrics.jsonl records (not a finetune run folder?)")
+        raise RunError(f"{folder}: no metrics.jsonl records (not a finetune run folder?)")
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
     norms = np.array([r["grad_norm"] for r in train], dtype=np.float64)

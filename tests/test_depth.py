@@ -82,7 +82,7 @@ def test_synthetic_depth_lies_on_the_mouse_and_add_depth_rewrites_it(tmp_path):
     assert (surface <= 1.5 * 0.02 * depth[depth > 0] / focal).all(), surface.max()
     # Normalised units: the same mouse, depths scaled by the similarity (camera z scales with lengths).
     normalised = generate_sample(11, tmp_path / "norm", resolution=64, n_views=3, n_heldout=1, variety="wide",
-                                 units="normalized")
+                                 units="model")
     scale = Similarity.from_dict(json.loads((normalised / "opencv_cameras.json").read_text())["normalization"]).scale
     torch.testing.assert_close(torch.from_numpy(np.load(normalised / DEPTH_FILE)["depth"]), depth * scale,
                                rtol=1e-4, atol=1e-6)

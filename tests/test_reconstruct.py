@@ -23,12 +23,13 @@ import torch
 from click.testing import CliRunner
 
 from mouserecon.cameras import Cameras, load_opencv_cameras
-from mouserecon.checkpoints import save_checkpoint
+from mouserecon.checkpoints import demo_checkpoint, save_checkpoint
 from mouserecon.cli import main
 from mouserecon.data import crop_to_foreground, load_sample
+from mouserecon.files import DeviceError
 from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.ply import load_ply, property_names
-from mouserecon.reconstruct import ReconstructError, ReconstructOptions, demo_checkpoint, reconstruct, turntable_cameras
+from mouserecon.reconstruct import ReconstructError, ReconstructOptions, reconstruct, turntable_cameras
 from mouserecon.render import render
 
 DEMO_SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "demo_mouse"
@@ -137,7 +138,7 @@ def test_cli_demo_sample_writes_ply_sidecar_and_previews(demo_sample, tiny_check
     records = read_ply(out)
     sidecar = json.loads(out.with_suffix(".json").read_text())
     num_frames = len(json.loads((demo_sample / "opencv_cameras.json").read_text())["frames"])
-    assert sidecar["views"] == [0, 1, 2, 3, 4] and sidecar["heldout_views"] == list(range(5, num_frames))
+    assert sidecar["input_views"] == [0, 1, 2, 3, 4] and sidecar["heldout_views"] == list(range(5, num_frames))
     # Token Gaussians + one per input pixel; this checkpoint's opacities are all > 0.05, so the
     # default threshold (0.005) prunes none (pruning counts: test_python_api_matches_cli_...).
     expected = 2 + 5 * 32 * 32
@@ -179,9 +180,9 @@ def test_python_api_matches_cli_and_prunes_by_opacity(mm_sample, tiny_checkpoint
 def test_units_input_maps_back_with_the_inverse_similarity(mm_sample, tiny_checkpoint, tmp_path):
     views = (4, 0, 2, 5, 1)  # a non-default order
     size = 32
-    model = reconstruct(ReconstructOptions(mm_sample, tmp_path / "model.ply", tiny_checkpoint, views=views,
+    model = reconstruct(ReconstructOptions(mm_sample, tmp_path / "model.ply", tiny_checkpoint, inputs=views,
                                            resolution=size, units="model", min_opacity=0.0))
-    user = reconstruct(ReconstructOptions(mm_sample, tmp_path / "user.ply", tiny_checkpoint, views=views,
+    user = reconstruct(ReconstructOptions(mm_sample, tmp_path / "user.ply", tiny_checkpoint, inputs=views,
                                           resolution=size, units="input", min_opacity=0.0))
     a, b = read_ply(model.ply_path), read_ply(user.ply_path)
     record = json.loads(user.sidecar_path.read_text())["similarity_user_to_model"]
@@ -222,7 +223,7 @@ def test_units_input_maps_back_with_the_inverse_similarity(mm_sample, tiny_check
 def test_previews_show_the_sample_and_match_a_user_frame_render(tmp_path, tiny_checkpoint):
     size = 32
     sample = write_sample(tmp_path / "s3", n=3, size=size)
-    out = reconstruct(ReconstructOptions(sample, tmp_path / "m.ply", tiny_checkpoint, views=(0, 1), resolution=size,
+    out = reconstruct(ReconstructOptions(sample, tmp_path / "m.ply", tiny_checkpoint, inputs=(0, 1), resolution=size,
                                          previews_dir=tmp_path / "previews", turntable_frames=0))
     assert [p.name for p in out.preview_files] == ["inputs.png", "heldout.png"]
     cameras, files = load_opencv_cameras(sample / "opencv_cameras.json")
@@ -305,9 +306,9 @@ def test_bad_inputs_are_clear_errors(mm_sample, tiny_checkpoint, tmp_path):
     cases = [
         (["nowhere", "-o", out, "--checkpoint", ckpt], ["nowhere", "views folder not found"]),
         ([str(not_sample), "-o", out, "--checkpoint", ckpt], ["empty", "not a sample folder"]),
-        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--views", "0,1,9"], ["opencv_cameras.json", "out of range", "6 frames"]),
-        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--views", "0,0"], ["distinct"]),
-        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--views", "0,a"], ["comma-separated"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--inputs", "0,1,9"], ["opencv_cameras.json", "out of range", "6 frames"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--inputs", "0,0"], ["distinct"]),
+        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--inputs", "0,a"], ["comma-separated"]),
         ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--resolution", "60"], ["60", "patch size 8"]),
         ([str(mm_sample), "-o", str(tmp_path / "no" / "m.ply"), "--checkpoint", ckpt], ["output folder", "does not exist"]),
         ([str(mm_sample), "-o", str(tmp_path / "m.obj"), "--checkpoint", ckpt], ["m.obj", ".ply"]),
@@ -380,7 +381,7 @@ def test_higher_sh_degree_cannot_be_mapped_to_the_input_frame(mm_sample, tmp_pat
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_gpu(mm_sample, tiny_checkpoint, tmp_path):
-    with pytest.raises(ReconstructError, match="no CUDA GPU"):
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
         reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", tiny_checkpoint, device="cuda"))
 
 
@@ -400,7 +401,7 @@ def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sa
     checkpoint = tmp_path / "crop.pt"
     save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1)))
     size, views = 32, (1, 3)
-    result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, views=views, resolution=size,
+    result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, inputs=views, resolution=size,
                                             units="input", min_opacity=0.0, previews_dir=tmp_path / "previews",
                                             turntable_frames=2))
     assert json.loads(result.sidecar_path.read_text())["checkpoint"]["config"]["input_crop"] == 0.1
@@ -442,7 +443,7 @@ def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, 
 
     monkeypatch.setattr(refine_module, "refine", recording)
     size, views = 32, (1, 3)
-    result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, views=views, resolution=size,
+    result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, inputs=views, resolution=size,
                                             refine=1))
     (images, cameras, (carve_masks, carve_cameras)), = seen
     # the 2 crops the model saw, then the 2 whole frames, each with its own camera in the model frame

@@ -268,7 +268,7 @@ def test_wide_variety_draws_from_its_wider_ranges_and_keeps_the_rig_variety(tmp_
 
 def test_normalized_units_are_the_mm_rig_under_the_recorded_similarity(tmp_path):
     mm = generate_sample(3, tmp_path / "mm", resolution=32, n_heldout=1)
-    norm = generate_sample(3, tmp_path / "norm", resolution=32, n_heldout=1, units="normalized")
+    norm = generate_sample(3, tmp_path / "norm", resolution=32, n_heldout=1, units="model")
     assert _files(mm)["images/cam_003.png"] == _files(norm)["images/cam_003.png"]
     cams_mm, _ = load_opencv_cameras(mm / "opencv_cameras.json")
     cams_norm, _ = load_opencv_cameras(norm / "opencv_cameras.json")
@@ -308,7 +308,7 @@ def test_demo_sample_is_committed_with_six_256px_views():
 
 def test_cli_synth_smoke(tmp_path):
     result = CliRunner().invoke(main, ["synth", "-o", str(tmp_path / "out"), "-n", "2", "--seed", "4",
-                                       "--resolution", "24", "--heldout", "1", "--units", "normalized"])
+                                       "--resolution", "24", "--num-heldout", "1", "--units", "model"])
     assert result.exit_code == 0, result.output
     for i in range(2):
         cameras, files = load_opencv_cameras(tmp_path / "out" / f"sample_{i:05d}" / "opencv_cameras.json")

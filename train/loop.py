@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from mouserecon.errors import MouseReconError
+from mouserecon.options import DEFAULT_DEVICE
 from mouserecon.checkpoints import load_checkpoint, model_checkpoint
 from mouserecon.data import MouseDataset, collate
 from mouserecon.figures import comparison_grid, plot_training_curves, save_image
@@ -47,7 +48,7 @@ class FinetuneOptions:
     recipe: Recipe
     pretrained: Path | None = None  # FaceLift or mouserecon checkpoint; None = from scratch
     resume: bool = False
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     progress: bool = True
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
 

@@ -9,7 +9,7 @@ frames are rig views and which are held out).
 Frames 0 .. n_views-1 are the rig views in azimuth order; held-out views follow them.
 
 Units: "mm" writes the raw world (mm, +Z up, ground z = 0, cameras ~300-330 mm from the aim
-point); "normalized" applies `mouserecon.normalize.normalize_cameras` (centre = least-squares
+point); "model" applies `mouserecon.normalize.normalize_cameras` (centre = least-squares
 intersection of the optical axes, mean rig-camera distance 2.7, +Z up) to the rig views and the
 same similarity to the held-out views. Everything is drawn from one numpy Generator seeded with
 `seed`, so a seed gives identical files.
@@ -39,7 +39,7 @@ from mouserecon.synth.trace import Light, TraceConfig, render_depth, render_rgba
 
 log = logging.getLogger(__name__)
 
-UNITS = ("mm", "normalized")
+UNITS = ("mm", "model")  # "model": normalised to the model's rig, the word every command uses
 VARIETIES = ("rig", "wide")
 
 # variety="wide": ranges beyond the real rig and the coat table, for training models that must
@@ -119,7 +119,7 @@ def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_vie
     depth = render_depth(shape, drawn.cameras, trace, near_silhouette(rgba[..., 3]))  # [V, H, W] mm
 
     cameras, extra = drawn.cameras, {"world_up": [0.0, 0.0, 1.0]}
-    if units == "normalized":
+    if units == "model":
         _, similarity = normalize_cameras(cameras[:n_views])
         cameras = similarity.apply_cameras(cameras)
         depth = depth * similarity.scale
@@ -192,7 +192,7 @@ def add_depth(folder: str | Path, trace: TraceConfig | None = None) -> Path:
     camera_file = folder / "opencv_cameras.json"
     cameras, files = load_opencv_cameras(camera_file)
     to_mm = Similarity.identity()
-    if record["units"] == "normalized":  # the similarity from mm, recorded beside the frames
+    if record["units"] == "model":  # the similarity from mm, recorded beside the frames
         to_mm = Similarity.from_dict(json.loads(camera_file.read_text())["normalization"]).inverse()
     alpha = torch.stack([torch.from_numpy(iio.imread(folder / f)[..., 3].astype(np.float32)) for f in files])
     params, _, _ = draw_mouse(record["seed"], record["variety"])

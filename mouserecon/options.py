@@ -1,0 +1,214 @@
+"""Options of the user-facing commands: frozen dataclasses that validate in `__post_init__`.
+
+The defaults live here and only here (the CLI shows them with --help); the module imports no torch,
+so `mouserecon --help` stays fast. One vocabulary: frame indices are `inputs` / `heldout`; `units`
+is "input" (the camera file's frame and units, e.g. mm) or "model" (the normalised rig).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from mouserecon.errors import MouseReconError
+
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_DEVICE = "auto"  # CUDA when available
+UNITS = ("input", "model")
+DEFAULT_INPUT_VIEWS = 5  # Exp C: 5 input views per sample
+DEFAULT_MIN_OPACITY = 0.005  # prune Gaussians below this opacity (about 1/255: invisible when rendered)
+TURNTABLE_FORMATS = ("gif", "mp4")
+BASELINES = ("flat", "hull")
+LPIPS_CHOICES = ("alex", "vgg", "none")
+MASK_SOURCES = ("alpha", "near_white")
+
+
+class ViewsError(MouseReconError, ValueError):
+    """Input / held-out frame indices that are malformed or out of range; the message names the file."""
+
+
+class EvalError(MouseReconError, ValueError):
+    """Bad options or inputs for `evaluate`; the message names the file or option and the defect."""
+
+
+def default(options_class, name: str):
+    """The default of field `name` of an options dataclass (for the CLI's --help)."""
+    (found,) = [f for f in fields(options_class) if f.name == name]
+    return found.default
+
+
+def check_views(views, name: str) -> tuple[int, ...] | None:
+    """Option check of frame indices (None = the default): distinct non-negative integers -> a tuple."""
+    if views is None:
+        return None
+    views = tuple(views)
+    if not views or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in views):
+        raise ViewsError(f"{name} must be non-negative integer frame indices, got {list(views)!r}")
+    if len(set(views)) != len(views):
+        raise ViewsError(f"{name} must be distinct frame indices, got {list(views)}")
+    return views
+
+
+def parse_mask(spec: str) -> tuple[str, float]:
+    """"alpha" | "alpha:<t>" | "near_white:<t>" -> (source, threshold in (0, 1)); alpha's threshold
+    defaults to 0.5. Raises EvalError for anything else."""
+    source, _, value = spec.partition(":")
+    if source not in MASK_SOURCES or (source == "near_white" and not value):
+        raise EvalError(f"mask must be 'alpha', 'alpha:<t>' or 'near_white:<t>' (e.g. near_white:0.95), got {spec!r}")
+    try:
+        threshold = float(value) if value else 0.5
+    except ValueError:
+        raise EvalError(f"mask threshold in {spec!r} is not a number") from None
+    if not 0.0 < threshold < 1.0:
+        raise EvalError(f"mask threshold must be in (0, 1), got {threshold}")
+    return source, threshold
+
+
+class ReconstructError(MouseReconError, ValueError):
+    """Bad options or inputs for `reconstruct`; the message names the file or option and the defect."""
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    """What to reconstruct and how.
+
+    views_dir:     sample folder (`opencv_cameras.json` or `transforms.json` + images).
+    output:        the .ply to write; its folder must exist; the sidecar is `Sidecar.path_for(output)`.
+    checkpoint:    ours or FaceLift's; None = the bundled demo checkpoint.
+    device:        "auto" (CUDA when available), "cpu" or "cuda".
+    inputs:        input frame indices in the order given (distinct); None = the first 5.
+    heldout:       held-out frame indices (scores and previews); None = every frame not an input.
+    resolution:    square side in pixels the images are resized to; None = the model's image_size.
+    units:         "input" = the user's frame (the camera file's units, e.g. mm); "model" = normalised rig.
+    min_opacity:   prune Gaussians with opacity below this (0 keeps all).
+    refine:        steps of per-scene refinement against the input views (0 = feed-forward only).
+    previews_dir:  where to write preview images; None = no previews.
+    turntable_frames / turntable_format: the turntable preview (0 frames = none; "gif" or "mp4").
+    """
+
+    views_dir: Path
+    output: Path
+    checkpoint: Path | None = None
+    device: str = DEFAULT_DEVICE
+    inputs: tuple[int, ...] | None = None
+    heldout: tuple[int, ...] | None = None
+    resolution: int | None = None
+    units: str = "input"
+    min_opacity: float = DEFAULT_MIN_OPACITY
+    refine: int = 0
+    previews_dir: Path | None = None
+    turntable_frames: int = 36
+    turntable_format: str = "gif"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
+        set_(self, "views_dir", Path(self.views_dir))
+        set_(self, "output", Path(self.output))
+        if self.checkpoint is not None:
+            set_(self, "checkpoint", Path(self.checkpoint))
+        if self.previews_dir is not None:
+            set_(self, "previews_dir", Path(self.previews_dir))
+        if self.device not in DEVICES:
+            raise ReconstructError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.units not in UNITS:
+            raise ReconstructError(f"units must be one of {UNITS}, got {self.units!r}")
+        if self.output.suffix.lower() != ".ply":
+            raise ReconstructError(f"{self.output}: the output must be a .ply file")
+        set_(self, "inputs", check_views(self.inputs, "inputs"))
+        set_(self, "heldout", check_views(self.heldout, "heldout"))
+        if self.resolution is not None and not (isinstance(self.resolution, int) and self.resolution > 0):
+            raise ReconstructError(f"resolution must be a positive integer, got {self.resolution!r}")
+        if not (isinstance(self.min_opacity, (int, float)) and 0.0 <= self.min_opacity < 1.0):
+            raise ReconstructError(f"min_opacity must be in [0, 1), got {self.min_opacity!r}")
+        if not (isinstance(self.refine, int) and not isinstance(self.refine, bool) and self.refine >= 0):
+            raise ReconstructError(f"refine must be an integer >= 0 (steps), got {self.refine!r}")
+        if not (isinstance(self.turntable_frames, int) and self.turntable_frames >= 0):
+            raise ReconstructError(f"turntable_frames must be an integer >= 0, got {self.turntable_frames!r}")
+        if self.turntable_format not in TURNTABLE_FORMATS:
+            raise ReconstructError(f"turntable_format must be one of {TURNTABLE_FORMATS}, got {self.turntable_format!r}")
+
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate and under which protocol.
+
+    data:        dataset (folder of samples, one sample folder, or a list file; `data.find_samples`).
+    checkpoints: model checkpoints (ours or FaceLift's), evaluated by reconstructing from `inputs`; with no
+                 checkpoint, .ply or baseline at all, the bundled demo checkpoint.
+    plys:        .ply files or folders of `<sample_id>.ply` (see the module docstring).
+    baselines:   naive baselines to score too: "flat" and/or "hull" (see the module docstring).
+    refine:      N > 0 also scores every checkpoint and the hull after N refinement steps.
+    out:         report folder (created; must not already hold a summary.json).
+    inputs:      input frame indices, in the order fed to the model; None = the first 5.
+    heldout:     held-out frame indices; None = every frame of the first sample not in `inputs`.
+    resolution:  square side in px; None = the first checkpoint's image size (required without checkpoints).
+    lpips:       "alex", "vgg" or "none".
+    mask:        "alpha", "alpha:<t>" or "near_white:<t>" (`parse_mask`).
+    device:      "auto", "cpu" or "cuda".
+    """
+
+    data: Path
+    checkpoints: tuple[Path, ...] = ()
+    plys: tuple[Path, ...] = ()
+    baselines: tuple[str, ...] = ()
+    refine: int = 0
+    out: Path = Path("report")
+    inputs: tuple[int, ...] | None = None
+    heldout: tuple[int, ...] | None = None
+    resolution: int | None = None
+    lpips: str = "alex"
+    mask: str = "alpha"
+    device: str = DEFAULT_DEVICE
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
+        set_(self, "data", Path(self.data))
+        set_(self, "out", Path(self.out))
+        set_(self, "checkpoints", tuple(Path(p) for p in self.checkpoints))
+        set_(self, "plys", tuple(Path(p) for p in self.plys))
+        set_(self, "baselines", tuple(self.baselines))
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown or len(set(self.baselines)) != len(self.baselines):
+            raise EvalError(f"baselines must be distinct names from {BASELINES}, got {list(self.baselines)}")
+        if not (isinstance(self.refine, int) and not isinstance(self.refine, bool) and self.refine >= 0):
+            raise EvalError(f"refine must be an integer >= 0, got {self.refine!r}")
+        set_(self, "inputs", check_views(self.inputs, "inputs"))
+        set_(self, "heldout", check_views(self.heldout, "heldout"))
+        if self.resolution is not None and not (isinstance(self.resolution, int) and self.resolution > 0):
+            raise EvalError(f"resolution must be a positive integer, got {self.resolution!r}")
+        if self.lpips not in LPIPS_CHOICES:
+            raise EvalError(f"lpips must be one of {LPIPS_CHOICES}, got {self.lpips!r}")
+        parse_mask(self.mask)
+        if self.device not in DEVICES:
+            raise EvalError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """`mouserecon synth`: n samples with seeds seed, seed + 1, ... into `out` (see `synth.generate_sample`).
+
+    num_views rig views per sample, then num_heldout extra held-out views; units "mm" (the raw world) or
+    "model" (normalised to the model's rig); variety "rig" (like the real rig) or "wide" (for training).
+    """
+
+    out: Path
+    n: int = 1
+    seed: int = 0
+    resolution: int = 256
+    num_views: int = 6
+    num_heldout: int = 0
+    units: str = "mm"
+    variety: str = "rig"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.n < 1 or self.resolution < 8 or self.num_views < 2 or self.num_heldout < 0:
+            raise SynthError(f"need n >= 1, resolution >= 8, num_views >= 2, num_heldout >= 0; got n={self.n}, "
+                             f"resolution={self.resolution}, num_views={self.num_views}, num_heldout={self.num_heldout}")
+        if self.units not in ("mm", "model") or self.variety not in ("rig", "wide"):
+            raise SynthError(f"units must be mm or model, variety rig or wide; got {self.units!r}, {self.variety!r}")
+
+
+class SynthError(MouseReconError, ValueError):
+    """Bad options for `synth`."""

@@ -1,0 +1,276 @@
+"""The one prediction path: a sample and its views -> model inputs -> Gaussians -> renders.
+
+`reconstruct`, `eval` (every predictor), refinement and sequence reconstruction call these steps and
+re-implement none of them:
+
+1. `prepare(sample, inputs, heldout, resolution, crop) -> Scene`: the sample's frames (input views, then
+   held-out views) at `resolution` (`data.load_sample`: centre crop + resize), mapped to the model's rig
+   by a similarity fitted to the input cameras (`normalize.normalize_cameras`: centre = least-squares
+   intersection of the optical axes, mean camera distance 2.7, the camera file's `world_up` -> +Z, +Z
+   when it records none; a single input view has no axes intersection, so it is fitted with every
+   camera of the camera file: the rig's calibration, no held-out image). With `crop` (the margin of a
+   model trained on crops) the model sees each input view cropped to a square around its foreground
+   from the full-resolution image (`data.crop_to_foreground`), as in training.
+2. A `Predictor` maps a Scene to a `Prediction`: Gaussians in the model frame or the user's, finite
+   (non-finite ones dropped and counted). `CheckpointPredictor` runs a GS-LRM once (no grad; bf16
+   autocast on CUDA); `HullPredictor` carves the visual hull of the input masks; `FlatPredictor` is no
+   Gaussians at all (the flat background); eval adds a predictor that reads .ply files.
+3. `refine_scene`: refinement against the whole input frames (preceded by the crops a crop model saw),
+   carved with the whole input frames' silhouettes (`refine.refine`).
+4. `render_views`: images clamped to [0, 1] and alphas, in batches sized for the device, with a
+   progress bar; `to_user_frame` maps model-frame Gaussians back to the camera file's frame.
+
+Units: "model" is the normalised rig (object at the origin, cameras ~2.7 away, +Z up); "input" the
+camera file's frame and units (e.g. mm).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mouserecon.baselines import HULL_INPUT_CROP, visual_hull_gaussians
+from mouserecon.cameras import Cameras
+from mouserecon.data import Sample, crop_to_foreground, load_sample, read_camera_file, world_up
+from mouserecon.gaussians import Gaussians
+from mouserecon.metrics import foreground_iou, psnr, ssim
+from mouserecon.model import GSLRM
+from mouserecon.normalize import Similarity, normalize_cameras
+from mouserecon.options import DEFAULT_INPUT_VIEWS, ViewsError
+from mouserecon.progress import progress
+from mouserecon.refine import RefineError, RefineResult, refine_inputs
+from mouserecon.render import render
+
+log = logging.getLogger(__name__)
+
+WHITE = (1.0, 1.0, 1.0)
+RENDER_BATCH = {"cpu": 1, "cuda": 8}  # views per render() call (the CPU backends' memory grows with it)
+
+
+def default_views(num_frames: int, inputs: tuple[int, ...] | None,
+                  heldout: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(inputs, held-out) frame indices for a camera file of `num_frames` frames, unchecked: inputs default
+    to the first 5 (all frames when there are fewer), held-out to every frame not an input."""
+    inputs = tuple(range(min(DEFAULT_INPUT_VIEWS, num_frames))) if inputs is None else inputs
+    return inputs, tuple(i for i in range(num_frames) if i not in inputs) if heldout is None else heldout
+
+
+def resolve_views(num_frames: int, inputs: tuple[int, ...] | None, heldout: tuple[int, ...] | None,
+                  source: Path | str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`default_views`, checked against the camera file `source`: in range, no frame both input and held out."""
+    inputs, heldout = default_views(num_frames, inputs, heldout)
+    wrong = sorted(v for v in inputs + heldout if v >= num_frames)
+    if wrong:
+        raise ViewsError(f"{source}: frames {wrong} out of range; the sample has {num_frames} frames "
+                         f"(indices 0..{num_frames - 1})")
+    both = sorted(set(inputs) & set(heldout))
+    if both:
+        raise ViewsError(f"{source}: views {both} are both input and held out")
+    return inputs, heldout
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One sample prepared for a model (step 1 of the module docstring).
+
+    sample:        [I + H] frames at the scene resolution, cameras in the model frame: the I input views,
+                   then the H held-out views, in the order given.
+    user_cameras:  the same [I + H] cameras in the camera file's frame.
+    similarity:    user -> model frame (x_model = s R x_user + t), fitted as the module docstring says.
+    world_up:      [3] float64, the user's up axis that became +Z.
+    inputs:        [I] what the model sees (crops or the whole input frames), model frame.
+    input_views / heldout_views: frame indices into the camera file.
+    crop:          the crop margin of `inputs`, or None for whole frames.
+    full:          [I + H] full-resolution frames, camera file's frame (crop scenes only, for previews).
+    """
+
+    sample: Sample
+    user_cameras: Cameras
+    similarity: Similarity
+    world_up: Tensor
+    inputs: Sample
+    input_views: tuple[int, ...]
+    heldout_views: tuple[int, ...]
+    crop: float | None = None
+    full: Sample | None = None
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.input_views)
+
+    @property
+    def resolution(self) -> int:
+        return self.sample.cameras.height
+
+    @property
+    def whole(self) -> Sample:
+        """[I] the whole input frames at the scene resolution, model frame."""
+        return self.sample.select(range(self.num_inputs))
+
+    @property
+    def heldout(self) -> Sample:
+        """[H] the held-out frames at the scene resolution, model frame."""
+        return self.sample.select(range(self.num_inputs, self.sample.num_views))
+
+    def heldout_cameras(self, units: str) -> Cameras:
+        """[H] held-out cameras in `units` ("model" or "input")."""
+        cameras = self.sample.cameras if units == "model" else self.user_cameras
+        return cameras[self.num_inputs:]
+
+
+def prepare(sample_dir: str | Path, inputs: tuple[int, ...] | None, heldout: tuple[int, ...] | None,
+            resolution: int, crop: float | None = None) -> Scene:
+    """Step 1 of the module docstring. Raises SampleError / ViewsError naming the file and the defect."""
+    camera_file = read_camera_file(Path(sample_dir))
+    inputs, heldout = resolve_views(len(camera_file.cameras), inputs, heldout, camera_file.path)
+    views = list(inputs + heldout)
+    sample = load_sample(camera_file.path, resolution, views)  # [I + H]
+    up = world_up(camera_file.path)
+    fit = camera_file.cameras if len(inputs) < 2 else camera_file.cameras[list(inputs)]
+    _, similarity = normalize_cameras(fit, up=up)
+    model_sample = replace(sample, cameras=similarity.apply_cameras(sample.cameras))
+    full = None
+    seen = model_sample.select(range(len(inputs)))
+    if crop is not None:
+        full = load_sample(camera_file.path, None, views)  # [I + H] at full resolution
+        crops = crop_to_foreground(full.select(range(len(inputs))), resolution, crop)
+        seen = replace(crops, cameras=similarity.apply_cameras(crops.cameras))
+    return Scene(model_sample, sample.cameras, similarity, up, seen, inputs, heldout, crop, full)
+
+
+# ---- predictors -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Gaussians [N] of one scene (finite, on the device), in `units`; `num_predicted` counts the ones the
+    predictor made, non-finite included."""
+
+    gaussians: Gaussians
+    units: str
+    num_predicted: int
+
+    @property
+    def num_nonfinite(self) -> int:
+        return self.num_predicted - self.gaussians.num
+
+
+def _finite(gaussians: Gaussians, units: str, what: str) -> Prediction:
+    finite = gaussians.drop_nonfinite()
+    if finite.num < gaussians.num:
+        log.warning("%s: %d of %d Gaussians are non-finite and were dropped", what, gaussians.num - finite.num,
+                    gaussians.num)
+    return Prediction(finite, units, gaussians.num)
+
+
+class Predictor:
+    """Scene -> Prediction. `crop`: the input crop margin the predictor sees its inputs with (None = whole
+    frames); `refinable`: whether refinement applies (Gaussians in the model frame to fit)."""
+
+    crop: float | None = None
+    refinable: bool = False
+
+    def predict(self, scene: Scene, device: torch.device) -> Prediction:
+        raise NotImplementedError
+
+
+class CheckpointPredictor(Predictor):
+    """A GS-LRM: 2 token Gaussians + one per input pixel, in the model frame."""
+
+    refinable = True
+
+    def __init__(self, model: GSLRM):
+        self.model = model
+        self.crop = model.config.input_crop
+
+    def predict(self, scene: Scene, device: torch.device) -> Prediction:
+        images = scene.inputs.images[None].to(device)  # [1, I, 3, R, R]
+        cameras = scene.inputs.cameras[None].to(device)  # [1, I]
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            gaussians = self.model(images, cameras)[0].to(torch.float32)  # [n]
+        r = scene.resolution
+        assert gaussians.num == self.model.config.n_gaussians + scene.num_inputs * r * r, gaussians.num
+        return _finite(gaussians, "model", scene.sample.sample_id)
+
+
+class HullPredictor(Predictor):
+    """The visual hull of the input masks (`baselines.visual_hull_gaussians`), seen through the same crops
+    as the demo model (`baselines.HULL_INPUT_CROP`)."""
+
+    crop = HULL_INPUT_CROP
+    refinable = True
+
+    def predict(self, scene: Scene, device: torch.device) -> Prediction:
+        seen = scene.inputs.to(device)
+        return _finite(visual_hull_gaussians(seen.images, seen.masks, seen.cameras), "model", scene.sample.sample_id)
+
+
+class FlatPredictor(Predictor):
+    """No Gaussians: renders the flat background (alpha 0), what a model that learned only it would show."""
+
+    def predict(self, scene: Scene, device: torch.device) -> Prediction:
+        empty = torch.zeros(0, 3, device=device)
+        gaussians = Gaussians(means=empty, sh=torch.zeros(0, 1, 3, device=device), log_scales=empty,
+                              quats=torch.zeros(0, 4, device=device), opacity_logits=torch.zeros(0, device=device))
+        return Prediction(gaussians, "model", 0)
+
+
+# ---- refinement, rendering, units -----------------------------------------------------------------
+
+
+def refine_scene(gaussians: Gaussians, scene: Scene, steps: int) -> RefineResult:
+    """`refine.refine_inputs` for a scene: model-frame Gaussians against the whole input frames, preceded by
+    the crops a crop model saw (`scene.crop`), carved with the whole input frames."""
+    device = gaussians.device
+    crops = None if scene.crop is None else scene.inputs.to(device)
+    try:
+        return refine_inputs(gaussians, scene.whole.to(device), crops, steps)
+    except RefineError as err:
+        raise RefineError(f"{scene.sample.path}: {err}") from None
+
+
+def render_views(gaussians: Gaussians, cameras: Cameras, background=WHITE,
+                 desc: str | None = None) -> tuple[Tensor, Tensor]:
+    """Gaussians [N] into cameras [V] (same frame) at the cameras' size -> images [V, 3, H, W] clamped to
+    [0, 1] (colours above 1 are legal Gaussians, as in gsplat, but no image shows them), alphas
+    [V, 1, H, W], on the Gaussians' device; `RENDER_BATCH` views per call; a progress bar with `desc`."""
+    batch = RENDER_BATCH[gaussians.device.type]
+    images, alphas = [], []
+    starts = range(0, len(cameras), batch)
+    with torch.no_grad():
+        for start in starts if desc is None else progress(starts, desc=desc, unit_scale=batch, unit="view"):
+            chunk = cameras[start:start + batch]
+            out = render(gaussians, chunk, chunk.height, chunk.width, background=background)
+            images.append(out.images.float().clamp(0, 1))
+            alphas.append(out.alphas.float())
+    return torch.cat(images), torch.cat(alphas)
+
+
+def view_scores(gaussians: Gaussians, scene: Scene) -> dict[str, dict[str, float]]:
+    """Mean foreground PSNR / SSIM and IoU of model-frame Gaussians over the scene's input and held-out
+    frames -> {"inputs"|"heldout": {"psnr_fg", "ssim_fg", "iou"}} (a group without frames is left out)."""
+    scores = {}
+    sample = scene.sample.to(gaussians.device)
+    for group, frames in (("inputs", range(scene.num_inputs)), ("heldout", range(scene.num_inputs, sample.num_views))):
+        if not frames:
+            continue
+        frames = list(frames)
+        pred, alphas = render_views(gaussians, sample.cameras[frames])
+        gt, masks = sample.images[frames], sample.masks[frames]
+        fg = masks > 0.5
+        scores[group] = {"psnr_fg": psnr(pred, gt, fg).nanmean().item(), "ssim_fg": ssim(pred, gt, fg).nanmean().item(),
+                         "iou": foreground_iou(alphas, masks).nanmean().item()}
+    return scores
+
+
+def to_user_frame(gaussians: Gaussians, similarity: Similarity) -> Gaussians:
+    """Model-frame Gaussians -> the camera file's frame with the inverse similarity (float64 maths, float32
+    out, CPU; Gaussians that overflow float32 are dropped)."""
+    inverse = similarity.inverse()
+    mapped = gaussians.to(device="cpu", dtype=torch.float64).transform(inverse.rotation, inverse.translation,
+                                                                       inverse.scale)
+    return mapped.to(torch.float32).drop_nonfinite()
