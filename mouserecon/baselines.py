@@ -1,12 +1,11 @@
-"""Naive reconstructions a learned model has to beat (issue 8), behind the same interfaces as a model.
+"""The visual hull, the naive reconstruction a learned model has to beat (`pipeline.HullPredictor`; the flat
+background is `pipeline.FlatPredictor`).
 
 - `visual_hull_gaussians`: carve a voxel grid in the model frame with the input masks (a voxel
   survives when it projects inside every input image, in front of the camera, onto a foreground
   pixel), keep the surface voxels, and colour each by projection: the mean input colour over the
   views in which it is the front-most surviving voxel on its pixel (all views where no view sees it).
   One isotropic, nearly opaque Gaussian per surface voxel.
-- `flat_prediction`: the flat background image (white everywhere, alpha 0), what a model that
-  learned only the background would render.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ HULL_BOUND = 1.2  # the grid spans [-bound, bound]^3 in the model frame (cameras
 HULL_OPACITY = 0.95
 HULL_SCALE = 0.6  # Gaussian sigma in voxel sizes
 # In `eval` the hull sees the same inputs as a model trained on crops: each input view cropped to a
-# square around its foreground (this margin) from the full-resolution image (`data.load_model_inputs`).
+# square around its foreground (this margin) from the full-resolution image (`pipeline.HullPredictor`).
 HULL_INPUT_CROP = 0.1
 
 
@@ -61,9 +60,3 @@ def visual_hull_gaussians(images: Tensor, masks: Tensor, cameras: Cameras, grid:
         quats=torch.tensor([1.0, 0.0, 0.0, 0.0], device=device).expand(m, 4).contiguous(),
         opacities=torch.full((m,), HULL_OPACITY, device=device),
     )
-
-
-def flat_prediction(views: int, height: int, width: int, background: Tensor) -> tuple[Tensor, Tensor]:
-    """The flat background image -> images [V, 3, H, W] (= background [3]), alphas [V, 1, H, W] (= 0)."""
-    images = background.reshape(1, 3, 1, 1).expand(views, 3, height, width).clone()
-    return images, torch.zeros(views, 1, height, width, dtype=images.dtype, device=images.device)

