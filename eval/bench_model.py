@@ -1,6 +1,6 @@
 """Benchmark one GS-LRM reconstruction (images + cameras -> Gaussians) on this machine.
 
-    python -m mouserecon.eval.bench_model [--preset facelift] [--resolution 512] [--views 5]
+    python -m mouserecon.eval.bench_model [--preset facelift] [--resolution 512] [--num-views 5]
                                           [--dtype fp32 --dtype bf16] [--device cpu]
 
 Random weights. For each dtype, a fresh process builds the model and times one forward pass
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="facelift")
     parser.add_argument("--resolution", type=int, default=None, help="square image size (default: the preset's)")
-    parser.add_argument("--views", type=int, default=5)
+    parser.add_argument("--num-views", type=int, default=5)
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable (default: fp32 and bf16)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=0, help="untimed forward passes first")
@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     config = ModelConfig.preset(args.preset)
     size = args.resolution or config.image_size
     print(f"preset {args.preset}: d={config.d} d_head={config.d_head} layers={config.n_layer} patch={config.patch_size}; "
-          f"{args.views} views at {size}x{size}, batch 1, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{args.num_views} views at {size}x{size}, batch 1, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     context = multiprocessing.get_context("spawn")
     for dtype_name in args.dtype or ["fp32", "bf16"]:
         queue = context.Queue()
-        child = context.Process(target=_run_one, args=(config, args.views, size, dtype_name, args.device, args.warmup, queue))
+        child = context.Process(target=_run_one, args=(config, args.num_views, size, dtype_name, args.device, args.warmup, queue))
         child.start()
         result = queue.get()
         child.join()

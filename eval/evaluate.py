@@ -44,7 +44,7 @@ from mouserecon.data import Sample, find_samples, read_camera_file
 from mouserecon.eval.protocol import Protocol, data_sha1, mask_string, parse_mask
 from mouserecon.eval.report import GRID_LABELS, ModelResult, Report, grid_samples, write_report
 from mouserecon.figures import comparison_grid, save_image
-from mouserecon.files import pick_device
+from mouserecon.device import pick_device
 from mouserecon.metrics import ViewMetrics, lpips_model, view_metrics
 from mouserecon.normalize import Similarity
 from mouserecon.options import EvalError, EvalOptions

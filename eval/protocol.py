@@ -24,8 +24,9 @@ from mouserecon.options import LPIPS_CHOICES
 from mouserecon.rundir import sample_manifest
 
 PROTOCOL_VERSION = 1
-# How the model's cameras are made (DESIGN.md §4): a similarity fitted to the input views only, as
-# `mouserecon reconstruct` does, so the held-out cameras never influence the reconstruction.
+# How the model's cameras are made (DESIGN.md §4): a similarity fitted to the input views only, so the
+# held-out cameras never influence the reconstruction; `pipeline.prepare` does it for eval and
+# reconstruct alike (one code path; a single input view is fitted with the rig's calibration).
 NORMALIZATION = "similarity fitted to the input views (optical-axes centre, mean distance 2.7, world_up -> +Z)"
 WHITE = (1.0, 1.0, 1.0)
 

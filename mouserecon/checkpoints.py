@@ -4,6 +4,9 @@ Our format (a `torch.save` dict, readable with `weights_only=True`):
     {"format": "mouserecon", "format_version": 1, "model_config": asdict(ModelConfig),
      "model": state_dict (fp32, or fp16 storage), "recipe": dict | None, "step": int | None,
      "versions": {"mouserecon", "torch", "python"}, "metrics": dict (optional)}
+A training checkpoint (`finetune`'s `runs/NAME/checkpoints/step_*.pt`) is ours plus the state to
+continue exactly: {"optimizer", "scheduler", "scaler" (state dicts), "skipped_total": int, "rng": one
+RNG record per rank}; `training_checkpoint` writes it and `load_training_state` reads it back.
 FaceLift's format (`utils_train.checkpoint_job`):
     {"model": state_dict, "optimizer", "lr_scheduler", "fwdbwd_pass_step", "param_update_step"}
 Its state dict is renamed through `FACELIFT_KEY_MAP`; `loss_calculator.*` keys (the VGG
@@ -142,6 +145,47 @@ def resolve_checkpoint(checkpoint: Path | None) -> Path:
     elif not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: checkpoint file not found")
     return checkpoint
+
+
+TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "skipped_total", "rng")
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What a training checkpoint holds beyond the model: enough to continue the run exactly.
+
+    model: our state dict (fp32). optimizer / scheduler / scaler: their state dicts. step: optimizer
+    steps done. skipped_total: updates skipped so far. rng: one `{"torch", "python", "numpy", "cuda"}`
+    record per rank of the run that wrote it (ranks must match on resume).
+    """
+
+    model: dict[str, Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    step: int
+    skipped_total: int
+    rng: list
+
+
+def training_checkpoint(model: GSLRM, recipe: dict, step: int, optimizer, scheduler, scaler, skipped_total: int,
+                        rng: list) -> dict:
+    """Our model checkpoint (`model_checkpoint`) plus the training state (see `TrainingState`)."""
+    return {**model_checkpoint(model, recipe=recipe, step=step), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "skipped_total": skipped_total,
+            "rng": rng}
+
+
+def load_training_state(path: str | Path) -> TrainingState:
+    """Read a training checkpoint written by `training_checkpoint` -> TrainingState; a model-only or FaceLift
+    checkpoint, or one missing training keys, is a CheckpointError that names them."""
+    obj = _read(path)
+    missing = [k for k in (*TRAINING_KEYS, "model", "step") if k not in obj]
+    if obj.get("format") != FORMAT or missing:
+        raise CheckpointError(f"{path}: not a mouserecon training checkpoint (format {obj.get('format')!r}, "
+                              f"missing {missing}); resume needs the run's own checkpoints/step_*.pt")
+    return TrainingState(model=obj["model"], optimizer=obj["optimizer"], scheduler=obj["scheduler"],
+                         scaler=obj["scaler"], step=obj["step"], skipped_total=obj["skipped_total"], rng=obj["rng"])
 
 
 # ---- loading -----------------------------------------------------------------------------------

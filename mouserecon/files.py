@@ -1,4 +1,4 @@
-"""Small shared utilities for files and devices: atomic writes and the device choice.
+"""Atomic file writes, the one implementation every writer uses (PLY, checkpoints, sidecars, reports, ...).
 
 Atomic write: the data goes to a hidden temp file beside the target (same file system), is flushed
 and fsynced, then renamed over the target, so a reader (or a resume after kill -9) sees the old file
@@ -17,13 +17,6 @@ from typing import IO, Any
 
 import torch
 
-from mouserecon.errors import MouseReconError
-from mouserecon.options import DEVICES
-
-
-
-class DeviceError(MouseReconError, ValueError):
-    """A device was asked for that this machine does not have."""
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -55,15 +48,3 @@ def atomic_write_json(path: str | Path, record: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def pick_device(name: str) -> torch.device:
-    """"auto" (CUDA when available, else the CPU), "cpu" or "cuda" -> torch.device; "cuda" without a GPU
-    is a DeviceError."""
-    if name not in DEVICES:
-        raise DeviceError(f"device must be one of {DEVICES}, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)

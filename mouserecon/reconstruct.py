@@ -41,7 +41,7 @@ from torch import Tensor
 from mouserecon.cameras import Cameras, find_camera_file, look_at
 from mouserecon.checkpoints import load_checkpoint, resolve_checkpoint
 from mouserecon.data import Sample, SampleError, crop_to_foreground
-from mouserecon.files import pick_device
+from mouserecon.device import pick_device
 from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity
 from mouserecon.options import ReconstructError, ReconstructOptions

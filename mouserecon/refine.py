@@ -33,6 +33,7 @@ from mouserecon.cameras import Cameras
 from mouserecon.carve import carve
 from mouserecon.data import Sample
 from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
+from mouserecon.progress import progress
 from mouserecon.render import render
 from mouserecon.losses import LossSection
 from mouserecon.losses import Losses
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 LEARNING_RATES = {"means": 5e-4, "sh": 2e-2, "log_scales": 5e-3, "quats": 1e-3, "opacity_logits": 5e-2}
 REFINE_LOSS = LossSection(l2=1.0, ssim=0.5, alpha=1.0, masked=True)
-LOG_EVERY = 25
 DC_RANGE = (rgb_to_sh_dc(torch.tensor(0.0)).item(), rgb_to_sh_dc(torch.tensor(1.0)).item())
 
 
@@ -88,6 +88,7 @@ def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras
 
     history = []
     start = time.perf_counter()
+    bar = progress(total=steps, desc="refine", unit="step")
     for step in range(steps + 1):
         out = render(Gaussians(**params), cameras, h, w)
         terms = losses(out.images, images, masks, out.alphas, masks)
@@ -101,9 +102,12 @@ def refine(gaussians: Gaussians, images: Tensor, masks: Tensor, cameras: Cameras
         optimizer.step()
         with torch.no_grad():  # keep the base colour a colour (renders in [0, 1] when the SH degree is 0)
             params["sh"][:, 0].clamp_(DC_RANGE[0], DC_RANGE[1])
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
-            log.info("  refine %d/%d: loss %.5f (start %.5f, %.1f s)", step + 1, steps, history[-1], history[0],
-                     time.perf_counter() - start)
+        bar.set_postfix(loss=f"{history[-1]:.5f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    if steps:
+        log.info("  refine: %d steps, loss %.5f -> %.5f (%.1f s)", steps, history[0], history[-1],
+                 time.perf_counter() - start)
     refined = Gaussians(**{name: p.detach() for name, p in params.items()})
     fitted = refined.num
     if silhouettes is not None:

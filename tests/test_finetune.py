@@ -239,3 +239,20 @@ def test_crop_recipe_trains_on_crops_and_whole_frames_and_records_it_in_the_mode
     assert len(seen[0]) == 6 and len(seen[1]) == 12
     assert seen[1][6:] == pytest.approx(seen[0])
     assert min(c / w for c, w in zip(seen[1][:6], seen[0])) > 1.1  # seen: 1.21 and up (64 px frames)
+
+
+def test_training_checkpoint_reads_back_as_written_and_a_model_only_file_is_refused(mice, tmp_path):
+    from mouserecon.checkpoints import CheckpointError, load_checkpoint, load_training_state, save_checkpoint
+
+    last = run(mice, tmp_path / "run", ["training.steps=2"])
+    raw = torch.load(last, weights_only=True)  # the file as torch wrote it, read without our reader
+    state = load_training_state(last)
+    assert (state.step, state.skipped_total, len(state.rng)) == (raw["step"], raw["skipped_total"], 1) == (2, 0, 1)
+    assert all(torch.equal(state.model[k], raw["model"][k]) for k in raw["model"])
+    assert state.optimizer["param_groups"] == raw["optimizer"]["param_groups"]
+    assert state.scheduler == raw["scheduler"] and torch.equal(state.rng[0]["torch"], raw["rng"][0]["torch"])
+    model_only = tmp_path / "model.pt"
+    save_checkpoint(model_only, load_checkpoint(last)[0])
+    with pytest.raises(CheckpointError, match=r"model.pt: not a mouserecon training checkpoint .*missing \['optimizer'"):
+        load_training_state(model_only)
+

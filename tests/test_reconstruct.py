@@ -26,7 +26,7 @@ from mouserecon.cameras import Cameras, load_opencv_cameras
 from mouserecon.checkpoints import demo_checkpoint, save_checkpoint
 from mouserecon.cli import main
 from mouserecon.data import crop_to_foreground, load_sample
-from mouserecon.files import DeviceError
+from mouserecon.device import DeviceError
 from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.ply import load_ply, property_names
 from mouserecon.reconstruct import ReconstructError, ReconstructOptions, reconstruct, turntable_cameras

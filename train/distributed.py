@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mouserecon.device import pick_device
+
 log = logging.getLogger(__name__)
 
 
@@ -38,10 +40,8 @@ def setup(device: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} requested but CUDA is not available")
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    use_cuda = pick_device(device).type == "cuda"
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")  # one GPU per rank
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():

@@ -22,11 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mouserecon.errors import MouseReconError
 from mouserecon.options import DEFAULT_DEVICE
-from mouserecon.checkpoints import load_checkpoint, model_checkpoint
+from mouserecon.checkpoints import load_checkpoint, load_training_state, training_checkpoint
 from mouserecon.data import MouseDataset, collate
 from mouserecon.figures import comparison_grid, plot_training_curves, save_image
 from mouserecon.metrics import foreground_iou, psnr
 from mouserecon.model import GSLRM, ModelConfig
+from mouserecon.progress import progress
 from mouserecon.render import render
 from mouserecon.train import distributed
 from mouserecon.train.config import DataSection, Recipe
@@ -138,16 +139,16 @@ def _build_model(opts: FinetuneOptions, recipe: Recipe, device) -> GSLRM:
 
 def _restore(path: Path, model, optimizer, scheduler, scaler, info: distributed.DistInfo) -> tuple[int, int]:
     """Load a training checkpoint in place -> (step, skipped_total); RNG state of this rank included."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if len(state["rng"]) != info.world_size:
-        raise TrainingError(f"{path} was written by {len(state['rng'])} process(es); resume it with as many "
+    state = load_training_state(path)
+    if len(state.rng) != info.world_size:
+        raise TrainingError(f"{path} was written by {len(state.rng)} process(es); resume it with as many "
                             f"(this run has {info.world_size}) so the data order continues exactly")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"][info.rank])
-    return state["step"], state["skipped_total"]
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    scaler.load_state_dict(state.scaler)
+    _set_rng_state(state.rng[info.rank])
+    return state.step, state.skipped_total
 
 
 def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo) -> Path | None:
@@ -227,9 +228,8 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
         if done % t.ckpt_every == 0 or done == end_step:
             rng = _gather_rng(info)
             if info.is_main:
-                state = {**model_checkpoint(model, recipe=recipe.to_dict(), step=done),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "step": done, "skipped_total": skipped_total, "rng": rng}
+                state = training_checkpoint(model, recipe.to_dict(), done, optimizer, scheduler, scaler, skipped_total,
+                                            rng)
                 last_path = run.save_checkpoint(state, done, t.keep_last)
                 plot_training_curves(run.read_metrics(), recipe.optim.skip_threshold, run.root / "curves.png")
     if progress is not None:
@@ -249,9 +249,7 @@ def _gather_rng(info: distributed.DistInfo) -> list[dict]:
 def _progress(opts, info, start, total):
     if not (opts.progress and info.is_main):
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
+    return progress(total=total, initial=start, desc="finetune", unit="step")
 
 
 def white_collapse(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, white: float = 0.9) -> bool:

@@ -27,11 +27,11 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mouserecon.cameras import Cameras, load_opencv_cameras, save_opencv_cameras
 from mouserecon.data import DEPTH_FILE
 from mouserecon.normalize import Similarity, normalize_cameras
+from mouserecon.progress import progress
 from mouserecon.synth.mouse import MouseParams, build_mouse, sample_params
 from mouserecon.synth.rig import RigConfig, sample_rig
 from mouserecon.synth.sdf import Shape
@@ -154,7 +154,7 @@ def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, **sample_kwargs
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folders = []
-    for i in tqdm(range(n), desc="synth", unit="sample"):
+    for i in progress(range(n), desc="synth", unit="sample"):
         folders.append(generate_sample(seed + i, out_dir / f"sample_{i:05d}", **sample_kwargs))
     log.info("wrote %d synthetic samples to %s", n, out_dir)
     return folders
