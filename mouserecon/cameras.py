@@ -259,6 +259,13 @@ class CameraFile:
     file_paths: tuple[str, ...]
     world_up: Tensor | None
 
+    def up(self) -> Tensor:
+        """The user's world up [3] float64: `world_up`, or +Z when the file records none."""
+        if self.world_up is None:
+            log.debug("%s records no world_up: taking +Z", self.path)
+            return torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+        return self.world_up
+
 
 def find_camera_file(folder: str | Path) -> Path | None:
     """The camera file of a sample folder (`CAMERA_FILES` in order), or None."""

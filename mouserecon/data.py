@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mouserecon.errors import MouseReconError
-from mouserecon.cameras import CAMERA_FILES, CameraError, Cameras, find_camera_file, load_camera_file
+from mouserecon.cameras import CAMERA_FILES, CameraError, CameraFile, Cameras, find_camera_file, load_camera_file
 from mouserecon.normalize import Similarity, normalize_cameras
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,11 @@ def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, cen
         views never influence the frame); default all. It is applied to every view. One camera has
         no axes intersection to centre on, so a single fit view is fitted with all the sample's
         cameras (the rig's calibration; no held-out image is used).
-    up: the user's world up; default `world_up(sample.path)`.
+    up: the user's world up; default the camera file's (`CameraFile.up`: its "world_up", else +Z).
     center: the point to put at the origin; default the least-squares intersection of the optical axes.
     """
     if up is None:
-        up = world_up(sample.path)
+        up = read_camera_file(sample.path).up()
     fit = sample.cameras if fit_views is None or len(fit_views) < 2 else sample.cameras[list(fit_views)]
     try:
         _, similarity = normalize_cameras(fit, center=center, up=up)
@@ -178,17 +178,11 @@ def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, cen
 # ---- one sample ------------------------------------------------------------------------------
 
 
-def world_up(folder: str | Path) -> Tensor:
-    """The world up [3] (float64) of a sample: its camera file's "world_up" (either format), else +Z."""
-    recorded = read_camera_file(Path(folder)).world_up
-    if recorded is None:
-        log.debug("%s records no world_up: taking +Z", folder)
-        return torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-    return recorded
-
-
-def read_camera_file(path: Path):
-    """`load_camera_file` with its CameraError as a SampleError (a bad camera file is a bad sample)."""
+def read_camera_file(path: str | Path | CameraFile) -> CameraFile:
+    """`load_camera_file` with its CameraError as a SampleError (a bad camera file is a bad sample); a
+    CameraFile already read is returned as it is."""
+    if isinstance(path, CameraFile):
+        return path
     try:
         return load_camera_file(path)
     except CameraError as err:
@@ -196,13 +190,13 @@ def read_camera_file(path: Path):
 
 
 def load_sample(
-    folder: str | Path,
+    folder: str | Path | CameraFile,
     resolution: int | tuple[int, int] | None = None,
     views: Sequence[int] | None = None,
     white_threshold: float = WHITE_THRESHOLD,
     depth: bool = False,
 ) -> Sample:
-    """Load a sample folder (or its camera file) -> Sample.
+    """Load a sample folder (or its camera file, as a path or already read) -> Sample.
 
     resolution: None keeps the image size; an int n means (n, n); (H, W) otherwise. A different
         aspect ratio is centre-cropped first (see the module docstring).
@@ -212,7 +206,7 @@ def load_sample(
     depth: also load the depth maps (`DEPTH_FILE`, which must then exist).
     Raises SampleError naming the file and the defect (camera defects included).
     """
-    loaded = read_camera_file(Path(folder))
+    loaded = read_camera_file(folder)
     camera_file, cameras, file_paths, folder = loaded.path, loaded.cameras, loaded.file_paths, loaded.path.parent
     image_paths = _check_image_files(camera_file, folder, file_paths)
     views = _check_views(camera_file, len(file_paths), views)
