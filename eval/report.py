@@ -20,7 +20,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,13 +62,62 @@ class ModelResult:
 
 
 @dataclass(frozen=True)
+class Summary:
+    """summary.json: the one record of a report that `compare` reads; written and read only here.
+
+    protocol_tag / protocol: `Protocol.tag()` and `Protocol.to_dict()`. models: {name: {"kind", "source",
+    "n_samples", "n_views", "metrics": {metric: {mean, median, n, n_nan, n_inf, per_view_index_mean}}}}.
+    grids: {"worst"|"median"|"best": {"sample", "file", "psnr_fg_mean"}}; grid_columns: their column titles.
+    device, versions, created (UTC, ISO 8601).
+    """
+
+    protocol_tag: str
+    protocol: dict
+    models: dict
+    grids: dict
+    grid_columns: list[str]
+    device: str
+    versions: dict
+    created: str
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, asdict(self))
+
+    @staticmethod
+    def read(path: str | Path) -> tuple[Summary, Protocol]:
+        """A report folder or its summary.json -> (Summary, its Protocol); unknown or missing keys, or a
+        protocol_tag that does not match the protocol, are a ReportError naming the file."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "summary.json"
+        if not path.is_file():
+            raise ReportError(f"{path}: no summary.json (not a `mouserecon eval` report)")
+        try:
+            record = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ReportError(f"{path}: not valid JSON ({err})") from None
+        names = [f.name for f in fields(Summary)]
+        got = set(record) if isinstance(record, dict) else set()
+        missing, unknown = [k for k in names if k not in got], sorted(got - set(names))
+        if missing or unknown:
+            raise ReportError(f"{path}: missing {missing[0]!r} (not a `mouserecon eval` summary)" if missing else
+                              f"{path}: unknown keys {unknown} (not a `mouserecon eval` summary)")
+        summary = Summary(**record)
+        protocol = Protocol.from_dict(summary.protocol, source=str(path))
+        if protocol.tag() != summary.protocol_tag:
+            raise ReportError(f"{path}: protocol_tag {summary.protocol_tag} does not match its protocol "
+                              f"(tag {protocol.tag()}): the file was edited or written by another protocol version")
+        return summary, protocol
+
+
+@dataclass(frozen=True)
 class Report:
     """A written report: its folder, protocol, models and the text table."""
 
     out_dir: Path
     protocol: Protocol
     models: tuple[ModelResult, ...]
-    summary: dict  # the content of summary.json
+    summary: Summary
 
     def table(self) -> str:
         return format_table(self.summary)
@@ -92,21 +141,20 @@ def grid_samples(psnr_fg: Tensor, sample_ids: tuple[str, ...]) -> dict[str, tupl
 
 def write_report(out: Path, protocol: Protocol, models: tuple[ModelResult, ...], grids: dict, device: str) -> Report:
     """Write summary.json, per_view.csv and table.txt into `out` (renders and grids are already there)."""
-    summary = {
-        "protocol_tag": protocol.tag(),
-        "protocol": protocol.to_dict(),
-        "models": {m.name: {"kind": m.kind, "source": m.source, "n_samples": len(protocol.sample_ids),
-                            "n_views": len(protocol.heldout_views),
-                            "metrics": {name: _summary_record(s, protocol.heldout_views)
-                                        for name, s in m.summary.items()}}
-                   for m in models},
-        "grids": grids,
-        "grid_columns": ["GT"] + [c for m in models for c in (m.name, f"{m.name} error")],
-        "device": device,
-        "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    atomic_write_json(out / "summary.json", summary)
+    summary = Summary(
+        protocol_tag=protocol.tag(),
+        protocol=protocol.to_dict(),
+        models={m.name: {"kind": m.kind, "source": m.source, "n_samples": len(protocol.sample_ids),
+                         "n_views": len(protocol.heldout_views),
+                         "metrics": {name: _summary_record(s, protocol.heldout_views) for name, s in m.summary.items()}}
+                for m in models},
+        grids=grids,
+        grid_columns=["GT"] + [c for m in models for c in (m.name, f"{m.name} error")],
+        device=device,
+        versions=versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    summary.write(out / "summary.json")
     _write_per_view_csv(out / "per_view.csv", protocol, models)
     report = Report(out, protocol, models, summary)
     atomic_write_text(out / "table.txt", report.table() + "\n")
@@ -139,14 +187,14 @@ def _csv_value(x) -> str:
 # ---- the text table and comparisons --------------------------------------------------------------
 
 
-def format_table(*summaries: dict, labels: tuple[str, ...] | None = None) -> str:
-    """The one-screen table of one or more summary.json contents (which must share one protocol):
+def format_table(*summaries: Summary, labels: tuple[str, ...] | None = None) -> str:
+    """The one-screen table of one or more summaries (which must share one protocol):
     a protocol line, then per model its means and medians over all held-out views.
     labels: a prefix per summary for the model names (comparisons of several reports)."""
-    protocol = Protocol.from_dict(summaries[0]["protocol"])
+    protocol = Protocol.from_dict(summaries[0].protocol)
     rows = []
     for k, summary in enumerate(summaries):
-        for name, model in summary["models"].items():
+        for name, model in summary.models.items():
             rows.append((f"{labels[k]}/{name}" if labels else name, model["metrics"]))
     present = [c for c in COLUMNS if any(c[0] in metrics for _, metrics in rows)]
     width = max(12, *(len(name) for name, _ in rows))
@@ -173,35 +221,15 @@ def _cell(value: float | None, fmt: str) -> str:
     return "inf" if math.isinf(value) else format(value, fmt)
 
 
-def load_summary(path: str | Path) -> tuple[Path, dict, Protocol]:
-    """A report folder or its summary.json -> (summary.json path, its content, its Protocol)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "summary.json"
-    if not path.is_file():
-        raise ReportError(f"{path}: no summary.json (not a `mouserecon eval` report)")
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path}: not valid JSON ({err})") from None
-    for key in ("protocol_tag", "protocol", "models"):
-        if key not in summary:
-            raise ReportError(f"{path}: missing {key!r} (not a `mouserecon eval` summary)")
-    protocol = Protocol.from_dict(summary["protocol"], source=str(path))
-    if protocol.tag() != summary["protocol_tag"]:
-        raise ReportError(f"{path}: protocol_tag {summary['protocol_tag']} does not match its protocol "
-                         f"(tag {protocol.tag()}): the file was edited or written by another protocol version")
-    return path, summary, protocol
-
-
 def compare_reports(paths: list[str | Path]) -> str:
     """The comparison table of several reports; raises ProtocolMismatch (listing the differing fields)
     unless they all share one protocol. Models are labelled <report folder>/<model>."""
     if len(paths) < 2:
         raise ReportError("comparing needs at least two reports")
-    loaded = [load_summary(p) for p in paths]
-    labels = tuple(path.parent.name for path, _, _ in loaded)
+    folders = [Path(p) if Path(p).is_dir() else Path(p).parent for p in paths]
+    loaded = [Summary.read(p) for p in paths]
+    labels = tuple(folder.name for folder in folders)
     if len(set(labels)) != len(labels):
-        labels = tuple(str(path.parent) for path, _, _ in loaded)
-    require_same_protocol({label: protocol for label, (_, _, protocol) in zip(labels, loaded)})
-    return format_table(*(summary for _, summary, _ in loaded), labels=labels)
+        labels = tuple(str(folder) for folder in folders)
+    require_same_protocol({label: protocol for label, (_, protocol) in zip(labels, loaded)})
+    return format_table(*(summary for summary, _ in loaded), labels=labels)

@@ -33,7 +33,7 @@ from mouserecon.figures import grid_layout
 from mouserecon.options import ViewsError
 from mouserecon.lpips_weights import LpipsWeightsMissing, build_lpips, fetch_lpips_weights
 from mouserecon.eval.protocol import Protocol, ProtocolMismatch, data_sha1, parse_mask, require_same_protocol
-from mouserecon.eval.report import compare_reports
+from mouserecon.eval.report import ReportError, Summary, compare_reports
 from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.reconstruct import ReconstructOptions, reconstruct
 
@@ -393,6 +393,12 @@ def test_bad_inputs_are_clear_errors(synth_mice, checkpoints, tmp_path, monkeypa
         evaluate(EvalOptions(sample, checkpoints, out=tmp_path / "r", lpips="none"))
     with pytest.raises(ValueError, match="missing 'protocol_tag'"):
         compare_reports([tmp_path / "r", tmp_path / "r"])
+    good = evaluate(EvalOptions(sample, checkpoints[:1], out=tmp_path / "good", lpips="none"))
+    record = json.loads((good.out_dir / "summary.json").read_text())
+    assert Summary.read(good.out_dir) == (good.summary, good.protocol)  # reads back what was written
+    (tmp_path / "r" / "summary.json").write_text(json.dumps({**record, "extra": 1}))
+    with pytest.raises(ReportError, match=r"r/summary.json: unknown keys \['extra'\]"):
+        compare_reports([tmp_path / "r", good.out_dir])
 
 
 def test_cli_eval_and_compare(synth_mice, checkpoints, tmp_path):
