@@ -27,6 +27,7 @@ camera file's frame and units (e.g. mm).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -167,15 +168,15 @@ def _finite(gaussians: Gaussians, units: str, what: str) -> Prediction:
     return Prediction(finite, units, gaussians.num)
 
 
-class Predictor:
+class Predictor(ABC):
     """Scene -> Prediction. `crop`: the input crop margin the predictor sees its inputs with (None = whole
     frames); `refinable`: whether refinement applies (Gaussians in the model frame to fit)."""
 
     crop: float | None = None
     refinable: bool = False
 
-    def predict(self, scene: Scene, device: torch.device) -> Prediction:
-        raise NotImplementedError
+    @abstractmethod
+    def predict(self, scene: Scene, device: torch.device) -> Prediction: ...
 
 
 class CheckpointPredictor(Predictor):

@@ -210,12 +210,11 @@ def test_real_build_failure_still_reaches_stderr(tmp_path):
     source = tmp_path / "broken.cpp"
     source.write_text("this is not C++;\n")
     code = f"""
-import logging, sys; logging.basicConfig()
+import logging; logging.basicConfig()
 from pathlib import Path
 from mouserecon import render_cpp
 from mouserecon.render import render
 render_cpp.SOURCE = Path({str(source)!r})
-sys.path.insert(0, {os.path.dirname(__file__)!r})
 from test_render import make_cameras, random_gaussians
 render(random_gaussians(5), make_cameras(1), 8, 8)
 try:
@@ -223,7 +222,7 @@ try:
 except render_cpp.ExtensionBuildError as err:
     print("raised ExtensionBuildError:", err)
 """
-    out = run_fresh_python(code, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    out = run_fresh_python(code, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=os.path.dirname(__file__))
     assert "WARNING:mouserecon.render_cpp:C++ render backend unavailable" in out, out
     assert "raised ExtensionBuildError" in out and "broken.cpp" in out, out
     assert NO_CUDA_RUNTIME not in out, out
