@@ -22,8 +22,8 @@ from pathlib import Path
 import click
 
 from mouserecon.errors import MouseReconError
-from mouserecon.options import (BASELINES, DEFAULT_DEVICE, DEVICES, LPIPS_CHOICES, TURNTABLE_FORMATS, UNITS,
-                                EvalOptions, ReconstructOptions, SynthOptions, default)
+from mouserecon.options import (BASELINES, DEFAULT_DEVICE, DEVICES, LPIPS_CHOICES, PREPARE_CROPS, TURNTABLE_FORMATS,
+                                UNITS, EvalOptions, PrepareOptions, ReconstructOptions, SynthOptions, default)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,6 +107,41 @@ def reconstruct(views_dir: str, output: str, **given) -> None:
 
     result = run(ReconstructOptions(views_dir, output, **_given(given)))
     click.echo(f"{result.ply_path}: {result.num_written} Gaussians ({result.units} units); {result.sidecar_path}")
+
+
+# ---- prepare (recordings -> samples) -------------------------------------------------------------
+
+
+@main.command()
+@click.argument("recording", type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: one sample folder per frame plus recording.json (an earlier run is resumed).")
+@click.option("--frames", help="START:STOP:STEP (Python slice, parts optional) or N; default: every frame.")
+@click.option("--calibration", type=click.Path(exists=True),
+              help="DANNCE .mat, Anipose .toml, OpenCV JSON/YAML (file or folder) or opencv_cameras.json; "
+                   "default: found in RECORDING.")
+@click.option("--masks", default=default(PrepareOptions, "masks"), show_default=True,
+              help="'background' (background subtraction), or a folder of per-camera mask videos or PNG folders "
+                   "(SAM2, SimpleClick, ...), named after the cameras.")
+@click.option("--background", type=click.Path(exists=True, file_okay=False),
+              help="Folder of per-camera empty-arena clips or frames (default: temporal median of sampled frames).")
+@click.option("--crop", type=click.Choice(PREPARE_CROPS), default=default(PrepareOptions, "crop"), show_default=True,
+              help="mask: a square around each view's mask, resized to --side; none: whole undistorted frames.")
+@click.option("--side", type=click.IntRange(min=16), default=default(PrepareOptions, "side"), show_default=True,
+              help="Crop side in pixels.")
+@click.option("--margin", type=float, default=default(PrepareOptions, "margin"), show_default=True,
+              help="Crop margin per side, as a fraction of the mask's longer side (the recipes' data.crop_margin).")
+@click.option("--min-consistency", type=float, default=default(PrepareOptions, "min_consistency"), show_default=True,
+              help="Skip a frame where the visual hull of all masks covers less than this of a view's mask.")
+@click.option("--fps", type=float, help="Frame rate of image-sequence recordings (videos carry their own).")
+@_user_errors
+def prepare(recording: str, out: str, **given) -> None:
+    """Turn a rig RECORDING (one video per camera + its calibration) into undistorted, masked, cropped samples."""
+    from mouserecon.prepare import prepare_recording
+
+    result = prepare_recording(PrepareOptions(recording, out, **_given(given)))
+    click.echo(f"{result.out}: {len(result.written)} frames written, {len(result.resumed)} already there, "
+               f"{len(result.skipped)} skipped (reasons in {result.out / 'recording.json'})")
 
 
 @main.command()

@@ -338,15 +338,12 @@ def crop_to_foreground(sample: Sample, resolution: int, margin: float, jitter: f
         rows, cols = torch.nonzero(sample.masks[v, 0] > 0.5, as_tuple=True)
         if rows.numel() == 0:
             raise SampleError(f"{sample.image_paths[v]}: empty foreground mask; cannot crop to the mouse")
-        top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-        side = max(bottom - top, right - left) * (1.0 + 2.0 * margin)
-        centre_x, centre_y = (left + right) / 2.0, (top + bottom) / 2.0
+        grow, shift = 1.0, (0.0, 0.0)
         if jitter > 0:
-            side *= 1.0 + jitter * float(torch.rand(()))
-            shift = (torch.rand(2) * 2.0 - 1.0) * (jitter * side / 4.0)
-            centre_x, centre_y = centre_x + float(shift[0]), centre_y + float(shift[1])
-        side = max(1, math.ceil(side))
-        x0, y0 = round(centre_x - side / 2.0), round(centre_y - side / 2.0)
+            grow = 1.0 + jitter * float(torch.rand(()))
+            shift = tuple(((torch.rand(2) * 2.0 - 1.0) * (jitter / 4.0)).tolist())
+        x0, y0, side = square_window(int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1,
+                                     margin, grow, shift)
         image, mask = _window(sample.images[v], 1.0, x0, y0, side), _window(sample.masks[v], 0.0, x0, y0, side)
         depth = None if sample.depths is None else _window(sample.depths[v], 0.0, x0, y0, side)
         image, mask, depth = _resample(image[None], mask[None], None if depth is None else depth[None],
@@ -358,6 +355,17 @@ def crop_to_foreground(sample: Sample, resolution: int, margin: float, jitter: f
     cameras = replace(sample.cameras, intrinsics=torch.stack(intrinsics), width=resolution, height=resolution)
     return replace(sample, images=torch.stack(images), masks=torch.stack(masks), cameras=cameras,
                    depths=None if sample.depths is None else torch.stack(depths))
+
+
+def square_window(top: int, bottom: int, left: int, right: int, margin: float, grow: float = 1.0,
+                  shift: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, int]:
+    """The square crop around the box rows [top, bottom) x columns [left, right): side = the box's longer
+    side x (1 + 2 margin) x grow, rounded up to whole pixels; centre = the box's centre + shift x side.
+    Returns (left, top, side) in pixels; the square may reach outside the image."""
+    side = max(bottom - top, right - left) * (1.0 + 2.0 * margin) * grow
+    centre_x, centre_y = (left + right) / 2.0 + shift[0] * side, (top + bottom) / 2.0 + shift[1] * side
+    side = max(1, math.ceil(side))
+    return round(centre_x - side / 2.0), round(centre_y - side / 2.0), side
 
 
 def _window(image: Tensor, fill: float, left: int, top: int, side: int) -> Tensor:

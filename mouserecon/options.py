@@ -212,3 +212,65 @@ class SynthOptions:
 
 class SynthError(MouseReconError, ValueError):
     """Bad options for `synth`."""
+
+
+PREPARE_CROPS = ("mask", "none")
+DEFAULT_CROP_MARGIN = 0.1  # as the recipes' data.crop_margin
+DEFAULT_MIN_CONSISTENCY = 0.8  # a view whose mask the visual hull of all views covers less than this is suspect
+
+
+class PrepareOptionsError(MouseReconError, ValueError):
+    """Bad options for `prepare`."""
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """`mouserecon prepare`: a recording folder -> one sample folder per frame in `out`.
+
+    recording:   folder with one video (or image folder) per camera and the calibration file.
+    out:         output folder (created; an earlier run's folder with the same settings is resumed).
+    frames:      "START:STOP:STEP" (Python slice semantics) or "N"; None = every frame.
+    calibration: the calibration file; None = found in the recording (`calibration.find_calibration`).
+    masks:       "background" (background subtraction) or a folder of per-camera mask videos / PNG folders.
+    background:  folder of per-camera empty-arena clips or frames; None = temporal median of sampled frames.
+    crop:        "mask" (a square around each view's mask, resized to `side`) or "none" (whole frames).
+    side:        crop side in pixels.
+    margin:      crop margin on each side, as a fraction of the mask's longer side.
+    min_consistency: skip a frame where a view's mask is covered less than this by the visual hull of all views.
+    fps:         frame rate of image-sequence recordings (videos carry their own).
+    """
+
+    recording: Path
+    out: Path
+    frames: str | None = None
+    calibration: Path | None = None
+    masks: str = "background"
+    background: Path | None = None
+    crop: str = "mask"
+    side: int = 512
+    margin: float = DEFAULT_CROP_MARGIN
+    min_consistency: float = DEFAULT_MIN_CONSISTENCY
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "recording", Path(self.recording))
+        set_(self, "out", Path(self.out))
+        for name in ("calibration", "background"):
+            if getattr(self, name) is not None:
+                set_(self, name, Path(getattr(self, name)))
+        if self.masks != "background" and not Path(self.masks).is_dir():
+            raise PrepareOptionsError(f"masks must be 'background' or a folder of per-camera masks; {self.masks} "
+                                      "is not a folder")
+        if self.background is not None and self.masks != "background":
+            raise PrepareOptionsError("background clips are for masks=background; user masks need none")
+        if self.crop not in PREPARE_CROPS:
+            raise PrepareOptionsError(f"crop must be one of {PREPARE_CROPS}, got {self.crop!r}")
+        if not (isinstance(self.side, int) and self.side >= 16):
+            raise PrepareOptionsError(f"side must be an integer >= 16 px, got {self.side!r}")
+        if not 0.0 <= self.margin <= 2.0:
+            raise PrepareOptionsError(f"margin must be in [0, 2], got {self.margin}")
+        if not 0.0 <= self.min_consistency <= 1.0:
+            raise PrepareOptionsError(f"min_consistency must be in [0, 1], got {self.min_consistency}")
+        if self.fps is not None and not self.fps > 0:
+            raise PrepareOptionsError(f"fps must be > 0, got {self.fps}")

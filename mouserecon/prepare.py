@@ -1,0 +1,492 @@
+"""`mouserecon prepare`: a rig's raw recording (videos + calibration) -> one sample folder per frame.
+
+```
+SAMPLES/
+  recording.json            the manifest: sources and hashes, calibration and its conversion, fps,
+                            frames written / skipped (and why), mask method, per-camera statistics
+  background_<camera>.png   the background each camera's masks were computed against (--masks background)
+  frame_000123/             one ordinary sample (DESIGN.md section 4), named by the recording's frame index
+    images/cam_000.png ...  RGBA: undistorted pixels, alpha = the mouse's mask, cropped and resized
+    opencv_cameras.json     the undistorted pinhole cameras of the crops (calibration units, world_up)
+    prepare.json            this frame's per-camera mask area, 3D consistency and crop window
+```
+Per frame: decode every camera's frame (a reader thread beside the main one), mask it on the raw
+image (`masks`), undistort colour and mask to the calibration's pinhole camera (`calibration`,
+`cv2.remap`), check the masks against each other in 3D (`masks.hull_consistency`), crop a square
+around each view's mask (margin as the recipes' `data.crop_margin`) and resize it, then write the
+folder under a temporary name and rename it (a writer thread). A frame whose folder exists is
+complete and is skipped, so an interrupted run resumes. A frame where a camera sees no mouse or whose
+masks disagree in 3D is not written; it is listed in the manifest with the reason. The recording is
+only read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from mouserecon import masks as masking
+from mouserecon.calibration import Calibration, find_calibration, load_calibration, undistort_maps
+from mouserecon.cameras import Cameras, save_opencv_cameras
+from mouserecon.data import square_window
+from mouserecon.errors import MouseReconError
+from mouserecon.files import atomic_write_json
+from mouserecon.options import PrepareOptions
+from mouserecon.progress import progress
+from mouserecon.rundir import file_sha1, versions
+from mouserecon.video import FrameSource, candidate_sources, check_sources, match_sources, open_source
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "recording.json"
+FRAME_RECORD = "prepare.json"
+MANIFEST_FORMAT = "mouserecon-recording"
+MANIFEST_VERSION = 1
+BACKGROUND_SAMPLES = 50  # frames sampled across the range for the temporal-median background
+CONSISTENCY_SIDE = 256  # masks are checked against each other at this longer side (px)
+STAGES = ("decode", "mask", "undistort", "check", "crop", "write")
+
+
+class PrepareError(MouseReconError, ValueError):
+    """A recording or an output folder that prepare cannot use; the message names the file and the defect."""
+
+
+def frame_dir_name(index: int) -> str:
+    return f"frame_{index:06d}"
+
+
+@dataclass
+class _Camera:
+    """One camera of the rig: its calibration, frames, undistortion maps and masker."""
+
+    name: str
+    source: FrameSource
+    maps: tuple[np.ndarray, np.ndarray]  # cv2.remap maps (fixed point) raw -> pinhole
+    masks: FrameSource | None = None  # user-given mask frames
+    foreground: masking.Foreground | None = None
+
+
+@dataclass
+class _Timings:
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, stage: str, start: float) -> None:
+        with self.lock:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    out: Path
+    written: list[int]  # frames written by this run
+    resumed: list[int]  # frames already complete in `out`, skipped
+    skipped: list[dict]  # {"frame", "reason"} for frames that were not written
+    seconds: dict[str, float]  # time per stage (summed over threads) and "total" (wall clock)
+
+
+def prepare_recording(options: PrepareOptions) -> PrepareResult:
+    """Prepare `options.recording` into `options.out` (see the module docstring). Everything about the
+    recording is checked before anything is written; raises PrepareError / CalibrationError / VideoError /
+    MaskError naming the file and the defect."""
+    started = time.perf_counter()
+    recording = options.recording
+    if not recording.is_dir():
+        raise PrepareError(f"{recording}: recording folder not found")
+    calibration, cameras = _open_rig(options)
+    num_frames, fps = check_sources({c.name: c.source for c in cameras})
+    fps = fps if fps is not None else options.fps
+    frames = _frame_range(options.frames, num_frames, recording)
+    pinholes = calibration.pinhole_cameras()
+    settings = _settings(options)
+    out = options.out
+    previous = _check_out(out, recording, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".frame_*.partial"):  # a run killed while writing a frame
+        shutil.rmtree(stale)
+    resumed = [i for i in frames if (out / frame_dir_name(i)).is_dir()]
+    todo = [i for i in frames if i not in set(resumed)]
+    timings = _Timings()
+    if options.masks == "background":
+        _fit_backgrounds(cameras, options, frames, out, timings)
+    skipped = _run(cameras, pinholes, calibration, todo, options, out, timings)
+    seconds = {**timings.seconds, "total": time.perf_counter() - started}
+    written = [i for i in todo if i not in {s["frame"] for s in skipped}]
+    manifest = _manifest(options, calibration, cameras, num_frames, fps, frames, out, skipped, previous,
+                         settings, seconds)
+    atomic_write_json(out / MANIFEST, manifest)
+    log.info("prepared %d frames into %s (%d already there, %d skipped) in %.1f s", len(written), out,
+             len(resumed), len(skipped), seconds["total"])
+    return PrepareResult(out, written, resumed, skipped, seconds)
+
+
+# ---- checks before anything is written ------------------------------------------------------------
+
+
+def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
+    recording = options.recording
+    path = options.calibration or find_calibration(recording)
+    if path is None:
+        raise PrepareError(f"{recording}: no calibration file found (label3d_dannce.mat, calibration.toml, "
+                           "opencv_cameras.json or a calibration/ folder); pass --calibration")
+    exclude = [options.out, *([options.background] if options.background else []),
+               *([Path(options.masks)] if options.masks != "background" else [])]
+    probe = _probe_size(recording, exclude)
+    calibration = load_calibration(path, image_size=probe)
+    paths = match_sources(recording, calibration.names, exclude=exclude)
+    cameras = []
+    for lens in calibration.cameras:
+        source = open_source(paths[lens.name])
+        if source.size != (lens.width, lens.height):
+            raise PrepareError(f"{source.path}: frames are {source.size[0]}x{source.size[1]} but {calibration.path} "
+                               f"calibrates camera {lens.name!r} at {lens.width}x{lens.height}")
+        map_x, map_y = undistort_maps(lens)
+        cameras.append(_Camera(lens.name, source, cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)))
+    if options.masks != "background":
+        mask_paths = match_sources(options.masks, calibration.names)
+        for camera in cameras:
+            camera.masks = open_source(mask_paths[camera.name])
+            if camera.masks.num_frames != camera.source.num_frames or camera.masks.size != camera.source.size:
+                raise PrepareError(
+                    f"{camera.masks.path}: masks have {camera.masks.num_frames} frames of {camera.masks.size}, "
+                    f"the video {camera.source.path} {camera.source.num_frames} of {camera.source.size}")
+    return calibration, cameras
+
+
+def _probe_size(recording: Path, exclude: Sequence[Path]) -> tuple[int, int] | None:
+    """The frame size of the first video or image folder in the recording (DANNCE files do not store it)."""
+    candidates = candidate_sources(recording, exclude)
+    return open_source(candidates[0]).size if candidates else None
+
+
+def parse_frames(spec: str | None, num_frames: int) -> range:
+    """"START:STOP:STEP" (Python slice semantics, parts optional) or "N" (one frame) -> frame indices."""
+    if spec is None:
+        return range(num_frames)
+    parts = spec.split(":")
+    try:
+        values = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise PrepareError(f"--frames must be START:STOP:STEP or N (integers), got {spec!r}") from None
+    if len(values) == 1 and values[0] is not None:
+        values = [values[0], values[0] + 1]
+    if len(values) not in (2, 3) or (len(values) == 3 and values[2] is not None and values[2] <= 0):
+        raise PrepareError(f"--frames must be START:STOP:STEP with STEP > 0, or N, got {spec!r}")
+    return range(num_frames)[slice(*values)]
+
+
+def _frame_range(spec: str | None, num_frames: int, recording: Path) -> list[int]:
+    frames = list(parse_frames(spec, num_frames))
+    if not frames:
+        raise PrepareError(f"{recording}: --frames {spec!r} selects no frame of the {num_frames} recorded")
+    return frames
+
+
+def _settings(options: PrepareOptions) -> dict:
+    """What determines a frame's output; a resume must use the same."""
+    return {"masks": "background" if options.masks == "background" else "user",
+            "background": None if options.background is None else str(options.background),
+            "crop": options.crop, "side": options.side, "margin": options.margin,
+            "min_consistency": options.min_consistency}
+
+
+def _check_out(out: Path, recording: Path, settings: dict) -> dict | None:
+    """The previous manifest of `out` if it prepared the same recording with the same settings (a resume);
+    raises PrepareError if `out` holds anything else."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise PrepareError(f"{out}: exists and is not a folder")
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        if any(out.iterdir()):
+            raise PrepareError(f"{out}: folder is not empty and holds no {MANIFEST}; choose an empty or new folder")
+        return None
+    try:
+        previous = json.loads(manifest.read_text())
+    except json.JSONDecodeError as err:
+        raise PrepareError(f"{manifest}: not valid JSON ({err}); remove it to start over") from None
+    if previous.get("format") != MANIFEST_FORMAT:
+        raise PrepareError(f"{manifest}: not a mouserecon prepare manifest")
+    if Path(previous["recording"]).resolve() != recording.resolve() or previous["settings"] != settings:
+        raise PrepareError(f"{out}: prepared from {previous['recording']} with {previous['settings']}, not "
+                           f"{recording} with {settings}; use another output folder")
+    return previous
+
+
+# ---- masks ---------------------------------------------------------------------------------------
+
+
+def _fit_backgrounds(cameras: list[_Camera], options: PrepareOptions, frames: list[int], out: Path,
+                     timings: _Timings) -> None:
+    """Each camera's background (an empty-arena clip or frame if given, else the temporal median over frames
+    sampled across the range) and its threshold, chosen from frames sampled across the range."""
+    picks = np.unique(np.linspace(0, len(frames) - 1, min(BACKGROUND_SAMPLES, len(frames))).round().astype(int))
+    sampled = [frames[i] for i in picks]
+    clips = match_sources(options.background, [c.name for c in cameras]) if options.background else {}
+    for camera in progress(cameras, desc="background", unit="camera"):
+        start = time.perf_counter()
+        sample_frames = [rgb for _, rgb in camera.source.read(sampled)]
+        timings.add("decode", start)
+        start = time.perf_counter()
+        if camera.name in clips:
+            clip = open_source(clips[camera.name])
+            if clip.size != camera.source.size:
+                raise PrepareError(f"{clip.path}: background is {clip.size}, the video {camera.source.size}")
+            background = masking.median_background([rgb for _, rgb in clip.read(range(clip.num_frames))])
+        else:
+            if len(sampled) < 10:
+                log.warning("%s: background from the median of only %d frames; pass --background with an "
+                            "empty-arena clip or select more frames", camera.name, len(sampled))
+            background = masking.median_background(sample_frames)
+        camera.foreground = masking.fit_foreground(background, sample_frames, camera.name)
+        cv2.imwrite(str(out / f"background_{camera.name}.png"), background[..., ::-1])
+        timings.add("mask", start)
+
+
+# ---- the frame loop ---------------------------------------------------------------------------------
+
+
+def _read_frames(cameras: list[_Camera], todo: list[int], timings: _Timings,
+                 ) -> Iterator[tuple[int, list[np.ndarray], list[np.ndarray] | None]]:
+    """(frame, raw RGB per camera, user mask frames per camera or None), decoded in a thread."""
+    streams = [camera.source.read(todo) for camera in cameras]
+    mask_streams = [camera.masks.read(todo) for camera in cameras] if cameras[0].masks else None
+    items: queue.Queue = queue.Queue(maxsize=4)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for index in todo:
+                start = time.perf_counter()
+                rgb = [_next(stream, index) for stream in streams]
+                user = [_next(stream, index) for stream in mask_streams] if mask_streams else None
+                timings.add("decode", start)
+                items.put((index, rgb, user))
+            items.put(done)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            items.put(err)
+
+    thread = threading.Thread(target=produce, name="prepare-decode", daemon=True)
+    thread.start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
+
+
+def _next(stream: Iterator[tuple[int, np.ndarray]], index: int) -> np.ndarray:
+    got, frame = next(stream)
+    assert got == index, f"decoder yielded frame {got}, expected {index}"
+    return frame
+
+
+def _run(cameras: list[_Camera], pinholes: Cameras, calibration: Calibration, todo: list[int],
+         options: PrepareOptions, out: Path, timings: _Timings) -> list[dict]:
+    skipped: list[dict] = []
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-write") as writer:
+        for index, rgb, user in progress(_read_frames(cameras, todo, timings), total=len(todo), desc="prepare",
+                                         unit="frame"):
+            frame = _process(index, rgb, user, cameras, pinholes, options, timings)
+            if isinstance(frame, str):
+                skipped.append({"frame": index, "reason": frame})
+                log.warning("frame %d skipped: %s", index, frame)
+                continue
+            pending.append(writer.submit(_write_frame, out, index, frame, calibration, timings))
+            while len(pending) > 4:
+                pending.pop(0).result()
+        for future in pending:
+            future.result()
+    return skipped
+
+
+@dataclass
+class _Frame:
+    images: list[np.ndarray]  # RGBA uint8 per view
+    cameras: Cameras
+    record: dict
+
+
+def _process(index: int, rgb: list[np.ndarray], user: list[np.ndarray] | None, cameras: list[_Camera],
+             pinholes: Cameras, options: PrepareOptions, timings: _Timings) -> _Frame | str:
+    """One frame -> its views, or the reason it is skipped."""
+    start = time.perf_counter()
+    if user is not None:
+        raw_alpha = [masking.mask_from_frame(m) for m in user]
+    else:
+        raw_alpha = [camera.foreground.alpha(frame) for camera, frame in zip(cameras, rgb)]
+    timings.add("mask", start)
+
+    start = time.perf_counter()
+    alphas = np.stack([cv2.remap(a, *c.maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                       for a, c in zip(raw_alpha, cameras)])
+    timings.add("undistort", start)
+
+    start = time.perf_counter()
+    stats = [masking.mask_statistics(a) for a in alphas]
+    empty = [c.name for c, s in zip(cameras, stats) if s["area_fraction"] < masking.MIN_AREA_FRACTION]
+    if empty:
+        timings.add("check", start)
+        return f"no mouse seen by {', '.join(empty)} (mask area below {masking.MIN_AREA_FRACTION:.1e} of the image)"
+    consistency = masking.hull_consistency(alphas, pinholes, side=CONSISTENCY_SIDE)
+    timings.add("check", start)
+    bad = [f"{c.name} {v:.2f}" for c, v in zip(cameras, consistency.coverage) if v < options.min_consistency]
+    if bad:
+        return (f"masks disagree in 3D: coverage by the visual hull of all views below "
+                f"{options.min_consistency}: {', '.join(bad)}")
+
+    start = time.perf_counter()
+    images, intrinsics, windows = [], [], []
+    for v, (camera, frame) in enumerate(zip(cameras, rgb)):
+        window = _crop_window(alphas[v], options)
+        images.append(_crop(frame, alphas[v], camera.maps, window, options))
+        intrinsics.append(pinholes[v].window(*window).resize(images[-1].shape[0], images[-1].shape[1]).intrinsics)
+        windows.append(window)
+    side_h, side_w = images[0].shape[:2]
+    cams = Cameras(pinholes.c2w, torch.stack(intrinsics), side_w, side_h)
+    timings.add("crop", start)
+    record = {"frame": index, "cameras": [c.name for c in cameras],
+              "mask_area_fraction": [s["area_fraction"] for s in stats],
+              "mask_components": [s["components"] for s in stats],
+              "consistency": [float(v) for v in consistency.coverage],
+              "crop_windows": [list(w) for w in windows]}
+    return _Frame(images, cams, record)
+
+
+def _crop_window(alpha: np.ndarray, options: PrepareOptions) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of the view's crop in the undistorted frame."""
+    h, w = alpha.shape
+    if options.crop == "none":
+        return 0, 0, w, h
+    rows = np.flatnonzero((alpha > 0.5).any(1))
+    cols = np.flatnonzero((alpha > 0.5).any(0))
+    left, top, side = square_window(int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1, options.margin)
+    return left, top, side, side
+
+
+def _crop(frame: np.ndarray, alpha: np.ndarray, maps: tuple[np.ndarray, np.ndarray],
+          window: tuple[int, int, int, int], options: PrepareOptions) -> np.ndarray:
+    """The undistorted RGBA window (outside the image: white, alpha 0), resized to options.side for crops.
+    Colour is resampled from the raw frame through the window of the undistortion maps, so only the
+    window is undistorted."""
+    left, top, width, height = window
+    h, w = alpha.shape
+    out = np.zeros((height, width, 4), np.uint8)
+    out[..., :3] = 255
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + width, w), min(top + height, h)
+    if x1 > x0 and y1 > y0:
+        map_xy, map_fine = maps[0][y0:y1, x0:x1], maps[1][y0:y1, x0:x1]
+        inside = out[y0 - top:y1 - top, x0 - left:x1 - left]
+        inside[..., :3] = cv2.remap(frame, map_xy, map_fine, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                    borderValue=(255, 255, 255))
+        inside[..., 3] = np.round(alpha[y0:y1, x0:x1] * 255.0).astype(np.uint8)
+    if options.crop == "none" or width == options.side:
+        return out
+    shrink = width > options.side
+    return cv2.resize(out, (options.side, options.side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _write_frame(out: Path, index: int, frame: _Frame, calibration: Calibration, timings: _Timings) -> None:
+    start = time.perf_counter()
+    final = out / frame_dir_name(index)
+    tmp = out / f".{final.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    files = [f"images/cam_{v:03d}.png" for v in range(len(frame.images))]
+    for name, image in zip(files, frame.images):
+        if not cv2.imwrite(str(tmp / name), cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise PrepareError(f"{tmp / name}: could not write the image")
+    extra = {"world_up": list(calibration.world_up or (0.0, 0.0, 1.0)), "camnames": frame.record["cameras"],
+             "recording_frame": index}
+    if calibration.units:
+        extra["units"] = calibration.units
+    save_opencv_cameras(tmp / "opencv_cameras.json", frame.cameras, files, **extra)
+    atomic_write_json(tmp / FRAME_RECORD, frame.record)
+    tmp.rename(final)
+    timings.add("write", start)
+
+
+# ---- the manifest ------------------------------------------------------------------------------------
+
+
+def _manifest(options: PrepareOptions, calibration: Calibration, cameras: list[_Camera], num_frames: int,
+              fps: float | None, frames: list[int], out: Path, skipped: list[dict], previous: dict | None,
+              settings: dict, seconds: dict) -> dict:
+    written = sorted(int(p.name.split("_")[1]) for p in out.glob("frame_*") if p.is_dir())
+    records = [json.loads((out / frame_dir_name(i) / FRAME_RECORD).read_text()) for i in written]
+    skipped_now = {s["frame"] for s in skipped}
+    earlier = [s for s in (previous or {}).get("frames", {}).get("skipped", [])
+               if s["frame"] not in skipped_now and s["frame"] not in written]
+    hashes, seen = (previous or {}).get("hashes", {}), {}
+    per_camera = {}
+    for v, camera in enumerate(cameras):
+        areas = [r["mask_area_fraction"][v] for r in records]
+        coverage = [r["consistency"][v] for r in records]
+        entry = {"source": camera.source.describe(),
+                 "mask_area_fraction": _summary(areas), "consistency": _summary(coverage)}
+        if camera.foreground is not None:
+            entry["mask_model"] = camera.foreground.stats
+        per_camera[camera.name] = entry
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+        "recording": str(options.recording.resolve()),
+        "calibration": {"path": str(calibration.path), "format": calibration.format,
+                        "sha1": _hash(calibration.path, hashes, seen), "conversion": calibration.conversion,
+                        "units": calibration.units, "cameras": calibration.names,
+                        "undistortion": "each frame resampled (cv2.remap, bilinear) to the pinhole camera with "
+                                        "the calibration's fx, fy, cx, cy, no skew, no distortion"},
+        "sources": {c.name: {**c.source.describe(), "sha1": _hash(c.source.path, hashes, seen)} for c in cameras},
+        "fps": fps, "num_frames": num_frames,
+        "settings": settings,
+        "frames": {"requested": options.frames, "selected": len(frames), "written": written,
+                   "skipped": sorted([*earlier, *skipped], key=lambda s: s["frame"])},
+        "masks": {"method": settings["masks"],
+                  "background": ("empty-arena clips " + str(options.background)) if options.background else
+                  (f"temporal median of {min(BACKGROUND_SAMPLES, len(frames))} frames sampled across the range"
+                   if settings["masks"] == "background" else None),
+                  "user_masks": None if settings["masks"] == "background" else str(options.masks)},
+        "cameras": per_camera,
+        "hashes": seen,
+        "seconds": seconds,
+        "versions": versions(),
+    }
+
+
+def _hash(path: Path, cache: dict, seen: dict) -> str | list[str]:
+    """sha1 of a file (or of each file of a folder), reusing the previous manifest's value (`cache`) when the
+    file's size and modification time are unchanged; every file hashed is recorded in `seen`."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digests = []
+    for f in files:
+        stat = f.stat()
+        key, stamp = str(f.resolve()), [stat.st_size, stat.st_mtime_ns]
+        if cache.get(key, {}).get("stamp") == stamp:
+            digest = cache[key]["sha1"]
+        else:
+            digest = file_sha1(f)
+        seen[key] = {"stamp": stamp, "sha1": digest}
+        digests.append(digest)
+    return digests[0] if path.is_file() else digests
+
+
+def _summary(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "min": float(array.min()), "max": float(array.max())}
+
