@@ -46,7 +46,8 @@ from mouserecon.files import atomic_write_json
 from mouserecon.options import PrepareOptions
 from mouserecon.progress import progress
 from mouserecon.rundir import file_sha1, versions
-from mouserecon.video import FrameSource, candidate_sources, check_sources, match_sources, open_source
+from mouserecon.video import (VIDEO_SUFFIXES, FrameSource, candidate_sources, check_sources, match_sources, open_source,
+                              videos_folder)
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,13 @@ def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
                            "opencv_cameras.json or a calibration/ folder); pass --calibration")
     exclude = [options.out, *([options.background] if options.background else []),
                *([Path(options.masks)] if options.masks != "background" else [])]
-    probe = _probe_size(recording, exclude)
-    calibration = load_calibration(path, image_size=probe)
-    paths = match_sources(recording, calibration.names, exclude=exclude)
+    videos = videos_folder(recording)
+    candidates = candidate_sources(videos, exclude)
+    if not candidates:
+        raise PrepareError(f"{videos}: no videos or image folders ({', '.join(VIDEO_SUFFIXES)}, or folders of images)")
+    # DANNCE files do not store the image size: the first video's is taken, and every video is checked below.
+    calibration = load_calibration(path, image_size=open_source(candidates[0]).size)
+    paths = match_sources(videos, calibration.names, exclude=exclude, require_all=True)
     cameras = []
     for lens in calibration.cameras:
         source = open_source(paths[lens.name])
@@ -163,12 +168,6 @@ def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
                     f"{camera.masks.path}: masks have {camera.masks.num_frames} frames of {camera.masks.size}, "
                     f"the video {camera.source.path} {camera.source.num_frames} of {camera.source.size}")
     return calibration, cameras
-
-
-def _probe_size(recording: Path, exclude: Sequence[Path]) -> tuple[int, int] | None:
-    """The frame size of the first video or image folder in the recording (DANNCE files do not store it)."""
-    candidates = candidate_sources(recording, exclude)
-    return open_source(candidates[0]).size if candidates else None
 
 
 def parse_frames(spec: str | None, num_frames: int) -> range:

@@ -7,7 +7,8 @@ A camera's frames come from one of:
   chained into one source; the chunks must be contiguous;
 - a folder of images (`.png .jpg .jpeg .tif .tiff`), frame k the k-th in name order; no fps.
 
-`match_sources(folder, names)` finds each camera's source by name: a path below `folder` whose
+`match_sources(folder, names)` finds each camera's source by name (in `videos_folder(recording)`: its
+`videos/` or `videos-raw/` folder, else the recording folder): a path below `folder` whose
 folder or file name contains the camera name as a token (case-insensitive; "cam1" matches
 `vid-cam1.mp4` and `cam1/` but not `cam10.mp4`). Every camera must match exactly one source and
 the error lists what did not match. A video is probed when opened: its packets are counted without
@@ -216,10 +217,12 @@ def open_source(path: Path) -> FrameSource:
     return ImageSequenceSource(path, images)
 
 
-def match_sources(folder: str | Path, names: Sequence[str], exclude: Sequence[Path] = ()) -> dict[str, Path]:
+def match_sources(folder: str | Path, names: Sequence[str], exclude: Sequence[Path] = (),
+                  require_all: bool = False) -> dict[str, Path]:
     """Each camera name -> the one video or image folder below `folder` named after it (see the module
     docstring). Paths under `exclude` (e.g. a background-clip folder) are not considered. Raises
-    VideoError listing the cameras that match nothing or several, and the sources no camera claimed."""
+    VideoError listing the cameras that match nothing or several, and the sources no camera claimed;
+    with `require_all`, also when a source is claimed by no camera (more videos than cameras)."""
     folder = Path(folder)
     candidates = candidate_sources(folder, exclude)
     matches: dict[str, list[Path]] = {}
@@ -232,13 +235,26 @@ def match_sources(folder: str | Path, names: Sequence[str], exclude: Sequence[Pa
         matches[name] = hits
     problems = [f"camera {n!r} matches {'nothing' if not h else [str(p.relative_to(folder)) for p in h]}"
                 for n, h in matches.items() if len(h) != 1]
+    claimed = {h[0] for h in matches.values() if len(h) == 1}
+    spare = [str(c.relative_to(folder)) for c in candidates
+             if c not in claimed and not any(c.is_relative_to(p) or p.is_relative_to(c) for p in claimed)]
     if problems:
-        claimed = {h[0] for h in matches.values() if len(h) == 1}
-        spare = [str(c.relative_to(folder)) for c in candidates
-                 if c not in claimed and not any(c.is_relative_to(p) or p.is_relative_to(c) for p in claimed)]
         raise VideoError(f"{folder}: cannot match cameras to videos: {'; '.join(problems)}. "
                          f"Unclaimed: {spare or 'none'}. Name each camera's video or folder after the camera.")
+    if require_all and spare:
+        raise VideoError(f"{folder}: {spare} belong to no camera of the calibration (its cameras: {list(names)}); "
+                         "a calibration must cover every video")
     return {n: h[0] for n, h in matches.items()}
+
+
+def videos_folder(recording: str | Path) -> Path:
+    """Where a recording's camera videos are looked for: its `videos/` (DANNCE) or `videos-raw/` (Anipose)
+    folder when it has one, else the recording folder itself."""
+    recording = Path(recording)
+    for name in ("videos", "videos-raw"):
+        if (recording / name).is_dir():
+            return recording / name
+    return recording
 
 
 def check_sources(sources: dict[str, FrameSource]) -> tuple[int, float | None]:
