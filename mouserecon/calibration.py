@@ -200,12 +200,27 @@ def undistort_maps(camera: LensCamera) -> tuple[np.ndarray, np.ndarray]:
     """Source coordinates for `cv2.remap(raw, map_x, map_y, ...)` that resample a raw frame of `camera` to
     `camera.pinhole()`: map_x, map_y [H, W] float32 in OpenCV's pixel-centre convention (raw pixel
     (i, j) at (i, j)), i.e. our pixel-edge coordinates minus 0.5."""
-    target = camera.pinhole()
-    u = np.arange(camera.width, dtype=np.float64) + 0.5
-    v = np.arange(camera.height, dtype=np.float64) + 0.5
+    return resample_maps(camera, camera.pinhole())
+
+
+def resample_maps(camera: LensCamera, target: LensCamera) -> tuple[np.ndarray, np.ndarray]:
+    """`cv2.remap` maps (as `undistort_maps`) that resample a raw frame of `camera` to `target`, a pinhole
+    camera (no distortion, no skew) at the same centre, any rotation, size and intrinsics: each target
+    pixel's ray is turned into `camera`'s frame, distorted and taken through its K."""
+    assert not target.has_distortion, "the target of a resampling is a pinhole camera"
+    assert np.allclose(target.c2w()[:3, 3], camera.c2w()[:3, 3], atol=1e-6 * max(1.0, np.abs(camera.t).max())), \
+        "resampling keeps the camera centre"
+    u = np.arange(target.width, dtype=np.float64) + 0.5
+    v = np.arange(target.height, dtype=np.float64) + 0.5
     uu, vv = np.meshgrid(u, v)
-    xy = np.stack([(uu - target.K[0, 2]) / target.K[0, 0], (vv - target.K[1, 2]) / target.K[1, 1]], -1)
-    source = camera.to_pixels(camera.distort(xy)) - 0.5
+    rays = np.stack([(uu - target.K[0, 2]) / target.K[0, 0], (vv - target.K[1, 2]) / target.K[1, 1],
+                     np.ones_like(uu)], -1)
+    turn = camera.R @ target.R.T  # target camera axes -> camera axes
+    if not np.allclose(turn, np.eye(3), atol=1e-12):
+        rays = rays @ turn.T
+    source = camera.to_pixels(camera.distort(rays[..., :2] / rays[..., 2:3])) - 0.5
+    behind = rays[..., 2] <= 0
+    source[behind] = -1e6  # outside the raw image: the border value
     return source[..., 0].astype(np.float32), source[..., 1].astype(np.float32)
 
 

@@ -22,13 +22,14 @@ only read.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +39,12 @@ import numpy as np
 import torch
 
 from mouserecon import masks as masking
-from mouserecon.calibration import Calibration, find_calibration, load_calibration, undistort_maps
+from mouserecon.calibration import (Calibration, LensCamera, find_calibration, load_calibration, resample_maps,
+                                    undistort_maps)
 from mouserecon.cameras import Cameras, save_opencv_cameras
-from mouserecon.data import square_window
 from mouserecon.errors import MouseReconError
 from mouserecon.files import atomic_write_json
+from mouserecon.normalize import rotation_between
 from mouserecon.options import PrepareOptions
 from mouserecon.progress import progress
 from mouserecon.rundir import file_sha1, versions
@@ -57,7 +59,7 @@ MANIFEST_FORMAT = "mouserecon-recording"
 MANIFEST_VERSION = 1
 BACKGROUND_SAMPLES = 50  # frames sampled across the range for the temporal-median background
 CONSISTENCY_SIDE = 256  # masks are checked against each other at this longer side (px)
-STAGES = ("decode", "mask", "undistort", "check", "crop", "write")
+STAGES = ("background", "decode", "mask", "undistort", "check", "crop", "write")
 
 
 class PrepareError(MouseReconError, ValueError):
@@ -72,9 +74,13 @@ def frame_dir_name(index: int) -> str:
 class _Camera:
     """One camera of the rig: its calibration, frames, undistortion maps and masker."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        return self.lens.name
+
+    lens: LensCamera
     source: FrameSource
-    maps: tuple[np.ndarray, np.ndarray]  # cv2.remap maps (fixed point) raw -> pinhole
+    maps: tuple[np.ndarray, np.ndarray]  # cv2.remap maps (fixed point) raw -> the undistorted pinhole camera
     masks: FrameSource | None = None  # user-given mask frames
     foreground: masking.Foreground | None = None
 
@@ -95,7 +101,8 @@ class PrepareResult:
     written: list[int]  # frames written by this run
     resumed: list[int]  # frames already complete in `out`, skipped
     skipped: list[dict]  # {"frame", "reason"} for frames that were not written
-    seconds: dict[str, float]  # time per stage (summed over threads) and "total" (wall clock)
+    seconds: dict[str, float]  # time per stage (summed over threads); wall clock of the frame loop ("frames")
+    #                            and of everything ("total")
 
 
 def prepare_recording(options: PrepareOptions) -> PrepareResult:
@@ -120,14 +127,19 @@ def prepare_recording(options: PrepareOptions) -> PrepareResult:
     resumed = [i for i in frames if (out / frame_dir_name(i)).is_dir()]
     todo = [i for i in frames if i not in set(resumed)]
     timings = _Timings()
-    if options.masks == "background":
-        _fit_backgrounds(cameras, options, frames, out, timings)
-    skipped = _run(cameras, pinholes, calibration, todo, options, out, timings)
-    seconds = {**timings.seconds, "total": time.perf_counter() - started}
-    written = [i for i in todo if i not in {s["frame"] for s in skipped}]
-    manifest = _manifest(options, calibration, cameras, num_frames, fps, frames, out, skipped, previous,
-                         settings, seconds)
+    record = functools.partial(_manifest, options, calibration, cameras, num_frames, fps, frames, out, previous,
+                               settings)
+    # Written first (complete: false), so that a run killed at any point is recognised and resumed.
+    manifest = record(skipped=[], seconds={}, complete=False, cache=(previous or {}).get("hashes", {}))
     atomic_write_json(out / MANIFEST, manifest)
+    if options.masks == "background":
+        _fit_backgrounds(cameras, options, num_frames, out, timings)
+    loop_started = time.perf_counter()
+    skipped = _run(cameras, pinholes, calibration, todo, options, out, timings)
+    now = time.perf_counter()
+    seconds = {**timings.seconds, "frames": now - loop_started, "total": now - started}
+    written = [i for i in todo if i not in {s["frame"] for s in skipped}]
+    atomic_write_json(out / MANIFEST, record(skipped=skipped, seconds=seconds, complete=True, cache=manifest["hashes"]))
     log.info("prepared %d frames into %s (%d already there, %d skipped) in %.1f s", len(written), out,
              len(resumed), len(skipped), seconds["total"])
     return PrepareResult(out, written, resumed, skipped, seconds)
@@ -158,7 +170,7 @@ def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
             raise PrepareError(f"{source.path}: frames are {source.size[0]}x{source.size[1]} but {calibration.path} "
                                f"calibrates camera {lens.name!r} at {lens.width}x{lens.height}")
         map_x, map_y = undistort_maps(lens)
-        cameras.append(_Camera(lens.name, source, cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)))
+        cameras.append(_Camera(lens, source, cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)))
     if options.masks != "background":
         mask_paths = match_sources(options.masks, calibration.names)
         for camera in cameras:
@@ -228,18 +240,21 @@ def _check_out(out: Path, recording: Path, settings: dict) -> dict | None:
 # ---- masks ---------------------------------------------------------------------------------------
 
 
-def _fit_backgrounds(cameras: list[_Camera], options: PrepareOptions, frames: list[int], out: Path,
+def background_frames(num_frames: int) -> list[int]:
+    """The frames a background is fitted on: BACKGROUND_SAMPLES spread evenly over the whole recording (not
+    just the frames asked for, so a frame's mask does not depend on --frames and a resume matches)."""
+    return np.unique(np.linspace(0, num_frames - 1, min(BACKGROUND_SAMPLES, num_frames)).round()).astype(int).tolist()
+
+
+def _fit_backgrounds(cameras: list[_Camera], options: PrepareOptions, num_frames: int, out: Path,
                      timings: _Timings) -> None:
-    """Each camera's background (an empty-arena clip or frame if given, else the temporal median over frames
-    sampled across the range) and its threshold, chosen from frames sampled across the range."""
-    picks = np.unique(np.linspace(0, len(frames) - 1, min(BACKGROUND_SAMPLES, len(frames))).round().astype(int))
-    sampled = [frames[i] for i in picks]
+    """Each camera's background (an empty-arena clip or frame if given, else the temporal median of
+    `background_frames`) and its threshold, chosen from those frames."""
+    sampled = background_frames(num_frames)
     clips = match_sources(options.background, [c.name for c in cameras]) if options.background else {}
     for camera in progress(cameras, desc="background", unit="camera"):
         start = time.perf_counter()
         sample_frames = [rgb for _, rgb in camera.source.read(sampled)]
-        timings.add("decode", start)
-        start = time.perf_counter()
         if camera.name in clips:
             clip = open_source(clips[camera.name])
             if clip.size != camera.source.size:
@@ -248,11 +263,11 @@ def _fit_backgrounds(cameras: list[_Camera], options: PrepareOptions, frames: li
         else:
             if len(sampled) < 10:
                 log.warning("%s: background from the median of only %d frames; pass --background with an "
-                            "empty-arena clip or select more frames", camera.name, len(sampled))
+                            "empty-arena clip", camera.name, len(sampled))
             background = masking.median_background(sample_frames)
         camera.foreground = masking.fit_foreground(background, sample_frames, camera.name)
         cv2.imwrite(str(out / f"background_{camera.name}.png"), background[..., ::-1])
-        timings.add("mask", start)
+        timings.add("background", start)
 
 
 # ---- the frame loop ---------------------------------------------------------------------------------
@@ -349,54 +364,65 @@ def _process(index: int, rgb: list[np.ndarray], user: list[np.ndarray] | None, c
                 f"{options.min_consistency}: {', '.join(bad)}")
 
     start = time.perf_counter()
-    images, intrinsics, windows = [], [], []
-    for v, (camera, frame) in enumerate(zip(cameras, rgb)):
-        window = _crop_window(alphas[v], options)
-        images.append(_crop(frame, alphas[v], camera.maps, window, options))
-        intrinsics.append(pinholes[v].window(*window).resize(images[-1].shape[0], images[-1].shape[1]).intrinsics)
-        windows.append(window)
-    side_h, side_w = images[0].shape[:2]
-    cams = Cameras(pinholes.c2w, torch.stack(intrinsics), side_w, side_h)
+    targets = [c.lens.pinhole() if options.crop == "none" else
+               crop_camera(c.lens, consistency.centre, alphas[v], options.side, options.margin)
+               for v, c in enumerate(cameras)]
+    images = [_resample(frame, alpha, camera, target, options.crop == "none")
+              for frame, alpha, camera, target in zip(rgb, raw_alpha, cameras, targets)]
+    cams = Cameras(torch.tensor(np.stack([t.c2w() for t in targets]), dtype=torch.float32),
+                   torch.tensor([[t.K[0, 0], t.K[1, 1], t.K[0, 2], t.K[1, 2]] for t in targets], dtype=torch.float32),
+                   targets[0].width, targets[0].height)
     timings.add("crop", start)
     record = {"frame": index, "cameras": [c.name for c in cameras],
               "mask_area_fraction": [s["area_fraction"] for s in stats],
               "mask_components": [s["components"] for s in stats],
               "consistency": [float(v) for v in consistency.coverage],
-              "crop_windows": [list(w) for w in windows]}
+              "centre": consistency.centre.tolist()}
     return _Frame(images, cams, record)
 
 
-def _crop_window(alpha: np.ndarray, options: PrepareOptions) -> tuple[int, int, int, int]:
-    """(left, top, width, height) of the view's crop in the undistorted frame."""
-    h, w = alpha.shape
-    if options.crop == "none":
-        return 0, 0, w, h
+def crop_camera(lens: LensCamera, centre: np.ndarray, alpha: np.ndarray, side: int, margin: float) -> LensCamera:
+    """The crop of one view as a pinhole camera: `lens` turned (about its centre, by the smallest rotation) to
+    look at the mouse's 3D `centre`, focal length chosen so that the mask (`alpha`, undistorted to
+    `lens.pinhole()`) fits the `side` x `side` image with `margin` of its half-extent on each side, principal
+    point at the image centre. A perspective crop: unlike a window of the frame, its optical axis goes
+    through the mouse, so the views' axes meet at the mouse (the normalisation centre) and no principal
+    point lands outside the crop."""
+    c2w = lens.c2w()
+    forward = centre - c2w[:3, 3]
+    turn = rotation_between(torch.tensor(c2w[:3, 2]), torch.tensor(forward)).numpy()
+    rotation = turn @ c2w[:3, :3]  # new camera-to-world rotation
     rows = np.flatnonzero((alpha > 0.5).any(1))
     cols = np.flatnonzero((alpha > 0.5).any(0))
-    left, top, side = square_window(int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1, options.margin)
-    return left, top, side, side
+    corners = np.array([[x, y, 1.0] for x in (cols[0], cols[-1] + 1) for y in (rows[0], rows[-1] + 1)])
+    pinhole = lens.pinhole()
+    rays = corners @ np.linalg.inv(pinhole.K).T @ c2w[:3, :3].T @ rotation  # corner rays in the new camera
+    extent = np.abs(rays[:, :2] / rays[:, 2:3]).max()  # a rectangle's image under a rotation: a quadrilateral
+    focal = 0.5 * side / (extent * (1.0 + 2.0 * margin))
+    K = np.array([[focal, 0.0, 0.5 * side], [0.0, focal, 0.5 * side], [0.0, 0.0, 1.0]])
+    return LensCamera(lens.name, side, side, K, np.zeros(5), rotation.T, -rotation.T @ c2w[:3, 3])
 
 
-def _crop(frame: np.ndarray, alpha: np.ndarray, maps: tuple[np.ndarray, np.ndarray],
-          window: tuple[int, int, int, int], options: PrepareOptions) -> np.ndarray:
-    """The undistorted RGBA window (outside the image: white, alpha 0), resized to options.side for crops.
-    Colour is resampled from the raw frame through the window of the undistortion maps, so only the
-    window is undistorted."""
-    left, top, width, height = window
-    h, w = alpha.shape
-    out = np.zeros((height, width, 4), np.uint8)
-    out[..., :3] = 255
-    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + width, w), min(top + height, h)
-    if x1 > x0 and y1 > y0:
-        map_xy, map_fine = maps[0][y0:y1, x0:x1], maps[1][y0:y1, x0:x1]
-        inside = out[y0 - top:y1 - top, x0 - left:x1 - left]
-        inside[..., :3] = cv2.remap(frame, map_xy, map_fine, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                                    borderValue=(255, 255, 255))
-        inside[..., 3] = np.round(alpha[y0:y1, x0:x1] * 255.0).astype(np.uint8)
-    if options.crop == "none" or width == options.side:
-        return out
-    shrink = width > options.side
-    return cv2.resize(out, (options.side, options.side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+def _resample(frame: np.ndarray, alpha: np.ndarray, camera: _Camera, target: LensCamera, whole: bool) -> np.ndarray:
+    """RGBA uint8 of `target` resampled from the raw frame and raw alpha (bilinear; outside the raw image:
+    white, alpha 0). A crop that shrinks the image by 2x or more samples a pyramid level of the raw frame."""
+    if whole:
+        maps = camera.maps
+        level = 0
+    else:
+        level = max(0, int(np.floor(np.log2(camera.lens.K[0, 0] / target.K[0, 0]))))
+        map_x, map_y = resample_maps(camera.lens, target)
+        if level:
+            map_x, map_y = (map_x + 0.5) / 2 ** level - 0.5, (map_y + 0.5) / 2 ** level - 0.5
+            for _ in range(level):
+                frame, alpha = cv2.pyrDown(frame), cv2.pyrDown(alpha)
+        maps = cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)
+    out = np.empty((target.height, target.width, 4), np.uint8)
+    out[..., :3] = cv2.remap(frame, *maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=(255, 255, 255))
+    out[..., 3] = np.round(cv2.remap(alpha, *maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                     borderValue=0) * 255.0).astype(np.uint8)
+    return out
 
 
 def _write_frame(out: Path, index: int, frame: _Frame, calibration: Calibration, timings: _Timings) -> None:
@@ -424,14 +450,15 @@ def _write_frame(out: Path, index: int, frame: _Frame, calibration: Calibration,
 
 
 def _manifest(options: PrepareOptions, calibration: Calibration, cameras: list[_Camera], num_frames: int,
-              fps: float | None, frames: list[int], out: Path, skipped: list[dict], previous: dict | None,
-              settings: dict, seconds: dict) -> dict:
+              fps: float | None, frames: list[int], out: Path, previous: dict | None, settings: dict, *,
+              skipped: list[dict], seconds: dict, complete: bool, cache: dict) -> dict:
+    """recording.json; `cache`: earlier file hashes by path (reused while size and mtime are unchanged)."""
     written = sorted(int(p.name.split("_")[1]) for p in out.glob("frame_*") if p.is_dir())
     records = [json.loads((out / frame_dir_name(i) / FRAME_RECORD).read_text()) for i in written]
     skipped_now = {s["frame"] for s in skipped}
     earlier = [s for s in (previous or {}).get("frames", {}).get("skipped", [])
                if s["frame"] not in skipped_now and s["frame"] not in written]
-    hashes, seen = (previous or {}).get("hashes", {}), {}
+    seen: dict = {}
     per_camera = {}
     for v, camera in enumerate(cameras):
         areas = [r["mask_area_fraction"][v] for r in records]
@@ -442,21 +469,21 @@ def _manifest(options: PrepareOptions, calibration: Calibration, cameras: list[_
             entry["mask_model"] = camera.foreground.stats
         per_camera[camera.name] = entry
     return {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": complete,
         "recording": str(options.recording.resolve()),
         "calibration": {"path": str(calibration.path), "format": calibration.format,
-                        "sha1": _hash(calibration.path, hashes, seen), "conversion": calibration.conversion,
+                        "sha1": _hash(calibration.path, cache, seen), "conversion": calibration.conversion,
                         "units": calibration.units, "cameras": calibration.names,
                         "undistortion": "each frame resampled (cv2.remap, bilinear) to the pinhole camera with "
                                         "the calibration's fx, fy, cx, cy, no skew, no distortion"},
-        "sources": {c.name: {**c.source.describe(), "sha1": _hash(c.source.path, hashes, seen)} for c in cameras},
+        "sources": {c.name: {**c.source.describe(), "sha1": _hash(c.source.path, cache, seen)} for c in cameras},
         "fps": fps, "num_frames": num_frames,
         "settings": settings,
         "frames": {"requested": options.frames, "selected": len(frames), "written": written,
                    "skipped": sorted([*earlier, *skipped], key=lambda s: s["frame"])},
         "masks": {"method": settings["masks"],
                   "background": ("empty-arena clips " + str(options.background)) if options.background else
-                  (f"temporal median of {min(BACKGROUND_SAMPLES, len(frames))} frames sampled across the range"
+                  (f"temporal median of frames {background_frames(num_frames)}"
                    if settings["masks"] == "background" else None),
                   "user_masks": None if settings["masks"] == "background" else str(options.masks)},
         "cameras": per_camera,
