@@ -274,3 +274,30 @@ class PrepareOptions:
             raise PrepareOptionsError(f"min_consistency must be in [0, 1], got {self.min_consistency}")
         if self.fps is not None and not self.fps > 0:
             raise PrepareOptionsError(f"fps must be > 0, got {self.fps}")
+
+
+@dataclass(frozen=True)
+class SynthRecordingOptions:
+    """`mouserecon synth-recording`: a synthetic rig recording with ground truth (`synth.recording`).
+
+    calibration: the rig to render through (any format `prepare` reads); None = a drawn rig like the real one.
+    image_size:  (width, height) for calibration files that do not store it (DANNCE) and for the drawn rig.
+    scale:       image scale of every camera (0.25: 288 x 256 for a 1152 x 1024 rig).
+    """
+
+    out: Path
+    num_frames: int = 100
+    seed: int = 0
+    calibration: Path | None = None
+    image_size: tuple[int, int] = (1152, 1024)
+    scale: float = 1.0
+    fps: float = 100.0
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.calibration is not None:
+            object.__setattr__(self, "calibration", Path(self.calibration))
+        if self.num_frames < 1 or self.scale <= 0 or self.fps <= 0 or self.workers < 1:
+            raise SynthError(f"need num_frames >= 1, scale > 0, fps > 0, workers >= 1; got {self.num_frames}, "
+                             f"{self.scale}, {self.fps}, {self.workers}")

@@ -60,6 +60,8 @@ from mouserecon.cameras import Cameras
 from mouserecon.progress import progress
 from mouserecon.synth.generate import mouse_center
 from mouserecon.synth.mouse import POSES, MouseParams, build_mouse, sample_params
+from mouserecon.synth.rig import look_at as rig_look_at
+from mouserecon.synth.rig import sample_azimuths
 from mouserecon.synth.trace import Light, TraceConfig, render_rgba
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,35 @@ class RecordingPlan:
 
 
 # ---- drawing ----------------------------------------------------------------------------------------
+
+
+def synthetic_rig(seed: int, image_size: tuple[int, int] = (1152, 1024)) -> Calibration:
+    """A drawn rig calibration like the real markerless_mouse_1 rig (for demos without a calibration file):
+    6 cameras alternating low (0-5 deg) and high (15-24 deg), 300-330 mm from a point 20 mm above the
+    floor at the mean mouse position, azimuth gaps of 50-70 deg, horizontal field of view 37-40 deg,
+    principal points up to 4 % off centre, barrel distortion k1 in [-0.2, -0.1], k2 in [0, 0.3], small
+    tangential terms and skew; mm, +Z up, floor z = 0."""
+    rng = np.random.default_rng([seed, 7])
+    width, height = image_size
+    aim = np.array([*MEAN_MOUSE_XY_MM, 20.0])
+    azimuths = sample_azimuths(rng, 6, 1.0 / 6.0)
+    first_high = rng.uniform() < 0.5
+    cameras = []
+    for i, azimuth in enumerate(azimuths):
+        high = (i % 2 == 1) != first_high
+        elevation = math.radians(rng.uniform(15.0, 24.0) if high else rng.uniform(0.0, 5.0))
+        distance, az = rng.uniform(300.0, 330.0), math.radians(azimuth)
+        eye = aim + distance * np.array([math.cos(elevation) * math.cos(az), math.cos(elevation) * math.sin(az),
+                                         math.sin(elevation)])
+        c2w = rig_look_at(eye, aim + rng.uniform(-6.0, 6.0, size=3), rng.uniform(-2.0, 2.0))
+        fx = 0.5 * width / math.tan(math.radians(rng.uniform(37.0, 40.0)) / 2)
+        K = np.array([[fx, rng.uniform(-6.0, 6.0), width * rng.uniform(0.46, 0.54)],
+                      [0.0, fx * rng.uniform(0.995, 1.005), height * rng.uniform(0.46, 0.54)], [0.0, 0.0, 1.0]])
+        dist = np.array([rng.uniform(-0.2, -0.1), rng.uniform(0.0, 0.3), *rng.uniform(-0.002, 0.002, size=2), 0.0])
+        R = c2w[:3, :3].T
+        cameras.append(LensCamera(f"Camera{i + 1}", width, height, K, dist, R, -R @ c2w[:3, 3]))
+    return Calibration(Path(f"<synthetic rig, seed {seed}>"), "synthetic", tuple(cameras), units="mm",
+                       world_up=(0.0, 0.0, 1.0), conversion="drawn by mouserecon.synth.recording.synthetic_rig")
 
 
 def scale_calibration(calibration: Calibration, scale: float) -> Calibration:
