@@ -206,22 +206,22 @@ def undistort_maps(camera: LensCamera) -> tuple[np.ndarray, np.ndarray]:
 def resample_maps(camera: LensCamera, target: LensCamera) -> tuple[np.ndarray, np.ndarray]:
     """`cv2.remap` maps (as `undistort_maps`) that resample a raw frame of `camera` to `target`, a pinhole
     camera (no distortion, no skew) at the same centre, any rotation, size and intrinsics: each target
-    pixel's ray is turned into `camera`'s frame, distorted and taken through its K."""
+    pixel's ray is turned into `camera`'s frame, distorted and taken through its K.
+
+    Computed by `cv2.initUndistortRectifyMap` (the same distortion model; its rotation argument takes
+    target rays to camera rays inverted), in OpenCV's pixel-centre convention. OpenCV ignores a skew in
+    the camera matrix, so the skew's term, skew * y_d = skew * (v - cy) / fy, is added to map_x after."""
     assert not target.has_distortion, "the target of a resampling is a pinhole camera"
     assert np.allclose(target.c2w()[:3, 3], camera.c2w()[:3, 3], atol=1e-6 * max(1.0, np.abs(camera.t).max())), \
         "resampling keeps the camera centre"
-    u = np.arange(target.width, dtype=np.float64) + 0.5
-    v = np.arange(target.height, dtype=np.float64) + 0.5
-    uu, vv = np.meshgrid(u, v)
-    rays = np.stack([(uu - target.K[0, 2]) / target.K[0, 0], (vv - target.K[1, 2]) / target.K[1, 1],
-                     np.ones_like(uu)], -1)
-    turn = camera.R @ target.R.T  # target camera axes -> camera axes
-    if not np.allclose(turn, np.eye(3), atol=1e-12):
-        rays = rays @ turn.T
-    source = camera.to_pixels(camera.distort(rays[..., :2] / rays[..., 2:3])) - 0.5
-    behind = rays[..., 2] <= 0
-    source[behind] = -1e6  # outside the raw image: the border value
-    return source[..., 0].astype(np.float32), source[..., 1].astype(np.float32)
+    K = _to_pixel_centres(camera.K)
+    K[0, 1] = 0.0
+    rotation = target.R @ camera.R.T  # camera rays -> target rays
+    map_x, map_y = cv2.initUndistortRectifyMap(K, camera.dist, rotation, _to_pixel_centres(target.K),
+                                               (target.width, target.height), cv2.CV_32FC1)
+    if camera.skew:
+        map_x += (camera.skew / camera.K[1, 1]) * (map_y - K[1, 2])
+    return map_x, map_y
 
 
 # ---- reading --------------------------------------------------------------------------------------

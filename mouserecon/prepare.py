@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -81,6 +81,8 @@ class _Camera:
     lens: LensCamera
     source: FrameSource
     maps: tuple[np.ndarray, np.ndarray]  # cv2.remap maps (fixed point) raw -> the undistorted pinhole camera
+    check: LensCamera  # the undistorted pinhole camera at CONSISTENCY_SIDE, where masks are compared
+    check_maps: tuple[np.ndarray, np.ndarray]  # raw -> `check`
     masks: FrameSource | None = None  # user-given mask frames
     foreground: masking.Foreground | None = None
 
@@ -117,7 +119,7 @@ def prepare_recording(options: PrepareOptions) -> PrepareResult:
     num_frames, fps = check_sources({c.name: c.source for c in cameras})
     fps = fps if fps is not None else options.fps
     frames = _frame_range(options.frames, num_frames, recording)
-    pinholes = calibration.pinhole_cameras()
+    calibration.pinhole_cameras()  # validated as a rig: the cameras look at a common region
     settings = _settings(options)
     out = options.out
     previous = _check_out(out, recording, settings)
@@ -135,7 +137,7 @@ def prepare_recording(options: PrepareOptions) -> PrepareResult:
     if options.masks == "background":
         _fit_backgrounds(cameras, options, num_frames, out, timings)
     loop_started = time.perf_counter()
-    skipped = _run(cameras, pinholes, calibration, todo, options, out, timings)
+    skipped = _run(cameras, calibration, todo, options, out, timings)
     now = time.perf_counter()
     seconds = {**timings.seconds, "frames": now - loop_started, "total": now - started}
     written = [i for i in todo if i not in {s["frame"] for s in skipped}]
@@ -169,8 +171,9 @@ def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
         if source.size != (lens.width, lens.height):
             raise PrepareError(f"{source.path}: frames are {source.size[0]}x{source.size[1]} but {calibration.path} "
                                f"calibrates camera {lens.name!r} at {lens.width}x{lens.height}")
-        map_x, map_y = undistort_maps(lens)
-        cameras.append(_Camera(lens, source, cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)))
+        check = _scaled_pinhole(lens, CONSISTENCY_SIDE / max(lens.width, lens.height))
+        cameras.append(_Camera(lens, source, cv2.convertMaps(*undistort_maps(lens), cv2.CV_16SC2), check,
+                               cv2.convertMaps(*resample_maps(lens, check), cv2.CV_16SC2)))
     if options.masks != "background":
         mask_paths = match_sources(options.masks, calibration.names)
         for camera in cameras:
@@ -180,6 +183,23 @@ def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
                     f"{camera.masks.path}: masks have {camera.masks.num_frames} frames of {camera.masks.size}, "
                     f"the video {camera.source.path} {camera.source.num_frames} of {camera.source.size}")
     return calibration, cameras
+
+
+def _scaled_pinhole(lens: LensCamera, scale: float) -> LensCamera:
+    """`lens.pinhole()` resampled by `scale` (pixel-edge convention: K rows 0-1 scale by the size ratios)."""
+    pinhole = lens.pinhole()
+    width, height = max(1, round(lens.width * scale)), max(1, round(lens.height * scale))
+    K = pinhole.K.copy()
+    K[0] *= width / lens.width
+    K[1] *= height / lens.height
+    return replace(pinhole, width=width, height=height, K=K)
+
+
+def _cameras(lenses: list[LensCamera]) -> Cameras:
+    """Pinhole LensCameras of one size -> our Cameras [V]."""
+    return Cameras(torch.tensor(np.stack([c.c2w() for c in lenses]), dtype=torch.float32),
+                   torch.tensor([[c.K[0, 0], c.K[1, 1], c.K[0, 2], c.K[1, 2]] for c in lenses], dtype=torch.float32),
+                   lenses[0].width, lenses[0].height)
 
 
 def parse_frames(spec: str | None, num_frames: int) -> range:
@@ -308,14 +328,17 @@ def _next(stream: Iterator[tuple[int, np.ndarray]], index: int) -> np.ndarray:
     return frame
 
 
-def _run(cameras: list[_Camera], pinholes: Cameras, calibration: Calibration, todo: list[int],
-         options: PrepareOptions, out: Path, timings: _Timings) -> list[dict]:
+def _run(cameras: list[_Camera], calibration: Calibration, todo: list[int], options: PrepareOptions, out: Path,
+         timings: _Timings) -> list[dict]:
+    """Process and write the frames `todo`: decoding in a thread, views masked and cropped by two workers,
+    frames written by two more (PNG encoding releases the GIL). Returns the skipped frames."""
     skipped: list[dict] = []
     pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-write") as writer:
+    with (ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare-view") as views,
+          ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare-write") as writer):
         for index, rgb, user in progress(_read_frames(cameras, todo, timings), total=len(todo), desc="prepare",
                                          unit="frame"):
-            frame = _process(index, rgb, user, cameras, pinholes, options, timings)
+            frame = _process(index, rgb, user, cameras, options, timings, views)
             if isinstance(frame, str):
                 skipped.append({"frame": index, "reason": frame})
                 log.warning("frame %d skipped: %s", index, frame)
@@ -336,55 +359,59 @@ class _Frame:
 
 
 def _process(index: int, rgb: list[np.ndarray], user: list[np.ndarray] | None, cameras: list[_Camera],
-             pinholes: Cameras, options: PrepareOptions, timings: _Timings) -> _Frame | str:
-    """One frame -> its views, or the reason it is skipped."""
-    start = time.perf_counter()
-    if user is not None:
-        raw_alpha = [masking.mask_from_frame(m) for m in user]
-    else:
-        raw_alpha = [camera.foreground.alpha(frame) for camera, frame in zip(cameras, rgb)]
-    timings.add("mask", start)
+             options: PrepareOptions, timings: _Timings, pool: ThreadPoolExecutor) -> _Frame | str:
+    """One frame -> its views, or the reason it is skipped. Views are masked in `pool` (cv2 and numpy
+    release the GIL)."""
 
-    start = time.perf_counter()
-    alphas = np.stack([cv2.remap(a, *c.maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-                       for a, c in zip(raw_alpha, cameras)])
-    timings.add("undistort", start)
+    def mask(v: int) -> tuple[np.ndarray, np.ndarray]:
+        start = time.perf_counter()
+        camera = cameras[v]
+        raw = masking.mask_from_frame(user[v]) if user is not None else camera.foreground.alpha(rgb[v])
+        timings.add("mask", start)
+        start = time.perf_counter()
+        small = cv2.remap(raw, *camera.check_maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        timings.add("undistort", start)
+        return raw, small
 
+    raw_alpha, alphas = zip(*pool.map(mask, range(len(cameras))))
     start = time.perf_counter()
     stats = [masking.mask_statistics(a) for a in alphas]
     empty = [c.name for c, s in zip(cameras, stats) if s["area_fraction"] < masking.MIN_AREA_FRACTION]
     if empty:
         timings.add("check", start)
         return f"no mouse seen by {', '.join(empty)} (mask area below {masking.MIN_AREA_FRACTION:.1e} of the image)"
-    consistency = masking.hull_consistency(alphas, pinholes, side=CONSISTENCY_SIDE)
+    consistency = masking.hull_consistency(np.stack(alphas), _cameras([c.check for c in cameras]),
+                                           side=CONSISTENCY_SIDE)
     timings.add("check", start)
     bad = [f"{c.name} {v:.2f}" for c, v in zip(cameras, consistency.coverage) if v < options.min_consistency]
     if bad:
         return (f"masks disagree in 3D: coverage by the visual hull of all views below "
                 f"{options.min_consistency}: {', '.join(bad)}")
 
-    start = time.perf_counter()
-    targets = [c.lens.pinhole() if options.crop == "none" else
-               crop_camera(c.lens, consistency.centre, alphas[v], options.side, options.margin)
-               for v, c in enumerate(cameras)]
-    images = [_resample(frame, alpha, camera, target, options.crop == "none")
-              for frame, alpha, camera, target in zip(rgb, raw_alpha, cameras, targets)]
-    cams = Cameras(torch.tensor(np.stack([t.c2w() for t in targets]), dtype=torch.float32),
-                   torch.tensor([[t.K[0, 0], t.K[1, 1], t.K[0, 2], t.K[1, 2]] for t in targets], dtype=torch.float32),
-                   targets[0].width, targets[0].height)
-    timings.add("crop", start)
+    def crop(v: int) -> tuple[LensCamera, np.ndarray]:
+        start = time.perf_counter()
+        camera = cameras[v]
+        target = (camera.lens.pinhole() if options.crop == "none" else
+                  crop_camera(camera.lens, consistency.centre, alphas[v], camera.check, options.side, options.margin))
+        image = _resample(rgb[v], raw_alpha[v], camera, target, options.crop == "none")
+        timings.add("crop", start)
+        return target, image
+
+    targets, images = zip(*pool.map(crop, range(len(cameras))))
     record = {"frame": index, "cameras": [c.name for c in cameras],
               "mask_area_fraction": [s["area_fraction"] for s in stats],
               "mask_components": [s["components"] for s in stats],
               "consistency": [float(v) for v in consistency.coverage],
               "centre": consistency.centre.tolist()}
-    return _Frame(images, cams, record)
+    return _Frame(list(images), _cameras(list(targets)), record)
 
 
-def crop_camera(lens: LensCamera, centre: np.ndarray, alpha: np.ndarray, side: int, margin: float) -> LensCamera:
+def crop_camera(lens: LensCamera, centre: np.ndarray, alpha: np.ndarray, pinhole: LensCamera, side: int,
+                margin: float) -> LensCamera:
     """The crop of one view as a pinhole camera: `lens` turned (about its centre, by the smallest rotation) to
-    look at the mouse's 3D `centre`, focal length chosen so that the mask (`alpha`, undistorted to
-    `lens.pinhole()`) fits the `side` x `side` image with `margin` of its half-extent on each side, principal
+    look at the mouse's 3D `centre`, focal length chosen so that the mask (`alpha`, undistorted to `pinhole`,
+    the lens's pinhole camera at any size) fits the `side` x `side` image with `margin` of its half-extent on
+    each side, principal
     point at the image centre. A perspective crop: unlike a window of the frame, its optical axis goes
     through the mouse, so the views' axes meet at the mouse (the normalisation centre) and no principal
     point lands outside the crop."""
@@ -395,7 +422,6 @@ def crop_camera(lens: LensCamera, centre: np.ndarray, alpha: np.ndarray, side: i
     rows = np.flatnonzero((alpha > 0.5).any(1))
     cols = np.flatnonzero((alpha > 0.5).any(0))
     corners = np.array([[x, y, 1.0] for x in (cols[0], cols[-1] + 1) for y in (rows[0], rows[-1] + 1)])
-    pinhole = lens.pinhole()
     rays = corners @ np.linalg.inv(pinhole.K).T @ c2w[:3, :3].T @ rotation  # corner rays in the new camera
     extent = np.abs(rays[:, :2] / rays[:, 2:3]).max()  # a rectangle's image under a rotation: a quadrilateral
     focal = 0.5 * side / (extent * (1.0 + 2.0 * margin))

@@ -22,6 +22,7 @@ from mouserecon.calibration import (
     save_anipose_toml,
     save_dannce_mat,
     save_mouserecon_json,
+    resample_maps,
     save_opencv_yaml,
     undistort_maps,
 )
@@ -250,20 +251,38 @@ def test_undistort_maps_send_pinhole_pixels_to_distorted_ones(dannce):
         assert np.abs(source - (distorted - 0.5)).max() < 0.01
 
 
-def test_undistort_maps_match_opencv(dannce):
-    """Without skew (OpenCV has none), our maps equal cv2.initUndistortRectifyMap's in the interior."""
+def test_undistort_maps_equal_the_forward_model_at_every_pixel(dannce):
+    """The maps (cv2.initUndistortRectifyMap plus our skew term) equal the distortion model of
+    LensCamera.distort / to_pixels evaluated at every pinhole pixel centre, skew included."""
     for camera in dannce.cameras:
-        K = camera.K.copy()
-        K[0, 1] = 0.0
-        camera = replace(camera, K=K)
-        centres = K.copy()
-        centres[:2, 2] -= 0.5
-        expected_x, expected_y = cv2.initUndistortRectifyMap(centres, camera.dist, None, centres,
-                                                              (camera.width, camera.height), cv2.CV_32FC1)
+        target = camera.pinhole()
+        u, v = np.meshgrid(np.arange(camera.width) + 0.5, np.arange(camera.height) + 0.5)
+        xy = np.stack([(u - target.K[0, 2]) / target.K[0, 0], (v - target.K[1, 2]) / target.K[1, 1]], -1)
+        expected = camera.to_pixels(camera.distort(xy)) - 0.5
         map_x, map_y = undistort_maps(camera)
-        inside = (slice(16, -16), slice(16, -16))
-        assert np.abs(map_x - expected_x)[inside].max() < 0.01
-        assert np.abs(map_y - expected_y)[inside].max() < 0.01
+        assert np.abs(map_x - expected[..., 0]).max() < 0.01
+        assert np.abs(map_y - expected[..., 1]).max() < 0.01
+
+
+def test_resample_maps_to_a_turned_crop_camera(dannce):
+    """A pinhole camera turned about the lens camera's centre, with its own size and focal length (a
+    perspective crop): the map sends the crop's projection of a 3D point to the raw distorted one."""
+    rng = np.random.default_rng(2)
+    camera = dannce.cameras[4]
+    points, _ = points_in_view(camera, 3000, rng)
+    c2w = camera.c2w()
+    angle = np.deg2rad(8.0)
+    turn = np.array([[np.cos(angle), 0.0, np.sin(angle)], [0.0, 1.0, 0.0], [-np.sin(angle), 0.0, np.cos(angle)]])
+    rotation = c2w[:3, :3] @ turn  # camera-to-world of the crop: turned 8 deg about the camera's y axis
+    K = np.array([[2500.0, 0.0, 192.0], [0.0, 2500.0, 192.0], [0.0, 0.0, 1.0]])
+    crop = LensCamera("crop", 384, 384, K, np.zeros(5), rotation.T, -rotation.T @ c2w[:3, 3])
+    in_crop, _ = crop.project(points)
+    inside = (in_crop > 1).all(-1) & (in_crop < 383).all(-1)
+    assert inside.sum() > 50
+    map_x, map_y = resample_maps(camera, crop)
+    source = np.stack([bilinear(map_x, in_crop[inside] - 0.5), bilinear(map_y, in_crop[inside] - 0.5)], -1)
+    distorted, _ = camera.project(points[inside])
+    assert np.abs(source - (distorted - 0.5)).max() < 0.01
 
 
 def test_undistort_points_inverts_project(dannce):
