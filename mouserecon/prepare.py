@@ -84,6 +84,7 @@ class _Camera:
     check: LensCamera  # the undistorted pinhole camera at CONSISTENCY_SIDE, where masks are compared
     check_maps: tuple[np.ndarray, np.ndarray]  # raw -> `check`
     masks: FrameSource | None = None  # user-given mask frames
+    clip: FrameSource | None = None  # an empty-arena clip or frame
     foreground: masking.Foreground | None = None
 
 
@@ -123,19 +124,22 @@ def prepare_recording(options: PrepareOptions) -> PrepareResult:
     settings = _settings(options)
     out = options.out
     previous = _check_out(out, recording, settings)
+    timings = _Timings()
+    if options.masks == "background":  # decodes sampled frames of every video: before anything is written
+        _fit_backgrounds(cameras, num_frames, timings)
     out.mkdir(parents=True, exist_ok=True)
+    for camera in cameras:
+        if camera.foreground is not None:
+            cv2.imwrite(str(out / f"background_{camera.name}.png"), camera.foreground.background[..., ::-1])
     for stale in out.glob(".frame_*.partial"):  # a run killed while writing a frame
         shutil.rmtree(stale)
     resumed = [i for i in frames if (out / frame_dir_name(i)).is_dir()]
     todo = [i for i in frames if i not in set(resumed)]
-    timings = _Timings()
     record = functools.partial(_manifest, options, calibration, cameras, num_frames, fps, frames, out, previous,
                                settings)
     # Written first (complete: false), so that a run killed at any point is recognised and resumed.
     manifest = record(skipped=[], seconds={}, complete=False, cache=(previous or {}).get("hashes", {}))
     atomic_write_json(out / MANIFEST, manifest)
-    if options.masks == "background":
-        _fit_backgrounds(cameras, options, num_frames, out, timings)
     loop_started = time.perf_counter()
     skipped = _run(cameras, calibration, todo, options, out, timings)
     now = time.perf_counter()
@@ -174,6 +178,13 @@ def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
         check = _scaled_pinhole(lens, CONSISTENCY_SIDE / max(lens.width, lens.height))
         cameras.append(_Camera(lens, source, cv2.convertMaps(*undistort_maps(lens), cv2.CV_16SC2), check,
                                cv2.convertMaps(*resample_maps(lens, check), cv2.CV_16SC2)))
+    if options.background is not None:
+        clips = match_sources(options.background, calibration.names, single_images=True)
+        for camera in cameras:
+            camera.clip = open_source(clips[camera.name])
+            if camera.clip.size != camera.source.size:
+                raise PrepareError(f"{camera.clip.path}: the empty arena is {camera.clip.size[0]}x{camera.clip.size[1]}, "
+                                   f"the video {camera.source.path} {camera.source.size[0]}x{camera.source.size[1]}")
     if options.masks != "background":
         mask_paths = match_sources(options.masks, calibration.names)
         for camera in cameras:
@@ -266,27 +277,22 @@ def background_frames(num_frames: int) -> list[int]:
     return np.unique(np.linspace(0, num_frames - 1, min(BACKGROUND_SAMPLES, num_frames)).round()).astype(int).tolist()
 
 
-def _fit_backgrounds(cameras: list[_Camera], options: PrepareOptions, num_frames: int, out: Path,
-                     timings: _Timings) -> None:
-    """Each camera's background (an empty-arena clip or frame if given, else the temporal median of
-    `background_frames`) and its threshold, chosen from those frames."""
+def _fit_backgrounds(cameras: list[_Camera], num_frames: int, timings: _Timings) -> None:
+    """Each camera's background (the median of its empty-arena clip or frame if given, else of
+    `background_frames`) and its threshold, chosen from `background_frames`."""
     sampled = background_frames(num_frames)
-    clips = match_sources(options.background, [c.name for c in cameras]) if options.background else {}
     for camera in progress(cameras, desc="background", unit="camera"):
         start = time.perf_counter()
         sample_frames = [rgb for _, rgb in camera.source.read(sampled)]
-        if camera.name in clips:
-            clip = open_source(clips[camera.name])
-            if clip.size != camera.source.size:
-                raise PrepareError(f"{clip.path}: background is {clip.size}, the video {camera.source.size}")
-            background = masking.median_background([rgb for _, rgb in clip.read(range(clip.num_frames))])
+        if camera.clip is not None:
+            empty = [rgb for _, rgb in camera.clip.read(background_frames(camera.clip.num_frames))]
+            background = masking.median_background(empty)
         else:
             if len(sampled) < 10:
                 log.warning("%s: background from the median of only %d frames; pass --background with an "
                             "empty-arena clip", camera.name, len(sampled))
             background = masking.median_background(sample_frames)
         camera.foreground = masking.fit_foreground(background, sample_frames, camera.name)
-        cv2.imwrite(str(out / f"background_{camera.name}.png"), background[..., ::-1])
         timings.add("background", start)
 
 

@@ -180,9 +180,9 @@ def _has_token(text: str, name: str) -> bool:
     return re.search(rf"(?<![a-z0-9]){re.escape(name.lower())}(?![a-z0-9])", text.lower()) is not None
 
 
-def candidate_sources(folder: str | Path, exclude: Sequence[Path] = ()) -> list[Path]:
+def candidate_sources(folder: str | Path, exclude: Sequence[Path] = (), single_images: bool = False) -> list[Path]:
     """Video files, and folders that hold images, below `folder` (hidden paths and paths under `exclude`
-    skipped), in name order."""
+    skipped), in name order; with `single_images`, image files too (e.g. one empty-arena frame per camera)."""
     folder = Path(folder)
     excluded = [Path(e).resolve() for e in exclude]
     found = []
@@ -192,7 +192,8 @@ def candidate_sources(folder: str | Path, exclude: Sequence[Path] = ()) -> list[
         resolved = path.resolve()
         if any(resolved == e or e in resolved.parents for e in excluded):
             continue
-        if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        if path.is_file() and (path.suffix.lower() in VIDEO_SUFFIXES or
+                               (single_images and path.suffix.lower() in IMAGE_SUFFIXES)):
             found.append(path)
         elif path.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.iterdir() if f.is_file()):
             found.append(path)
@@ -200,9 +201,9 @@ def candidate_sources(folder: str | Path, exclude: Sequence[Path] = ()) -> list[
 
 
 def open_source(path: Path) -> FrameSource:
-    """The FrameSource for a video file, a folder of numbered video chunks, or a folder of images."""
+    """The FrameSource for a video file, a folder of numbered video chunks, a folder of images, or one image."""
     if path.is_file():
-        return VideoSource(path)
+        return ImageSequenceSource(path, [path]) if path.suffix.lower() in IMAGE_SUFFIXES else VideoSource(path)
     videos = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES]
     if videos:
         if len(videos) == 1:
@@ -218,13 +219,13 @@ def open_source(path: Path) -> FrameSource:
 
 
 def match_sources(folder: str | Path, names: Sequence[str], exclude: Sequence[Path] = (),
-                  require_all: bool = False) -> dict[str, Path]:
+                  require_all: bool = False, single_images: bool = False) -> dict[str, Path]:
     """Each camera name -> the one video or image folder below `folder` named after it (see the module
     docstring). Paths under `exclude` (e.g. a background-clip folder) are not considered. Raises
     VideoError listing the cameras that match nothing or several, and the sources no camera claimed;
     with `require_all`, also when a source is claimed by no camera (more videos than cameras)."""
     folder = Path(folder)
-    candidates = candidate_sources(folder, exclude)
+    candidates = candidate_sources(folder, exclude, single_images)
     matches: dict[str, list[Path]] = {}
     for name in names:
         hits = [c for c in candidates if _has_token(str(c.relative_to(folder)), name)]

@@ -275,3 +275,26 @@ def test_bad_calibration_files(recording, tmp_path):
     bad_json.write_text(json.dumps(rig))
     expect_refusal(broken, tmp_path, CalibrationError, r"opencv_cameras.json.*Camera3.*not orthonormal",
                    calibration=bad_json)
+
+
+def test_one_empty_arena_frame_per_camera(recording, tmp_path):
+    frames = tmp_path / "empty_arena"
+    frames.mkdir()
+    names = load_calibration(recording / "label3d_dannce.mat", image_size=(288, 256)).names
+    for name in names[:-1]:
+        with av.open(str(recording / "background" / f"{name}.mp4")) as clip:
+            PIL.Image.fromarray(next(clip.decode(video=0)).to_ndarray(format="rgb24")).save(frames / f"{name}.png")
+    expect_refusal(recording, tmp_path, VideoError, r"empty_arena: cannot match.*camera 'Camera6' matches nothing",
+                   background=frames)
+    with av.open(str(recording / "background" / f"{names[-1]}.mp4")) as clip:
+        PIL.Image.fromarray(next(clip.decode(video=0)).to_ndarray(format="rgb24")).save(frames / f"{names[-1]}.png")
+    out = tmp_path / "samples"
+    result = prepare_recording(PrepareOptions(recording, out, frames="0:12:4", background=frames, side=SIDE))
+    assert result.written == [0, 4, 8]
+    sample = load_sample(out / frame_dir_name(4))
+    ious = []
+    for view, name in enumerate(names):
+        truth = ground_truth_view(recording, out / frame_dir_name(4), 4, view, name) > 0.5
+        mask = sample.masks[view, 0].numpy() > 0.5
+        ious.append((truth & mask).sum() / (truth | mask).sum())
+    assert min(ious) > 0.7, ious
