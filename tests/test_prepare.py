@@ -298,3 +298,28 @@ def test_one_empty_arena_frame_per_camera(recording, tmp_path):
         mask = sample.masks[view, 0].numpy() > 0.5
         ious.append((truth & mask).sum() / (truth | mask).sum())
     assert min(ious) > 0.7, ious
+
+
+def test_user_mask_videos(recording, tmp_path):
+    """Masks as one H.264 video per camera (what a SAM2 run over a whole video gives), named after the camera."""
+    masks = tmp_path / "mask_videos"
+    names = load_calibration(recording / "label3d_dannce.mat", image_size=(288, 256)).names
+    for name in names:
+        truth = np.load(recording / "ground_truth" / f"masks_{name}.npz")["masks"]
+        masks.mkdir(exist_ok=True)
+        with av.open(str(masks / f"{name}_mask.mp4"), "w") as container:
+            stream = container.add_stream("libx264", rate=100)
+            stream.height, stream.width = truth.shape[1:]
+            stream.pix_fmt, stream.time_base = "yuv420p", Fraction(1, 100)
+            for i, mask in enumerate(truth):
+                frame = av.VideoFrame.from_ndarray(np.repeat(mask[..., None], 3, -1), format="rgb24")
+                frame.pts = i
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+    out = tmp_path / "samples"
+    prepare_recording(PrepareOptions(recording, out, frames="7", masks=str(masks), side=SIDE))
+    sample = load_sample(out / frame_dir_name(7))
+    for view, name in enumerate(names):
+        truth = ground_truth_view(recording, out / frame_dir_name(7), 7, view, name) > 0.5
+        mask = sample.masks[view, 0].numpy() > 0.5
+        assert (truth & mask).sum() / (truth | mask).sum() > 0.9
