@@ -305,7 +305,17 @@ def _read_frames(cameras: list[_Camera], todo: list[int], timings: _Timings,
     streams = [camera.source.read(todo) for camera in cameras]
     mask_streams = [camera.masks.read(todo) for camera in cameras] if cameras[0].masks else None
     items: queue.Queue = queue.Queue(maxsize=4)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        """Queue `item` unless the consumer has stopped (it raised, or was closed); False then."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
@@ -314,18 +324,25 @@ def _read_frames(cameras: list[_Camera], todo: list[int], timings: _Timings,
                 rgb = [_next(stream, index) for stream in streams]
                 user = [_next(stream, index) for stream in mask_streams] if mask_streams else None
                 timings.add("decode", start)
-                items.put((index, rgb, user))
-            items.put(done)
+                if not put((index, rgb, user)):
+                    return
+            put(done)
         except BaseException as err:  # handed to the consumer, which re-raises it
-            items.put(err)
+            put(err)
+        finally:
+            for stream in [*streams, *(mask_streams or [])]:
+                stream.close()  # closes the video files
 
     thread = threading.Thread(target=produce, name="prepare-decode", daemon=True)
     thread.start()
-    while (item := items.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-    thread.join()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _next(stream: Iterator[tuple[int, np.ndarray]], index: int) -> np.ndarray:
