@@ -23,7 +23,7 @@ import click
 
 from mouserecon.errors import MouseReconError
 from mouserecon.options import (BASELINES, DEFAULT_DEVICE, DEVICES, LPIPS_CHOICES, PREPARE_CROPS, TURNTABLE_FORMATS,
-                                UNITS, EvalOptions, PrepareOptions, ReconstructOptions, SynthOptions,
+                                UNITS, EvalOptions, PrepareOptions, ReconstructOptions, SequenceOptions, SynthOptions,
                                 SynthRecordingOptions, default)
 
 
@@ -79,7 +79,9 @@ def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 
 @main.command()
 @click.argument("views_dir", metavar="VIEWS", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .ply to write.")
+@click.option("-o", "--output", "--out", "output", required=True, type=click.Path(),
+              help="The .ply to write; for several samples (VIEWS a folder of samples or a list file) the folder "
+                   "that gets one mouse_<frame>.ply + sidecar per frame and sequence.json.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Ours or FaceLift's; default: the bundled demo.")
 @click.option("--device", type=click.Choice(DEVICES), default=default(ReconstructOptions, "device"), show_default=True,
               help="auto: CUDA when available.")
@@ -101,12 +103,37 @@ def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Turntable frames with --previews (0: none).")
 @click.option("--turntable-format", type=click.Choice(TURNTABLE_FORMATS),
               default=default(ReconstructOptions, "turntable_format"), show_default=True, help="mp4 needs imageio-ffmpeg.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Several samples: frames per model forward pass "
+              f"[default: {default(SequenceOptions, 'batch_size')}].")
+@click.option("--workers", type=click.IntRange(min=0), help="Several samples: processes preparing samples beside the "
+              f"model [default: {default(SequenceOptions, 'workers')}].")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Several samples: redo frames the folder holds from another model or other settings.")
 @_user_errors
 def reconstruct(views_dir: str, output: str, **given) -> None:
-    """Reconstruct a sample folder of calibrated views (VIEWS) into a 3DGS .ply plus a sidecar .json."""
+    """Reconstruct a sample folder of calibrated views (VIEWS) into a 3DGS .ply plus a sidecar .json; or every
+    sample of a folder of samples or a list file (e.g. what `prepare` wrote) into a sequence folder."""
+    from mouserecon.cameras import find_camera_file
+
+    given = _given(given)
+    if Path(views_dir).is_dir() and find_camera_file(views_dir) is None or Path(views_dir).is_file():
+        from mouserecon.sequence import reconstruct_sequence
+
+        if "previews_dir" in given:
+            raise click.UsageError("--previews is for one sample, not a sequence")
+        given = {k: v for k, v in given.items() if not k.startswith("turntable")}
+        result = reconstruct_sequence(SequenceOptions(views_dir, output, **given))
+        click.echo(f"{result.out}: {len(result.written)} frames written, {len(result.resumed)} already there, "
+                   f"{len(result.failed)} failed" + (f"; index {result.index}" if result.index else ""))
+        if result.failed:
+            sys.exit(1)
+        return
     from mouserecon.reconstruct import reconstruct as run
 
-    result = run(ReconstructOptions(views_dir, output, **_given(given)))
+    sequence_only = sorted(set(given) & {"batch_size", "workers", "overwrite"})
+    if sequence_only:
+        raise click.UsageError(f"{', '.join(sequence_only)}: only for several samples (a sequence)")
+    result = run(ReconstructOptions(views_dir, output, **given))
     click.echo(f"{result.ply_path}: {result.num_written} Gaussians ({result.units} units); {result.sidecar_path}")
 
 

@@ -301,3 +301,45 @@ class SynthRecordingOptions:
         if self.num_frames < 1 or self.scale <= 0 or self.fps <= 0 or self.workers < 1:
             raise SynthError(f"need num_frames >= 1, scale > 0, fps > 0, workers >= 1; got {self.num_frames}, "
                              f"{self.scale}, {self.fps}, {self.workers}")
+
+
+@dataclass(frozen=True)
+class SequenceOptions:
+    """`reconstruct SAMPLES/ -o OUT/`: every sample of a folder or list file -> OUT (see `sequence`).
+
+    The reconstruct fields mean what they mean in ReconstructOptions (no previews for sequences).
+    batch_size: frames per model forward pass. workers: DataLoader processes preparing samples (0: none).
+    overwrite:  redo frames that OUT holds from another model or other settings (else refused).
+    """
+
+    samples: Path
+    out: Path
+    checkpoint: Path | None = None
+    device: str = DEFAULT_DEVICE
+    inputs: tuple[int, ...] | None = None
+    heldout: tuple[int, ...] | None = None
+    resolution: int | None = None
+    units: str = "input"
+    min_opacity: float = DEFAULT_MIN_OPACITY
+    refine: int = 0
+    batch_size: int = 4
+    workers: int = 1
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "samples", Path(self.samples))
+        set_(self, "out", Path(self.out))
+        if self.checkpoint is not None:
+            set_(self, "checkpoint", Path(self.checkpoint))
+        if self.out.suffix.lower() == ".ply":
+            raise ReconstructError(f"{self.out}: several samples are reconstructed into a folder, not one .ply")
+        # the per-frame options are checked as a single reconstruct's (one error message for each defect)
+        ReconstructOptions(self.samples, self.out / "mouse.ply", self.checkpoint, self.device, self.inputs,
+                           self.heldout, self.resolution, self.units, self.min_opacity, self.refine)
+        set_(self, "inputs", check_views(self.inputs, "inputs"))
+        set_(self, "heldout", check_views(self.heldout, "heldout"))
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ReconstructError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not (isinstance(self.workers, int) and self.workers >= 0):
+            raise ReconstructError(f"workers must be an integer >= 0, got {self.workers!r}")

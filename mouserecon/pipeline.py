@@ -189,13 +189,24 @@ class CheckpointPredictor(Predictor):
         self.crop = model.config.input_crop
 
     def predict(self, scene: Scene, device: torch.device) -> Prediction:
-        images = scene.inputs.images[None].to(device)  # [1, I, 3, R, R]
-        cameras = scene.inputs.cameras[None].to(device)  # [1, I]
+        return self.predict_batch([scene], device)[0]
+
+    def predict_batch(self, scenes: list[Scene], device: torch.device) -> list[Prediction]:
+        """One forward pass over several scenes with the same number of inputs and resolution (a batch of
+        sequence frames); each scene's Gaussians are those it gets alone, up to float rounding."""
+        shapes = {(s.num_inputs, s.resolution) for s in scenes}
+        assert len(shapes) == 1, f"a batch needs one input count and resolution, got {sorted(shapes)}"
+        images = torch.stack([s.inputs.images for s in scenes]).to(device)  # [B, I, 3, R, R]
+        cameras = Cameras.stack([s.inputs.cameras for s in scenes]).to(device)  # [B, I]
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            gaussians = self.model(images, cameras)[0].to(torch.float32)  # [n]
-        r = scene.resolution
-        assert gaussians.num == self.model.config.n_gaussians + scene.num_inputs * r * r, gaussians.num
-        return _finite(gaussians, "model", scene.sample.sample_id)
+            batch = self.model(images, cameras).to(torch.float32)  # [B, n]
+        predictions = []
+        for b, scene in enumerate(scenes):
+            gaussians = batch[b]
+            r = scene.resolution
+            assert gaussians.num == self.model.config.n_gaussians + scene.num_inputs * r * r, gaussians.num
+            predictions.append(_finite(gaussians, "model", scene.sample.sample_id))
+        return predictions
 
 
 class HullPredictor(Predictor):

@@ -39,13 +39,14 @@ import torch
 from torch import Tensor
 
 from mouserecon.cameras import Cameras, find_camera_file, look_at
-from mouserecon.checkpoints import load_checkpoint, resolve_checkpoint
+from mouserecon.checkpoints import CheckpointInfo, load_checkpoint, resolve_checkpoint
 from mouserecon.data import Sample, SampleError, crop_to_foreground
 from mouserecon.device import pick_device
 from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity
 from mouserecon.options import ReconstructError, ReconstructOptions
-from mouserecon.pipeline import CheckpointPredictor, Scene, prepare, refine_scene, render_views, to_user_frame, view_scores
+from mouserecon.pipeline import (CheckpointPredictor, Prediction, Scene, prepare, refine_scene, render_views, to_user_frame,
+                                 view_scores)
 from mouserecon.ply import save_ply
 from mouserecon.sidecar import UNITS_NOTES, Sidecar
 
@@ -115,7 +116,13 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     _log_similarity(scene.similarity, scene.world_up)
     with _timed("running the model", timings):
         prediction = predictor.predict(scene, device)
+    return finish(prediction, scene, o, info, str(device), timings)
 
+
+def finish(prediction: Prediction, scene: Scene, o: ReconstructOptions, info: CheckpointInfo, device: str,
+           timings: dict[str, float]) -> ReconstructResult:
+    """Steps 4-6 for one scene's prediction: prune, refine, write the PLY, the previews and the sidecar
+    (`timings` holds the earlier steps' and gets these)."""
     kept = prediction.gaussians.prune(o.min_opacity)
     log.info("Gaussians: %d predicted, %d non-finite dropped, %d with opacity < %g pruned, %d kept",
              prediction.num_predicted, prediction.num_nonfinite, prediction.gaussians.num - kept.num, o.min_opacity,
@@ -141,12 +148,12 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
                                            o.turntable_format)
     result = ReconstructResult(
         ply_path=o.output, sidecar_path=sidecar_path, gaussians=written, similarity=scene.similarity, units=o.units,
-        inputs=scene.input_views, heldout=scene.heldout_views, resolution=resolution,
+        inputs=scene.input_views, heldout=scene.heldout_views, resolution=scene.resolution,
         num_predicted=prediction.num_predicted, num_nonfinite=prediction.num_nonfinite + kept.num - written.num,
         num_pruned=prediction.gaussians.num - kept.num, refine_metrics=refine_metrics, refine_carved=refine_carved,
         preview_files=preview_files, timings=timings,
     )
-    _sidecar(result, o, info, scene, str(device)).write(sidecar_path)
+    _sidecar(result, o, info, scene, device).write(sidecar_path)
     log.info("wrote %s (%d Gaussians, %s units) and %s; total %.1f s", result.ply_path, result.num_written,
              o.units, sidecar_path.name, sum(timings.values()))
     return result
