@@ -230,6 +230,23 @@ def export(checkpoint: str, output: str, fp16: bool) -> None:
                f"{size:.1f} MiB")
 
 
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--output", "--out", "output", required=True, type=click.Path(),
+              help="The file to write (.splat, .compressed.ply or .ply), or for a folder of .ply files (a sequence) "
+                   "the folder to write into, with --format.")
+@click.option("--format", "suffix", type=click.Choice([".splat", ".compressed.ply", ".ply"]),
+              help="Output format for a folder (a file takes it from its suffix).")
+@_user_errors
+def convert(source: str, output: str, suffix: str | None) -> None:
+    """Convert a 3DGS .ply (or a sequence folder of them) to the antimatter15 .splat or PlayCanvas/SuperSplat
+    compressed .ply format."""
+    from mouserecon.export import convert as run
+
+    written = run(source, output, suffix)
+    click.echo(f"wrote {len(written)} file(s)" + (f": {written[0]}" if len(written) == 1 else f" into {output}"))
+
+
 @main.command(name="fetch-weights")
 @click.argument("what", type=click.Choice(["lpips"]))
 @click.option("--from", "source", type=click.Path(exists=True),

@@ -70,6 +70,9 @@ NOISE_MULTIPLE = 5.0  # robust sigmas of d above its median (4.95 Gaussian sigma
 THRESHOLD_FLOOR = 8.0  # minimum colour distance (0-255): quantisation and compression on noiseless video
 SHADOW_RATIO_MIN = 0.6  # a shadow keeps at least 60 % of the floor's brightness (soft overhead light: 60-90 %)
 CHROMA_TOLERANCE = 0.05  # a shadow's colour stays within this fraction of its brightness (~3 deg)
+TEXTURE_WINDOW = 5  # px (working resolution): the window of the frame-background correlation (25 samples)
+TEXTURE_SNR = 2.0  # a background is textured where its local std is >= this many noise sigmas (module doc, 7)
+TEXTURE_CORRELATION = 0.35  # below this correlation with a textured background, the texture is not preserved
 KEEP_FRACTION = 0.02  # a component at least this fraction of the largest is kept (e.g. a detached tail)
 MIN_AREA_FRACTION = 2e-3  # a mask smaller than this fraction of the image "sees no mouse" (a mouse fills a few %)
 CONSISTENCY_MIN = 0.8  # a view whose mask the hull of all views covers less than this is suspect (evidence:
@@ -165,6 +168,11 @@ def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
     return cv2.resize(image, (round(w / factor), round(h / factor)), interpolation=cv2.INTER_AREA)
 
 
+def _box(image: np.ndarray) -> np.ndarray:
+    """Mean over the TEXTURE_WINDOW x TEXTURE_WINDOW window of each pixel (float32 [h, w])."""
+    return cv2.boxFilter(image, -1, (TEXTURE_WINDOW, TEXTURE_WINDOW), borderType=cv2.BORDER_REFLECT)
+
+
 def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
@@ -197,6 +205,11 @@ class Foreground:
         self._open = _disk(max(1, round(side / 576)))  # 3 px at the working 576
         self._close = _disk(max(1, round(side / 144)))  # 9 px
         self._shadow_open = _disk(max(1, round(side / 288)))  # 5 px: a shadow is at least this broad
+        luma = self._work_bg.mean(-1)  # [h, w]
+        self._luma_offset = float(luma.mean())  # centred values keep the float32 window sums exact
+        self._bg_luma = luma - self._luma_offset
+        self._bg_luma_mean = _box(self._bg_luma)
+        self._bg_luma_std = np.sqrt(np.maximum(_box(self._bg_luma * self._bg_luma) - self._bg_luma_mean ** 2, 0.0))
 
     @property
     def stats(self) -> ForegroundStats:
@@ -230,6 +243,28 @@ class Foreground:
         diff = work - background
         return np.sqrt(np.einsum("hwc,hwc->hw", diff, diff)), work, background
 
+    def texture_correlation(self, work: np.ndarray) -> np.ndarray:
+        """Working frame float32 [h, w, 3] -> float32 [h, w]: normalised cross-correlation of its luma with
+        the background's in the TEXTURE_WINDOW window around each pixel (module doc, 7)."""
+        luma = work.mean(-1) - self._luma_offset  # [h, w]
+        mean = _box(luma)
+        var = np.maximum(_box(luma * luma) - mean * mean, 1e-3)
+        cov = _box(luma * self._bg_luma) - mean * self._bg_luma_mean
+        return cov / np.sqrt(var * np.maximum(self._bg_luma_std ** 2, 1e-3))
+
+    def _texture_replaced(self, work: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """bool [h, w]: the connected parts of `candidates` bool [h, w] where the background is textured and
+        the frame's texture does not follow it that hold a pixel every window around which agrees (module doc, 7)."""
+        ncc = self.texture_correlation(work)
+        sigma = self.noise_median / 1.54  # per-channel noise sigma (module doc, 5)
+        weak = (candidates & (self._bg_luma_std >= TEXTURE_SNR * sigma) & (ncc < TEXTURE_CORRELATION)).view(np.uint8)
+        seed = weak & (cv2.dilate(ncc, np.ones((TEXTURE_WINDOW, TEXTURE_WINDOW), np.uint8)) < TEXTURE_CORRELATION)
+        count, labels = cv2.connectedComponents(weak, connectivity=8)
+        lookup = np.zeros(count, bool)
+        lookup[labels[seed]] = True
+        lookup[0] = False
+        return lookup[labels]
+
     def alpha(self, frame: np.ndarray) -> np.ndarray:
         """Raw RGB frame uint8 [H, W, 3] -> soft foreground mask float32 [H, W] in [0, 1] (module doc)."""
         d, work, background = self.distance(frame)
@@ -243,6 +278,7 @@ class Foreground:
         tolerance_sq = np.maximum(self.threshold ** 2, CHROMA_TOLERANCE ** 2 * ratio ** 2 * back_sq)
         shadow = np.zeros_like(mask)
         shadow.reshape(-1)[index] = (ratio >= SHADOW_RATIO_MIN) & (ratio < 1.0) & (chroma_sq <= tolerance_sq)
+        shadow[self._texture_replaced(work, shadow.view(bool))] = 0
         shadow = cv2.morphologyEx(shadow, cv2.MORPH_OPEN, self._shadow_open).view(bool)  # broad regions only
         mask[shadow] = 0
         d[shadow] = 0.0
