@@ -116,7 +116,10 @@ def reconstruct(views_dir: str, output: str, **given) -> None:
     from mouserecon.cameras import find_camera_file
 
     given = _given(given)
-    if Path(views_dir).is_dir() and find_camera_file(views_dir) is None or Path(views_dir).is_file():
+    views = Path(views_dir)
+    several = views.is_file() or (views.is_dir() and find_camera_file(views) is None and any(
+        find_camera_file(sub) is not None for sub in views.iterdir() if sub.is_dir()))
+    if several:
         from mouserecon.sequence import reconstruct_sequence
 
         if "previews_dir" in given:

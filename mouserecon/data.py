@@ -230,6 +230,15 @@ def load_sample(
                   depths)
 
 
+def resize_sample(sample: Sample, resolution: int | tuple[int, int]) -> Sample:
+    """A full-resolution sample resized as `load_sample(folder, resolution)` would load it (the same crop and
+    filter on the same pixels), without reading the images again."""
+    target = _target_size(sample.cameras, resolution, sample.path)
+    images, masks, cameras, depths = _crop_and_resize(sample.images, sample.masks, sample.cameras, target,
+                                                      sample.depths)
+    return replace(sample, images=images, masks=masks, cameras=cameras, depths=depths)
+
+
 def _read_depth(path: Path, num_frames: int, cameras: Cameras) -> Tensor:
     """`DEPTH_FILE` -> [F, 1, H, W] float32, checked against the camera file's frames."""
     if not path.is_file():

@@ -72,6 +72,7 @@ SHADOW_RATIO_MIN = 0.6  # a shadow keeps at least 60 % of the floor's brightness
 CHROMA_TOLERANCE = 0.05  # a shadow's colour stays within this fraction of its brightness (~3 deg)
 TEXTURE_WINDOW = 5  # px (working resolution): the window of the frame-background correlation (25 samples)
 TEXTURE_SNR = 2.0  # a background is textured where its local std is >= this many noise sigmas (module doc, 7)
+_SEED, _CORE, _GROW = 7, 5, True
 TEXTURE_CORRELATION = 0.35  # below this correlation with a textured background, the texture is not preserved
 KEEP_FRACTION = 0.02  # a component at least this fraction of the largest is kept (e.g. a detached tail)
 MIN_AREA_FRACTION = 2e-3  # a mask smaller than this fraction of the image "sees no mouse" (a mouse fills a few %)
@@ -257,13 +258,11 @@ class Foreground:
         the frame's texture does not follow it that hold a pixel every window around which agrees (module doc, 7)."""
         ncc = self.texture_correlation(work)
         sigma = self.noise_median / 1.54  # per-channel noise sigma (module doc, 5)
-        weak = (candidates & (self._bg_luma_std >= TEXTURE_SNR * sigma) & (ncc < TEXTURE_CORRELATION)).view(np.uint8)
-        seed = weak & (cv2.dilate(ncc, np.ones((TEXTURE_WINDOW, TEXTURE_WINDOW), np.uint8)) < TEXTURE_CORRELATION)
-        count, labels = cv2.connectedComponents(weak, connectivity=8)
-        lookup = np.zeros(count, bool)
-        lookup[labels[seed]] = True
-        lookup[0] = False
-        return lookup[labels]
+        replaced = (self._bg_luma_std >= TEXTURE_SNR * sigma) & (ncc < TEXTURE_CORRELATION)
+        self._core = replaced & (cv2.dilate(ncc, np.ones((_CORE, _CORE), np.uint8)) < TEXTURE_CORRELATION)
+        weak = (candidates & replaced).view(np.uint8)
+        seed = weak.view(bool) & (cv2.dilate(ncc, np.ones((_SEED, _SEED), np.uint8)) < TEXTURE_CORRELATION)
+        return _grow(weak, seed)
 
     def alpha(self, frame: np.ndarray) -> np.ndarray:
         """Raw RGB frame uint8 [H, W, 3] -> soft foreground mask float32 [H, W] in [0, 1] (module doc)."""
@@ -282,11 +281,22 @@ class Foreground:
         shadow = cv2.morphologyEx(shadow, cv2.MORPH_OPEN, self._shadow_open).view(bool)  # broad regions only
         mask[shadow] = 0
         d[shadow] = 0.0
+        if _GROW:
+            mask[_grow(mask | self._core.view(np.uint8), mask.view(bool))] = 1
         soft = _soft_edge(_clean(mask, self._open, self._close), d)
         h, w = frame.shape[:2]
         if soft.shape != (h, w):
             soft = cv2.resize(soft, (w, h), interpolation=cv2.INTER_LINEAR)
         return np.clip(soft, 0.0, 1.0, out=soft)
+
+
+def _grow(weak: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """uint8 [h, w] 0/1, bool [h, w] -> bool [h, w]: the 8-connected components of `weak` holding a `seed` pixel."""
+    count, labels = cv2.connectedComponents(weak, connectivity=8)
+    lookup = np.zeros(count, bool)
+    lookup[labels[seed]] = True
+    lookup[0] = False
+    return lookup[labels]
 
 
 def _soft_edge(clean: np.ndarray, d: np.ndarray) -> np.ndarray:

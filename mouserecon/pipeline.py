@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mouserecon.baselines import HULL_INPUT_CROP, visual_hull_gaussians
 from mouserecon.cameras import Cameras
-from mouserecon.data import Sample, crop_to_foreground, load_sample, read_camera_file
+from mouserecon.data import Sample, crop_to_foreground, load_sample, read_camera_file, resize_sample
 from mouserecon.gaussians import Gaussians
 from mouserecon.metrics import foreground_iou, psnr, ssim
 from mouserecon.model import GSLRM
@@ -129,15 +129,14 @@ def prepare(sample_dir: str | Path, inputs: tuple[int, ...] | None, heldout: tup
     camera_file = read_camera_file(sample_dir)  # parsed once, here
     inputs, heldout = resolve_views(len(camera_file.cameras), inputs, heldout, camera_file.path)
     views = list(inputs + heldout)
-    sample = load_sample(camera_file, resolution, views)  # [I + H]
+    full = load_sample(camera_file, None, views) if crop is not None else None  # [I + H] at full resolution
+    sample = load_sample(camera_file, resolution, views) if full is None else resize_sample(full, resolution)  # [I + H]
     up = camera_file.up()
     fit = camera_file.cameras if len(inputs) < 2 else camera_file.cameras[list(inputs)]
     _, similarity = normalize_cameras(fit, up=up)
     model_sample = replace(sample, cameras=similarity.apply_cameras(sample.cameras))
-    full = None
     seen = model_sample.select(range(len(inputs)))
     if crop is not None:
-        full = load_sample(camera_file, None, views)  # [I + H] at full resolution
         crops = crop_to_foreground(full.select(range(len(inputs))), resolution, crop)
         seen = replace(crops, cameras=similarity.apply_cameras(crops.cameras))
     return Scene(model_sample, sample.cameras, similarity, up, seen, inputs, heldout, crop, full)
