@@ -2,14 +2,14 @@
 
     python -m mouserecon.eval.bench_prepare --calibration label3d_dannce.mat [--frames 20] [--recording DIR]
 
-Makes a synthetic recording (into --recording DIR, kept, or reused when DIR exists; else a temp folder)
-through the given rig calibration at full
-resolution (6 cameras at 1152x1024 for the markerless_mouse_1 rig, H.264), prepares every frame
-(background from the recording's empty-arena clips when it has them, crops of 512 px) into a temp folder, and prints
-frames per second of the frame loop (all views of a frame) and the time per stage: decode, mask,
-undistort, check (3D consistency), crop, write. Stage times are summed over the threads (decoding and
-writing run beside the main thread), so they can add up to more than the wall clock. The background
-fit (decoding the sampled frames and the median) is a one-off per run and is reported apart.
+Makes a synthetic recording through the given rig calibration at full resolution (6 cameras at
+1152x1024 for the markerless_mouse_1 rig, H.264), into --recording DIR (kept, and reused when DIR
+exists) or a temp folder; prepares every frame (background from the recording's empty-arena clips
+when it has them, crops of 512 px) into a temp folder, and prints frames per second of the frame loop
+(all views of a frame) and the time per stage: decode, mask, undistort, check (3D consistency), crop,
+write. Stage times are summed over the threads (decoding, two view workers and two writers run beside
+the main thread), so they add up to more than the wall clock. The background fit (decoding the sampled
+frames and the median) is a one-off per run and is reported apart.
 """
 
 from __future__ import annotations

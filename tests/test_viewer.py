@@ -7,6 +7,8 @@ splat must appear when looking through an input camera, and pixels counted in Ch
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import signal
 import socket
@@ -21,14 +23,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from scipy.ndimage import binary_dilation
 from scipy.spatial.transform import Rotation
 
 from mouserecon.cameras import Cameras, save_opencv_cameras
 from mouserecon.cli import main
 from mouserecon.gaussians import SH_C0, Gaussians, quat_to_rotmat
+from mouserecon.normalize import Similarity
 from mouserecon.ply import save_ply
+from mouserecon.sidecar import Sidecar
 from mouserecon.viewer import app
 from mouserecon.viewer.app import ViewerError, load_camera_views, load_layers, serve_gaussians
+from mouserecon.viewer.timeline import Timeline, serve_sequence
 from mouserecon.viewer.scene import (
     camera_poses,
     choose_scene_scale,
@@ -69,6 +75,50 @@ def look_at_cameras(eyes, target=(0.0, 0.0, 0.0), size: int = 256, focal: float 
         c2ws.append(c2w)
     intrinsics = torch.tensor([focal, focal, size / 2, size / 2]).expand(len(eyes), 4).clone()
     return Cameras(torch.stack(c2ws), intrinsics, size, size)
+
+
+def write_sample(folder: Path, cameras: Cameras) -> Path:
+    """A sample folder: opencv_cameras.json and one grey image per camera."""
+    (folder / "images").mkdir(parents=True)
+    names = [f"images/cam_{i:03d}.png" for i in range(len(cameras))]
+    for name in names:
+        iio.imwrite(folder / name, np.full((cameras.height, cameras.width, 3), 128, np.uint8))
+    save_opencv_cameras(folder / "opencv_cameras.json", cameras, names)
+    return folder
+
+
+def write_sequence(out: Path, frames: dict[int, Gaussians], samples: dict[int, Path] | None = None,
+                   units: dict[int, Similarity] | None = None, fps: float | None = None) -> Path:
+    """A sequence folder as `reconstruct SAMPLES/ -o OUT/` writes it: mouse_<frame>.ply, a sidecar for each
+    frame given a sample (units "model" with the user-to-model similarity when `units` has one) and
+    sequence.json; `fps` goes into SAMPLES/recording.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    samples, units, entries = samples or {}, units or {}, []
+    for frame, gaussians in frames.items():
+        stem = f"mouse_{frame:06d}"
+        save_ply(out / f"{stem}.ply", gaussians)
+        if frame in samples:
+            to_model = units.get(frame, Similarity.identity())
+            Sidecar(ply=f"{stem}.ply", units="model" if frame in units else "input", units_note="",
+                    similarity_user_to_model=to_model.to_dict(), similarity_model_to_user=to_model.inverse().to_dict(),
+                    world_up=[0.0, 0.0, 1.0], sample=str(samples[frame]), camera_file="", input_views=[],
+                    heldout_views=[], resolution=64, mask_source="alpha", checkpoint={}, device="cpu",
+                    min_opacity=0.0, refine={}, counts={"written": gaussians.num}, previews=[],
+                    timings_s={}).write(out / f"{stem}.json")
+        entries.append({"frame": frame, "ply": f"{stem}.ply", "sidecar": f"{stem}.json",
+                        "sample": str(samples.get(frame, out / "gone")), "gaussians": gaussians.num, "seconds": 0.1})
+    recording = out.parent / "samples"
+    if fps is not None:
+        recording.mkdir(exist_ok=True)
+        (recording / "recording.json").write_text(json.dumps({"fps": fps}))
+    (out / "sequence.json").write_text(json.dumps({"format": "mouserecon-sequence", "version": 1,
+                                                   "samples": str(recording), "frames": entries, "failed": []}))
+    return out
+
+
+def joined(*parts: Gaussians) -> Gaussians:
+    return Gaussians(*(torch.cat([getattr(g, k) for g in parts])
+                       for k in ("means", "sh", "log_scales", "quats", "opacity_logits")))
 
 
 def free_port() -> int:
@@ -259,6 +309,124 @@ def test_cli_prints_url_and_exits_cleanly_on_sigint(tmp_path):
     assert "Traceback" not in output
 
 
+# ---- sequences ---------------------------------------------------------------------------------
+
+
+def test_timeline_loads_lazily_and_evicts_least_recently_used(tmp_path):
+    centres = {10: (0.0, 0.0, 0.0), 11: (0.5, 0.0, 0.0), 12: (1.0, 0.0, 0.0), 15: (1.5, 0.0, 0.0)}
+    out = write_sequence(tmp_path / "out", {f: blob(c, 0.1, MAGENTA, n=20) for f, c in centres.items()})
+    timeline = Timeline(out / "sequence.json", cache_size=2)
+    try:
+        assert len(timeline) == 4 and timeline.loads == 0 and timeline.fps is None
+        assert [f.frame for f in timeline.frames] == [10, 11, 12, 15]
+        view = timeline.get(1)
+        np.testing.assert_allclose(view.splats.centers.mean(0), blob(centres[11], 0.1, MAGENTA, n=20).means.mean(0),
+                                   atol=1e-6)
+        assert view.frame.frame == 11 and view.cameras is None and "not found" in view.note
+        assert timeline.get(1) is view and timeline.loads == 1  # cached
+        timeline.get(0)
+        timeline.get(2)
+        assert timeline.loads == 3 and timeline.cached == [0, 2]  # 1 was the least recently used
+        timeline.get(0)
+        assert timeline.loads == 3 and timeline.cached == [2, 0]
+        timeline.get(1)
+        assert timeline.loads == 4 and timeline.cached == [0, 1]
+        timeline.preload(3)
+        assert timeline.get(3).frame.frame == 15 and timeline.loads == 5  # one read for preload + get
+        with pytest.raises(IndexError):
+            timeline.get(4)
+    finally:
+        timeline.close()
+
+
+def test_missing_or_bad_index_is_an_error_naming_the_file(tmp_path):
+    with pytest.raises(ViewerError, match="no sequence index") as err:
+        Timeline(tmp_path)
+    assert str(tmp_path / "sequence.json") in str(err.value)
+    with pytest.raises(ViewerError, match="nowhere"):
+        serve_sequence(tmp_path / "nowhere", port=0, block=False)
+    (tmp_path / "sequence.json").write_text("{not json")
+    with pytest.raises(ViewerError, match="cannot read the sequence index") as err:
+        serve_sequence(tmp_path, port=0, block=False)
+    assert "sequence.json" in str(err.value)
+    (tmp_path / "sequence.json").write_text(json.dumps({"format": "mouserecon-sequence", "frames": [], "failed": [{}]}))
+    with pytest.raises(ViewerError, match="no frames"):
+        Timeline(tmp_path)
+    out = write_sequence(tmp_path / "out", {0: blob((0.0, 0.0, 0.0), 0.1, MAGENTA, n=20)})
+    (out / "mouse_000000.ply").unlink()
+    with pytest.raises(ViewerError, match="no frame can be read .*mouse_000000.ply: PLY file not found"):
+        serve_sequence(out, port=0, block=False)
+
+
+def test_a_bad_frame_is_reported_and_the_others_still_show(tmp_path, caplog):
+    frames = {f: blob((0.1 * f, 0.0, 0.0), 0.1, MAGENTA, n=20 + f) for f in range(4)}
+    out = write_sequence(tmp_path / "out", frames)
+    (out / "mouse_000001.ply").write_bytes(b"not a ply at all\n")
+    (out / "mouse_000002.ply").unlink()
+    viewer = serve_sequence(out, port=0, block=False)
+    try:
+        assert viewer.position == 0 and viewer.error is None and len(viewer.layers["frame"]) == 20
+        assert viewer.gui["recording_frame"].value.startswith("0 ") and viewer.gui["fps"].value == 10.0
+        with caplog.at_level(logging.ERROR, logger="mouserecon.viewer.timeline"):
+            assert viewer.step(1) is None
+        assert "mouse_000001.ply: cannot be read" in viewer.error
+        assert "mouse_000001.ply" in viewer.gui["frame_status"].content and "mouse_000001.ply" in caplog.text
+        assert viewer.layers == {} and "frame" not in viewer._splats  # nothing stale stays drawn
+        viewer.gui["layer:frame"].value = False  # toggling the layer of an undrawn frame is harmless
+        viewer.gui["layer:frame"].value = True
+        assert viewer.show_frame(2) is None and "mouse_000002.ply: PLY file not found" in viewer.error
+        assert viewer.show_frame(3).frame.frame == 3 and viewer.error is None
+        assert len(viewer.layers["frame"]) == 23 and viewer.gui["frame"].value == 3
+        assert viewer.step(1).frame.frame == 0  # wraps around
+        viewer.gui["frame"].value = 3  # the slider, as a browser moves it
+        assert viewer.position == 3 and len(viewer.layers["frame"]) == 23
+    finally:
+        viewer.stop()
+
+
+def test_cameras_scale_and_playback_follow_the_frames(tmp_path):
+    cameras = look_at_cameras([(2.7, 0.0, 0.5), (0.0, -2.7, 1.0)], size=32, focal=35.0)
+    moved = look_at_cameras([(2.7, 0.5, 0.5), (0.5, -2.7, 1.0), (-2.7, 0.0, 0.5)], size=32, focal=35.0)
+    sample_a, sample_b = write_sample(tmp_path / "a", cameras), write_sample(tmp_path / "b", moved)
+    double = Similarity(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 2.0)
+    frames = {5: blob((0.0, 0.0, 0.0), 0.3, MAGENTA, n=30, scale=0.005),  # tiny splats: drawn x10
+              6: blob((0.0, 0.0, 0.0), 30.0, MAGENTA, n=30, scale=0.5),  # would be drawn x1 on its own
+              7: blob((0.0, 0.0, 0.0), 0.3, MAGENTA, n=30, scale=0.005)}
+    out = write_sequence(tmp_path / "out", frames, samples={5: sample_a, 6: sample_b, 7: tmp_path / "deleted"},
+                         units={6: double}, fps=50.0)
+    viewer = serve_sequence(out, port=0, block=False)
+    try:
+        assert viewer.scene_scale == 10.0 and viewer.gui["fps"].value == 50.0  # the recording's fps
+        assert len(viewer.poses) == 2 and len(viewer._frustums) == 2
+        np.testing.assert_allclose(viewer.poses[1].position, 10.0 * cameras.c2w[1, :3, 3].numpy(), rtol=1e-5)
+        viewer.step(1)  # frame 6: other cameras, in model units (x2), same scene scale
+        assert viewer.scene_scale == 10.0 and len(viewer._frustums) == 3
+        assert viewer.gui["camera_index"].options == ("0", "1", "2")
+        np.testing.assert_allclose(viewer.poses[2].position, 20.0 * moved.c2w[2, :3, 3].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(viewer.layers["frame"].covariances, 100.0 * splat_arrays(frames[6]).covariances,
+                                   rtol=1e-5)
+        viewer.look_through(2, clients=[])
+        viewer.step(1)  # frame 7: its sample is gone, so no cameras, and no error
+        assert viewer.poses == [] and viewer._frustums == [] and viewer.error is None
+        assert "not found" in viewer.gui["frame_status"].content and viewer.gui["look_through"].disabled
+
+        viewer.play()  # 50 fps: the next frames come within a second
+        deadline = time.monotonic() + 10
+        seen = set()
+        while len(seen) < 3:
+            assert time.monotonic() < deadline, f"playback showed only positions {seen}"
+            seen.add(viewer.position)
+            time.sleep(0.005)
+        viewer.pause()
+        assert not viewer.playing and viewer.gui["play"].label == "Play"
+        time.sleep(0.1)
+        paused_at = viewer.position
+        time.sleep(0.2)
+        assert viewer.position == paused_at
+    finally:
+        viewer.stop()
+
+
 # ---- in a real browser -------------------------------------------------------------------------
 
 
@@ -348,3 +516,64 @@ def test_browser_draws_splats_where_the_cameras_see_them(tmp_path):
             context.close()
     finally:
         viewer.stop()
+
+
+def _gui_boxes(page) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) of the overlays drawn over the canvas: the control panel and notifications."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll(
+        '.mantine-Paper-root, .mantine-Notification-root'))
+        .map(e => e.getBoundingClientRect()).filter(r => r.width > 0 && r.height > 0)
+        .map(r => [Math.floor(r.left), Math.floor(r.top), Math.ceil(r.right), Math.ceil(r.bottom)])""")
+
+
+def test_browser_steps_through_a_sequence_where_a_blob_moves(tmp_path):
+    sync_playwright = _browser_or_skip()
+    # Every frame: a cyan ball that stays and a magenta one that moves along world +X (normalised scale).
+    xs = (-0.3, 0.0, 0.3)
+    frames = {100 + i: joined(blob((0.0, 0.4, 0.0), 0.08, CYAN), blob((x, -0.4, 0.0), 0.08, MAGENTA))
+              for i, x in enumerate(xs)}
+    viewer = serve_sequence(write_sequence(tmp_path / "out", frames), port=free_port(), render_dir=tmp_path,
+                            block=False)
+    try:
+        with sync_playwright() as pw:
+            context = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+                viewport={"width": 900, "height": 600})
+            page = context.new_page()
+            page.goto(viewer.url)
+            viewer.wait_for_client(timeout=90)
+            shots = [_settled_screenshot(page)]
+            for position in (1, 2):
+                page.get_by_text("Step forward").click()  # the GUI button, as a user would
+                deadline = time.monotonic() + 20
+                while viewer.position != position:
+                    assert time.monotonic() < deadline, f"the step button did not show frame {position}"
+                    time.sleep(0.05)
+                shots.append(_settled_screenshot(page))
+                # The GUI shows the recording's frame number (a read-only text input).
+                assert page.locator(f"input[value='{100 + position}  ({position + 1} / 3)']").count() == 1
+            boxes = _gui_boxes(page)
+            context.close()
+    finally:
+        viewer.stop()
+
+    canvas = np.ones(shots[0].shape[:2], bool)  # compare the 3D view only, not the GUI drawn over it
+    for x0, y0, x1, y1 in boxes:
+        canvas[max(y0, 0):y1, max(x0, 0):x1] = False
+    assert canvas.mean() > 0.4, boxes  # most of the page
+    centroids = []
+    for i, shot in enumerate(shots):
+        iio.imwrite(tmp_path / f"frame_{i}.png", shot)
+        magenta, cyan = colour_mask(shot, MAGENTA) & canvas, colour_mask(shot, CYAN) & canvas
+        assert magenta.sum() > 200 and cyan.sum() > 200, f"frame {i}: a ball is missing"
+        rows, cols = np.nonzero(magenta)
+        centroids.append(np.array([cols.mean(), rows.mean()]))
+    for a, b in [(0, 1), (1, 2)]:
+        changed = (np.abs(shots[a][..., :3].astype(int) - shots[b][..., :3].astype(int)) > 8).any(-1) & canvas
+        near_magenta = binary_dilation(colour_mask(shots[a], MAGENTA) | colour_mask(shots[b], MAGENTA), iterations=4)
+        assert (changed & near_magenta).sum() > 200, f"frames {a} and {b} look the same where the blob moved"
+        assert (changed & ~near_magenta).sum() <= 20, f"frames {a} and {b} differ away from the moving blob"
+        np.testing.assert_array_equal(colour_mask(shots[a], CYAN) & canvas, colour_mask(shots[b], CYAN) & canvas)
+    step_01, step_12 = centroids[1] - centroids[0], centroids[2] - centroids[1]
+    assert np.linalg.norm(step_01) > 15 and np.linalg.norm(step_12) > 15, centroids
+    assert step_01 @ step_12 > 0.8 * np.linalg.norm(step_01) * np.linalg.norm(step_12), centroids  # one direction

@@ -61,19 +61,22 @@ def load_layers(paths: list[str | Path]) -> dict[str, Gaussians]:
         raise ViewerError("no PLY file given")
     paths = [Path(p) for p in paths]
     stems = [p.stem for p in paths]
-    layers = {}
-    for i, path in enumerate(paths):
-        if not path.is_file():
-            raise ViewerError(f"{path}: PLY file not found")
-        try:
-            gaussians = load_ply(path)
-        except PlyError as err:
-            raise ViewerError(f"{path}: cannot be read as a 3DGS PLY ({err})") from None
-        if gaussians.num == 0:
-            raise ViewerError(f"{path}: the PLY contains no Gaussians")
-        name = stems[i] if stems.count(stems[i]) == 1 else f"{i}_{stems[i]}"
-        layers[name] = gaussians
-    return layers
+    return {stems[i] if stems.count(stems[i]) == 1 else f"{i}_{stems[i]}": load_gaussians(path)
+            for i, path in enumerate(paths)}
+
+
+def load_gaussians(path: str | Path) -> Gaussians:
+    """One PLY's Gaussians [N]; ViewerError naming the file when it is missing, unreadable, malformed or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise ViewerError(f"{path}: PLY file not found")
+    try:
+        gaussians = load_ply(path)
+    except PlyError as err:
+        raise ViewerError(f"{path}: cannot be read as a 3DGS PLY ({err})") from None
+    if gaussians.num == 0:
+        raise ViewerError(f"{path}: the PLY contains no Gaussians")
+    return gaussians
 
 
 def load_camera_views(sample: str | Path) -> tuple[Cameras, list[np.ndarray]]:
@@ -122,6 +125,7 @@ class Viewer:
     render_dir: Path
     gui: dict[str, object] = field(default_factory=dict)
     _splats: dict[str, viser.GaussianSplatHandle] = field(default_factory=dict)
+    _frustums: list[viser.CameraFrustumHandle] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -139,9 +143,34 @@ class Viewer:
                 )
 
     def set_layer_visible(self, name: str) -> None:
-        """Show or hide a layer as its GUI checkbox says."""
+        """Show or hide a layer as its GUI checkbox says (a layer not drawn now stays undrawn)."""
         with self._lock:
-            self._splats[name].visible = self.gui[f"layer:{name}"].value
+            if name in self._splats:
+                self._splats[name].visible = self.gui[f"layer:{name}"].value
+
+    def draw_cameras(self, images: list[np.ndarray] | None = None) -> None:
+        """Replace the drawn frustums by those of `poses` (images: one uint8 [h, w, 3] per pose, optional),
+        sized by their median distance to the splats; needs the "Cameras" GUI (see `_add_camera_gui`)."""
+        assert images is None or len(images) == len(self.poses), "one image per camera"
+        gui = self.gui
+        with self._lock:
+            for frustum in self._frustums:
+                frustum.remove()
+            self._frustums = []
+            if self.poses:
+                centre, _ = robust_bounds(list(self.layers.values())) if self.layers else (np.zeros(3), 1.0)
+                distance = float(np.median([np.linalg.norm(p.position - centre) for p in self.poses]))
+            for i, pose in enumerate(self.poses):
+                frustum = self.server.scene.add_camera_frustum(
+                    f"/cameras/cam_{i:03d}", fov=pose.fov, aspect=pose.aspect, scale=0.12 * distance,
+                    thickness=0.004 * distance, color=(40, 90, 200), image=None if images is None else images[i],
+                    wxyz=pose.wxyz, position=pose.position, visible=gui["show_cameras"].value,
+                )
+                frustum.on_click(lambda event, i=i: self.look_through(i, clients=[event.client]))
+                self._frustums.append(frustum)
+            gui["camera_index"].options = [str(i) for i in range(len(self.poses))] or ["none"]
+            gui["camera_index"].value = gui["camera_index"].options[0]
+            gui["look_through"].disabled = not self.poses
 
     def wait_for_client(self, timeout: float = 30.0) -> viser.ClientHandle:
         """The first connected browser, waiting up to `timeout` seconds (TimeoutError)."""
@@ -240,27 +269,41 @@ def serve_gaussians(
     if images is not None:
         assert cameras is not None and len(images) == len(cameras), "one image per camera"
     raw = {name: splat_arrays(g) for name, g in layers.items()}
-    scene_scale = choose_scene_scale(list(raw.values()))
-    if scene_scale != 1.0:
-        log.info("drawing the scene x%g so that float16 covariances keep their shape", scene_scale)
+    scene_scale = pick_scene_scale(list(raw.values()))
     arrays = {name: scaled(a, scene_scale) for name, a in raw.items()}
     poses = camera_poses(cameras, scene_scale) if cameras is not None else []
 
-    check_port_free(host, port)
-    server = viser.ViserServer(host=host, port=port, label="mouserecon", verbose=False)
-    if port != 0 and server.get_port() != port:  # lost a race for the port after our check
-        server.stop()
-        raise ViewerError(f"port {port} on {host} is already in use; pass another --port")
-    url_host = f"[{host}]" if ":" in host else host
-    viewer = Viewer(server, f"http://{url_host}:{server.get_port()}", scene_scale, arrays, poses, Path(render_dir))
-    _build_scene(viewer, up, images)
+    server, url = start_server(host, port)
+    viewer = Viewer(server, url, scene_scale, arrays, poses, Path(render_dir))
+    build_scene(viewer, up, images, camera_gui=bool(poses))
     log.info("viewer at %s", viewer.url)
     if block:
         viewer.serve_until_interrupted()
     return viewer
 
 
-def _build_scene(viewer: Viewer, up: str, images: list[np.ndarray] | None) -> None:
+def pick_scene_scale(layers: list[SplatArrays]) -> float:
+    """`choose_scene_scale`, logged when it is not 1."""
+    scene_scale = choose_scene_scale(layers)
+    if scene_scale != 1.0:
+        log.info("drawing the scene x%g so that float16 covariances keep their shape", scene_scale)
+    return scene_scale
+
+
+def start_server(host: str, port: int) -> tuple[viser.ViserServer, str]:
+    """A viser server listening on (host, port) and its URL; ViewerError for a busy or unusable address."""
+    check_port_free(host, port)
+    server = viser.ViserServer(host=host, port=port, label="mouserecon", verbose=False)
+    if port != 0 and server.get_port() != port:  # lost a race for the port after our check
+        server.stop()
+        raise ViewerError(f"port {port} on {host} is already in use; pass another --port")
+    url_host = f"[{host}]" if ":" in host else host
+    return server, f"http://{url_host}:{server.get_port()}"
+
+
+def build_scene(viewer: Viewer, up: str, images: list[np.ndarray] | None, camera_gui: bool) -> None:
+    """The scene and GUI of a new viewer: initial camera from the splats' bounds, the Splats and Scene
+    folders, and (camera_gui) the Cameras folder with the frustums of `viewer.poses`."""
     server, gui = viewer.server, viewer.gui
     server.scene.set_up_direction(up)
     centre, radius = robust_bounds(list(viewer.layers.values()))
@@ -287,8 +330,9 @@ def _build_scene(viewer: Viewer, up: str, images: list[np.ndarray] | None) -> No
     server.scene.world_axes.axes_radius = 0.01 * radius
     _set_background(server, gui["background"].value)
     viewer.redraw_splats()
-    if viewer.poses:
-        _add_cameras(viewer, images, centre)
+    if camera_gui:
+        _add_camera_gui(viewer)
+        viewer.draw_cameras(images)
 
 
 def _save_render_clicked(viewer: Viewer, client: viser.ClientHandle | None) -> None:
@@ -316,28 +360,20 @@ def _set_initial_camera(server: viser.ViserServer, up: str, centre: np.ndarray, 
     server.initial_camera.far = 100.0 * radius
 
 
-def _add_cameras(viewer: Viewer, images: list[np.ndarray] | None, centre: np.ndarray) -> None:
+def _add_camera_gui(viewer: Viewer) -> None:
     server, gui = viewer.server, viewer.gui
-    distance = float(np.median([np.linalg.norm(p.position - centre) for p in viewer.poses]))
-    frustums = []
-    for i, pose in enumerate(viewer.poses):
-        frustums.append(server.scene.add_camera_frustum(
-            f"/cameras/cam_{i:03d}", fov=pose.fov, aspect=pose.aspect, scale=0.12 * distance,
-            thickness=0.004 * distance, color=(40, 90, 200), image=None if images is None else images[i],
-            wxyz=pose.wxyz, position=pose.position,
-        ))
     with server.gui.add_folder("Cameras"):
         gui["show_cameras"] = server.gui.add_checkbox("Show cameras", initial_value=True)
-        gui["camera_index"] = server.gui.add_dropdown(
-            "Camera", options=[str(i) for i in range(len(viewer.poses))], initial_value="0")
+        gui["camera_index"] = server.gui.add_dropdown("Camera", options=["none"], initial_value="none")
         gui["look_through"] = server.gui.add_button("Look through camera")
 
     def show_cameras(_) -> None:
-        for frustum in frustums:
+        for frustum in viewer._frustums:
             frustum.visible = gui["show_cameras"].value
 
+    def look_through(event) -> None:
+        if viewer.poses:  # the frame shown may have none
+            viewer.look_through(int(gui["camera_index"].value), clients=None if event.client is None else [event.client])
+
     gui["show_cameras"].on_update(show_cameras)
-    gui["look_through"].on_click(lambda event: viewer.look_through(
-        int(gui["camera_index"].value), clients=None if event.client is None else [event.client]))
-    for i, frustum in enumerate(frustums):
-        frustum.on_click(lambda event, i=i: viewer.look_through(i, clients=[event.client]))
+    gui["look_through"].on_click(look_through)
