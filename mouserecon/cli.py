@@ -336,13 +336,21 @@ def runs(run_dirs: tuple[str, ...]) -> None:
               help="Where 'Save render (PNG)' writes render_NNN.png.")
 @_user_errors
 def view(plys, camera_file, sample_dir, host, port, up, render_dir) -> None:
-    """Open PLY files (one toggleable layer each) in a viser web viewer; Ctrl-C stops it."""
+    """Open PLY files (one toggleable layer each), or a sequence folder (a timeline), in a viser web viewer;
+    Ctrl-C stops it."""
     from mouserecon.viewer.app import serve
 
     if camera_file is not None and sample_dir is not None:
         raise click.UsageError("give --cameras or --sample, not both")
-    viewer = serve(list(plys), sample=camera_file or sample_dir, host=host, port=port, up=up, render_dir=render_dir,
-                   block=False)
+    if len(plys) == 1 and (Path(plys[0]).is_dir() or Path(plys[0]).name == "sequence.json"):
+        from mouserecon.viewer.timeline import serve_sequence
+
+        if camera_file is not None or sample_dir is not None:
+            raise click.UsageError("a sequence shows each frame's own cameras; --cameras / --sample are for .ply files")
+        viewer = serve_sequence(plys[0], host=host, port=port, up=up, render_dir=render_dir, block=False)
+    else:
+        viewer = serve(list(plys), sample=camera_file or sample_dir, host=host, port=port, up=up,
+                       render_dir=render_dir, block=False)
     click.echo(f"mouserecon viewer: {viewer.url}  (Ctrl-C to stop)")
     viewer.serve_until_interrupted()
 

@@ -58,6 +58,11 @@ FRAME_RECORD = "prepare.json"
 MANIFEST_FORMAT = "mouserecon-recording"
 MANIFEST_VERSION = 1
 BACKGROUND_SAMPLES = 50  # frames sampled across the range for the temporal-median background
+# A median background is the floor only where the mouse covers a pixel in under half the sampled frames. Where
+# the sampled frames show foreground at least this often, the mouse stayed there, the median may hold it, and a
+# mask there may be missing the mouse or show its ghost (consistently in every view, so the 3D check cannot tell).
+UNRELIABLE_SEEN = 0.25
+UNRELIABLE_OVERLAP = 0.25  # a frame is skipped when more than this share of a view's mask lies there
 CONSISTENCY_SIDE = 256  # masks are checked against each other at this longer side (px)
 STAGES = ("background", "decode", "mask", "undistort", "check", "crop", "write")
 
@@ -86,6 +91,7 @@ class _Camera:
     masks: FrameSource | None = None  # user-given mask frames
     clip: FrameSource | None = None  # an empty-arena clip or frame
     foreground: masking.Foreground | None = None
+    unreliable: np.ndarray | None = None  # [H, W] bool: a median background there may hold the mouse
 
 
 @dataclass
@@ -293,6 +299,15 @@ def _fit_backgrounds(cameras: list[_Camera], num_frames: int, timings: _Timings)
                             "empty-arena clip", camera.name, len(sampled))
             background = masking.median_background(sample_frames)
         camera.foreground = masking.fit_foreground(background, sample_frames, camera.name)
+        if camera.clip is None:
+            seen = np.mean([camera.foreground.alpha(rgb) > 0.5 for rgb in sample_frames], axis=0)
+            camera.unreliable = seen >= UNRELIABLE_SEEN
+            share = float(camera.unreliable.mean())
+            if share > 0:
+                log.warning("%s: the median background is unreliable on %.2f %% of the image (foreground in >= %d %% of "
+                            "the sampled frames: the mouse stayed there); frames whose masks lie there are skipped. "
+                            "An empty-arena clip (--background) avoids this", camera.name, 100 * share,
+                            round(100 * UNRELIABLE_SEEN))
         timings.add("background", start)
 
 
@@ -403,6 +418,13 @@ def _process(index: int, rgb: list[np.ndarray], user: list[np.ndarray] | None, c
     if empty:
         timings.add("check", start)
         return f"no mouse seen by {', '.join(empty)} (mask area below {masking.MIN_AREA_FRACTION:.1e} of the image)"
+    overlaps = [float((a > 0.5)[c.unreliable].sum() / max(1, (a > 0.5).sum())) if c.unreliable is not None else 0.0
+                for a, c in zip(raw_alpha, cameras)]
+    doubtful = [f"{c.name} {v:.0%}" for c, v in zip(cameras, overlaps) if v > UNRELIABLE_OVERLAP]
+    if doubtful:
+        timings.add("check", start)
+        return (f"masks lie where the median background is unreliable (the mouse stayed there): {', '.join(doubtful)} "
+                "of the mask; pass --background with an empty-arena clip")
     consistency = masking.hull_consistency(np.stack(alphas), _cameras([c.check for c in cameras]),
                                            side=CONSISTENCY_SIDE)
     timings.add("check", start)

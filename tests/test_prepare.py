@@ -323,3 +323,14 @@ def test_user_mask_videos(recording, tmp_path):
         truth = ground_truth_view(recording, out / frame_dir_name(7), 7, view, name) > 0.5
         mask = sample.masks[view, 0].numpy() > 0.5
         assert (truth & mask).sum() / (truth | mask).sum() > 0.9
+
+
+def test_a_median_background_that_holds_the_mouse_is_not_trusted(recording, tmp_path):
+    """12 frames (0.12 s): the mouse hardly moves, so the temporal median holds it. Masks against it are wrong in
+    every view alike (the 3D check cannot see that); the frames are skipped with the reason, not written."""
+    out = tmp_path / "samples"
+    result = prepare_recording(PrepareOptions(recording, out, side=SIDE))
+    manifest = json.loads((out / MANIFEST).read_text())
+    unreliable = [s for s in manifest["frames"]["skipped"] if "median background is unreliable" in s["reason"]]
+    assert len(unreliable) >= NUM_FRAMES // 2 and len(result.written) + len(result.skipped) == NUM_FRAMES
+    assert "--background" in unreliable[0]["reason"]

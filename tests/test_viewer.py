@@ -570,10 +570,14 @@ def test_browser_steps_through_a_sequence_where_a_blob_moves(tmp_path):
         centroids.append(np.array([cols.mean(), rows.mean()]))
     for a, b in [(0, 1), (1, 2)]:
         changed = (np.abs(shots[a][..., :3].astype(int) - shots[b][..., :3].astype(int)) > 8).any(-1) & canvas
-        near_magenta = binary_dilation(colour_mask(shots[a], MAGENTA) | colour_mask(shots[b], MAGENTA), iterations=4)
-        assert (changed & near_magenta).sum() > 200, f"frames {a} and {b} look the same where the blob moved"
-        assert (changed & ~near_magenta).sum() <= 20, f"frames {a} and {b} differ away from the moving blob"
-        np.testing.assert_array_equal(colour_mask(shots[a], CYAN) & canvas, colour_mask(shots[b], CYAN) & canvas)
+        near = {rgb: binary_dilation(colour_mask(shots[a], rgb) | colour_mask(shots[b], rgb), iterations=4)
+                for rgb in (MAGENTA, CYAN)}
+        assert (changed & near[MAGENTA]).sum() > 200, f"frames {a} and {b} look the same where the blob moved"
+        assert (changed & ~near[MAGENTA] & ~near[CYAN]).sum() <= 20, f"frames {a} and {b} differ away from the balls"
+        # The cyan ball stays put; its speckle may differ a little (the browser re-sorts all splats each frame).
+        cyan_a, cyan_b = colour_mask(shots[a], CYAN) & canvas, colour_mask(shots[b], CYAN) & canvas
+        assert abs(int(cyan_a.sum()) - int(cyan_b.sum())) < 0.1 * cyan_a.sum()
+        np.testing.assert_allclose(np.argwhere(cyan_a).mean(0), np.argwhere(cyan_b).mean(0), atol=1.0)
     step_01, step_12 = centroids[1] - centroids[0], centroids[2] - centroids[1]
     assert np.linalg.norm(step_01) > 15 and np.linalg.norm(step_12) > 15, centroids
     assert step_01 @ step_12 > 0.8 * np.linalg.norm(step_01) * np.linalg.norm(step_12), centroids  # one direction

@@ -4,7 +4,8 @@
 a `Viewer` handle (non-blocking with `block=False`), so the viewer is driven and tested without click.
 Each PLY is one toggleable layer; the GUI offers an opacity threshold, a splat scale, the background
 colour, camera / axes visibility, "look through camera i" and a PNG render of the current view.
-The world is drawn multiplied by `Viewer.scene_scale` (see `viewer/scene.py`).
+The world is drawn multiplied by `Viewer.scene_scale` (see `viewer/scene.py`). Sequences (one PLY per
+frame, with a timeline) are `viewer/timeline.py`, built on the pieces here.
 """
 
 from __future__ import annotations
