@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("samples", type=Path)
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--batch-sizes", default="1,2,4,8")
-    parser.add_argument("--workers", default="0,1")
+    parser.add_argument("--workers", default="0,1")  # on 2 CPU cores a worker competes with the model
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     print(f"cpu cores: {os.cpu_count()}; samples: {args.samples}")

@@ -106,7 +106,7 @@ def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--batch-size", type=click.IntRange(min=1), help="Several samples: frames per model forward pass "
               f"[default: {default(SequenceOptions, 'batch_size')}].")
 @click.option("--workers", type=click.IntRange(min=0), help="Several samples: processes preparing samples beside the "
-              f"model [default: {default(SequenceOptions, 'workers')}].")
+              "model [default: none on the CPU, min(4, cores - 1) on CUDA].")
 @click.option("--overwrite", is_flag=True, default=None,
               help="Several samples: redo frames the folder holds from another model or other settings.")
 @_user_errors

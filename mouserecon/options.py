@@ -308,7 +308,9 @@ class SequenceOptions:
     """`reconstruct SAMPLES/ -o OUT/`: every sample of a folder or list file -> OUT (see `sequence`).
 
     The reconstruct fields mean what they mean in ReconstructOptions (no previews for sequences).
-    batch_size: frames per model forward pass. workers: DataLoader processes preparing samples (0: none).
+    batch_size: frames per model forward pass. workers: DataLoader processes preparing samples beside the model
+                (0: none, prepared in the main process; None: none on the CPU, where they compete with the model
+                for cores, min(4, cores - 1) on CUDA).
     overwrite:  redo frames that OUT holds from another model or other settings (else refused).
     """
 
@@ -322,8 +324,8 @@ class SequenceOptions:
     units: str = "input"
     min_opacity: float = DEFAULT_MIN_OPACITY
     refine: int = 0
-    batch_size: int = 4
-    workers: int = 1
+    batch_size: int = 8
+    workers: int | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -341,5 +343,5 @@ class SequenceOptions:
         set_(self, "heldout", check_views(self.heldout, "heldout"))
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ReconstructError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if not (isinstance(self.workers, int) and self.workers >= 0):
+        if self.workers is not None and not (isinstance(self.workers, int) and self.workers >= 0):
             raise ReconstructError(f"workers must be an integer >= 0, got {self.workers!r}")

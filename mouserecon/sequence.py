@@ -222,9 +222,9 @@ def _run(todo: list[Frame], o: SequenceOptions, predictor: CheckpointPredictor, 
     failed: list[dict] = []
     if not todo:
         return written, failed
+    workers = o.workers if o.workers is not None else (min(4, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0)
     loader = DataLoader(_Scenes(todo, o, resolution, predictor.crop), batch_size=o.batch_size, shuffle=False,
-                        num_workers=o.workers, collate_fn=_keep_as_is,
-                        multiprocessing_context="spawn" if o.workers else None)
+                        num_workers=workers, collate_fn=_keep_as_is, multiprocessing_context="spawn" if workers else None)
     pending: list[Future] = []
     bar = progress(total=len(todo), desc="reconstruct", unit="frame")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sequence-write") as writer:
