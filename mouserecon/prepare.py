@@ -456,10 +456,9 @@ def crop_camera(lens: LensCamera, centre: np.ndarray, alpha: np.ndarray, pinhole
     """The crop of one view as a pinhole camera: `lens` turned (about its centre, by the smallest rotation) to
     look at the mouse's 3D `centre`, focal length chosen so that the mask (`alpha`, undistorted to `pinhole`,
     the lens's pinhole camera at any size) fits the `side` x `side` image with `margin` of its half-extent on
-    each side, principal
-    point at the image centre. A perspective crop: unlike a window of the frame, its optical axis goes
-    through the mouse, so the views' axes meet at the mouse (the normalisation centre) and no principal
-    point lands outside the crop."""
+    each side, principal point at the image centre. A perspective crop: unlike a window of the frame, its
+    optical axis goes through the mouse, so the views' axes meet at the mouse (the normalisation centre) and
+    no principal point lands outside the crop."""
     c2w = lens.c2w()
     forward = centre - c2w[:3, 3]
     turn = rotation_between(torch.tensor(c2w[:3, 2]), torch.tensor(forward)).numpy()
