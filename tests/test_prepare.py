@@ -33,17 +33,17 @@ from mouserecon.options import PrepareOptions
 from mouserecon.prepare import MANIFEST, PrepareError, frame_dir_name, parse_frames, prepare_recording
 from mouserecon.video import VideoError
 
-RIG = Path(__file__).resolve().parents[2] / "shared" / "data" / "markerless_mouse_1_rig" / "label3d_dannce.mat"
+RIG = Path("data") / "markerless_mouse_1_rig"  # in the shared folder (the `shared_dir` fixture)
 NUM_FRAMES = 12
 SIDE = 96
 
 
 @pytest.fixture(scope="module")
-def recording(tmp_path_factory) -> Path:
+def recording(tmp_path_factory, shared_dir) -> Path:
     """12 frames of a mouse walking, the real rig at a quarter of its resolution (288 x 256)."""
     from mouserecon.synth.recording import generate_recording
 
-    calibration = load_calibration(RIG, image_size=(1152, 1024))
+    calibration = load_calibration(shared_dir / RIG / "label3d_dannce.mat", image_size=(1152, 1024))
     return generate_recording(tmp_path_factory.mktemp("rec") / "recording", calibration, NUM_FRAMES, seed=1,
                               scale=0.25)
 
@@ -256,7 +256,7 @@ def test_a_truncated_video(recording, tmp_path):
     expect_refusal(broken, tmp_path, VideoError, r"Camera4/0.mp4: (unreadable|truncated)")
 
 
-def test_bad_calibration_files(recording, tmp_path):
+def test_bad_calibration_files(recording, tmp_path, shared_dir):
     broken = variant(recording, tmp_path)
     (broken / "label3d_dannce.mat").unlink()
     (broken / "label3d_dannce.mat").write_bytes(os.urandom(4000))
@@ -268,8 +268,7 @@ def test_bad_calibration_files(recording, tmp_path):
     expect_refusal(broken, tmp_path, CalibrationError, r"calibration.toml.*cam_0.*(distortions|rotation|translation)",
                    calibration=toml)
 
-    rig = json.loads((Path(__file__).resolve().parents[2] / "shared" / "data" / "markerless_mouse_1_rig" /
-                      "opencv_cameras_native_1152x1024.json").read_text())
+    rig = json.loads((shared_dir / RIG / "opencv_cameras_native_1152x1024.json").read_text())
     rig["frames"][2]["w2c"][0][:3] = [2.0 * v for v in rig["frames"][2]["w2c"][0][:3]]
     bad_json = tmp_path / "opencv_cameras.json"
     bad_json.write_text(json.dumps(rig))
