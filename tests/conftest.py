@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+
+@pytest.fixture
+def kill_mid_run() -> Callable[..., int]:
+    """kill_mid_run(command, done, total, env=None): start `command`, SIGKILL it as soon as `done()` (units of
+    work on disk) is > 0, and return done(). Asserts the kill landed mid-way (0 < done < total): a run that
+    finished first would test nothing."""
+
+    def run(command: list[str], done: Callable[[], int], total: int, env: dict | None = None) -> int:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not done() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        count = done()
+        assert 0 < count < total, f"killed after {count} of {total}: the test needs a run killed mid-way"
+        return count
+
+    return run

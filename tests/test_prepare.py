@@ -9,10 +9,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -126,18 +124,11 @@ def test_resume_skips_complete_frames_and_equals_a_fresh_run(recording, prepared
         prepare_recording(PrepareOptions(recording, out, background=recording / "background", side=128))
 
 
-def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(recording, prepared, tmp_path):
+def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(recording, prepared, tmp_path, kill_mid_run):
     out = tmp_path / "samples"
     command = [sys.executable, "-m", "mouserecon.cli", "prepare", str(recording), "-o", str(out),
                "--background", str(recording / "background"), "--side", str(SIDE)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out.glob("frame_*")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = len(list(out.glob("frame_*")))
-    assert 0 < done < NUM_FRAMES, f"killed after {done} frames: the test needs a run killed mid-way"
+    kill_mid_run(command, lambda: len(list(out.glob("frame_*"))), NUM_FRAMES)
     assert json.loads((out / MANIFEST).read_text())["complete"] is False
     subprocess.run(command, check=True, capture_output=True)
     assert frame_outputs(out) == frame_outputs(prepared)

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -117,20 +115,13 @@ def test_torchrun_shards_equal_one_process_byte_for_byte(samples, tiny_checkpoin
     assert not list((tmp_path / "ranks").glob(f".{INDEX}.rank*"))
 
 
-def test_kill_9_then_rerun_equals_an_uninterrupted_run(samples, tiny_checkpoint, tmp_path):
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(samples, tiny_checkpoint, tmp_path, kill_mid_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *_command(samples, tmp_path / "whole", tiny_checkpoint)], env=env, check=True,
                    capture_output=True)
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, *_command(samples, out, tiny_checkpoint)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out.glob("mouse_*.json")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = len(list(out.glob("mouse_*.json")))
-    assert 0 < done < NUM, f"killed after {done} frames: the test needs a run killed mid-way"
+    kill_mid_run([sys.executable, *_command(samples, out, tiny_checkpoint)], lambda: len(list(out.glob("mouse_*.json"))),
+                 NUM, env)
     subprocess.run([sys.executable, *_command(samples, out, tiny_checkpoint)], env=env, check=True, capture_output=True)
     assert ply_bytes(out) == ply_bytes(tmp_path / "whole")
     listed = [[(f["frame"], f["ply"], f["gaussians"]) for f in read_index(o)["frames"]] for o in (out, tmp_path / "whole")]
