@@ -440,6 +440,16 @@ def _browser_or_skip():
     return sync_playwright
 
 
+def _open_page(pw, tmp_path: Path, url: str):
+    """A 900x600 headless Chromium page (Debian's, with CHROMIUM_FLAGS) at `url`."""
+    context = pw.chromium.launch_persistent_context(
+        str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+        viewport={"width": 900, "height": 600})
+    page = context.new_page()
+    page.goto(url)
+    return page
+
+
 def _settled_screenshot(page, timeout: float = 45.0) -> np.ndarray:
     """Poll screenshots until three in a row are identical (the splat sort and upload are done)."""
     shots, deadline = [], time.monotonic() + timeout
@@ -462,11 +472,7 @@ def test_browser_draws_splats_where_the_cameras_see_them(tmp_path):
     assert viewer.scene_scale == 10.0
     try:
         with sync_playwright() as pw:
-            context = pw.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-                viewport={"width": 900, "height": 600})
-            page = context.new_page()
-            page.goto(viewer.url)
+            page = _open_page(pw, tmp_path, viewer.url)
             # The server's own record of the browser's websocket (viser's "Connected" label can come and
             # go before a slow page load returns); generous: slow when the CPUs are busy.
             client = viewer.wait_for_client(timeout=90)
@@ -513,7 +519,7 @@ def test_browser_draws_splats_where_the_cameras_see_them(tmp_path):
             viewer.gui["layer:cyan"].value = False
             one_layer = _settled_screenshot(page)
             assert colour_mask(one_layer, MAGENTA).sum() > 300 and colour_mask(one_layer, CYAN).sum() == 0
-            context.close()
+            page.context.close()
     finally:
         viewer.stop()
 
@@ -536,11 +542,7 @@ def test_browser_steps_through_a_sequence_where_a_blob_moves(tmp_path):
                             block=False)
     try:
         with sync_playwright() as pw:
-            context = pw.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-                viewport={"width": 900, "height": 600})
-            page = context.new_page()
-            page.goto(viewer.url)
+            page = _open_page(pw, tmp_path, viewer.url)
             viewer.wait_for_client(timeout=90)
             shots = [_settled_screenshot(page)]
             for position in (1, 2):
@@ -553,7 +555,7 @@ def test_browser_steps_through_a_sequence_where_a_blob_moves(tmp_path):
                 # The GUI shows the recording's frame number (a read-only text input).
                 assert page.locator(f"input[value='{100 + position}  ({position + 1} / 3)']").count() == 1
             boxes = _gui_boxes(page)
-            context.close()
+            page.context.close()
     finally:
         viewer.stop()
 
