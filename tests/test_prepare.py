@@ -20,9 +20,10 @@ import cv2
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from click.testing import CliRunner
 
-from mouserecon.calibration import CalibrationError, load_calibration, save_dannce_mat
+from mouserecon.calibration import CalibrationError, load_calibration, save_anipose_toml, save_dannce_mat
 from mouserecon.cameras import load_camera_file
 from mouserecon.cli import main
 from mouserecon.data import load_sample
@@ -324,3 +325,23 @@ def test_a_median_background_that_holds_the_mouse_is_not_trusted(recording, tmp_
     unreliable = [s for s in manifest["frames"]["skipped"] if "median background is unreliable" in s["reason"]]
     assert len(unreliable) >= NUM_FRAMES // 2 and len(result.written) + len(result.skipped) == NUM_FRAMES
     assert "--background" in unreliable[0]["reason"]
+
+
+def test_an_anipose_layout_gives_the_same_samples(recording, prepared, tmp_path):
+    """The same recording as Anipose keeps it (calibration.toml, videos-raw/vid-<camera>.mp4): same frames out."""
+    anipose = tmp_path / "anipose"
+    (anipose / "videos-raw").mkdir(parents=True)
+    calibration = load_calibration(recording / "label3d_dannce.mat", image_size=(288, 256))
+    save_anipose_toml(anipose / "calibration.toml", calibration)
+    for name in calibration.names:
+        os.link(recording / "videos" / name / "0.mp4", anipose / "videos-raw" / f"vid-{name}.mp4")
+    out = tmp_path / "samples"
+    result = prepare_recording(PrepareOptions(anipose, out, frames="3:5", background=recording / "background",
+                                              side=SIDE))
+    assert result.written == [3, 4]
+    assert json.loads((out / MANIFEST).read_text())["calibration"]["format"] == "anipose"
+    for frame in (3, 4):
+        ours, theirs = load_sample(out / frame_dir_name(frame)), load_sample(prepared / frame_dir_name(frame))
+        torch.testing.assert_close(ours.cameras.c2w, theirs.cameras.c2w, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.cameras.intrinsics, theirs.cameras.intrinsics, atol=1e-3, rtol=1e-6)
+        assert (ours.images - theirs.images).abs().max() < 2 / 255
