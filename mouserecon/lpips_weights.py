@@ -50,13 +50,16 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lpips
 import numpy as np
 import torch
 
 from mouserecon.errors import MouseReconError
 from mouserecon.files import atomic_torch_save
+
+if TYPE_CHECKING:
+    import lpips
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +246,7 @@ def ensure_lpips_backbone(net: str = "alex", source: Path | None = None) -> dict
 
 
 def build_lpips(net: str = "alex", device: torch.device | str = "cpu") -> lpips.LPIPS:
+    import lpips  # here, not at the top: it imports scipy, and a run without LPIPS (exp_c) needs neither
     """An eval-mode, frozen `lpips.LPIPS` (v0.1) whose backbone and linear heads are loaded strictly.
 
     Input convention of the returned module: images in [-1, 1], or [0, 1] with `normalize=True`.

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import lpips
 import numpy as np
 import pytorch_msssim
 import torch
@@ -35,6 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mouserecon.lpips_weights import build_lpips
+
+if TYPE_CHECKING:  # lpips (and the scipy it imports) loads only when an LPIPS net is built
+    import lpips
 
 IOU_THRESHOLD = 0.5  # rendered alpha above this is foreground
 
