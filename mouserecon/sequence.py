@@ -198,9 +198,9 @@ def _complete(frame: Frame, o: SequenceOptions, info, resolution: int) -> bool:
     ours = {"format": info.format, "step": info.step, "n_params": info.n_params}
     theirs = {k: sidecar.checkpoint.get(k) for k in ours}
     settings = {"units": o.units, "min_opacity": o.min_opacity, "refine": o.refine, "resolution": resolution,
-                "sample": str(frame.sample)}
+                "sample": str(frame.sample.resolve())}
     recorded = {"units": sidecar.units, "min_opacity": sidecar.min_opacity, "refine": sidecar.refine["steps"],
-                "resolution": sidecar.resolution, "sample": sidecar.sample}
+                "resolution": sidecar.resolution, "sample": str(Path(sidecar.sample).resolve())}
     if o.inputs is not None:
         settings["inputs"], recorded["inputs"] = list(o.inputs), sidecar.input_views
     if theirs == ours and settings == recorded and ply.exists():
