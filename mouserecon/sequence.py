@@ -239,16 +239,35 @@ def _run(todo: list[Frame], o: SequenceOptions, predictor: CheckpointPredictor, 
                 predictions = predictor.predict_batch([scene for _, scene in good], device)
                 seconds = (time.perf_counter() - start) / len(good)
                 for (frame, scene), prediction in zip(good, predictions):
-                    pending.append(writer.submit(finish, prediction, scene, _frame_options(frame, o), info,
-                                                 device_name, {"running the model (batch share)": seconds}))
-                    written.append(frame.index)
+                    pending.append(writer.submit(_finish, frame, prediction, scene, o, info, device_name,
+                                                 {"running the model (batch share)": seconds}))
             while len(pending) > 2 * o.batch_size:
-                pending.pop(0).result()
+                _collect(pending.pop(0), written, failed)
             bar.update(len(batch))
         for future in pending:
-            future.result()
+            _collect(future, written, failed)
     bar.close()
     return written, failed
+
+
+def _finish(frame: Frame, prediction, scene: Scene, o: SequenceOptions, info, device_name: str,
+            timings: dict) -> tuple[Frame, str | None]:
+    """`reconstruct.finish` for one frame -> (frame, None), or (frame, the error) when it fails on bad input
+    (e.g. refinement on an empty mask); the other frames go on."""
+    try:
+        finish(prediction, scene, _frame_options(frame, o), info, device_name, timings)
+    except MouseReconError as err:
+        return frame, str(err)
+    return frame, None
+
+
+def _collect(future: Future, written: list[int], failed: list[dict]) -> None:
+    frame, error = future.result()
+    if error is None:
+        written.append(frame.index)
+    else:
+        failed.append({"frame": frame.index, "sample": str(frame.sample), "error": error})
+        log.warning("frame %d (%s) failed: %s", frame.index, frame.sample, error)
 
 
 def _index(frames: list[Frame], o: SequenceOptions, model: dict, resolution: int, world: int) -> dict:
