@@ -149,6 +149,14 @@ class LensCamera:
         K[0, 1] = 0.0
         return replace(self, K=K, dist=np.zeros(5))
 
+    def resize(self, width: int, height: int) -> LensCamera:
+        """The same camera resampled to `width` x `height` (pixel-edge convention: K rows 0-1 scale by the size
+        ratios, skew included); distortion is unchanged (it acts on normalised coordinates)."""
+        K = self.K.copy()
+        K[0] *= width / self.width
+        K[1] *= height / self.height
+        return replace(self, width=width, height=height, K=K)
+
     def c2w(self) -> np.ndarray:  # [4, 4]
         out = np.eye(4)
         out[:3, :3] = self.R.T

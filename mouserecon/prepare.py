@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -203,13 +203,8 @@ def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
 
 
 def _scaled_pinhole(lens: LensCamera, scale: float) -> LensCamera:
-    """`lens.pinhole()` resampled by `scale` (pixel-edge convention: K rows 0-1 scale by the size ratios)."""
-    pinhole = lens.pinhole()
-    width, height = max(1, round(lens.width * scale)), max(1, round(lens.height * scale))
-    K = pinhole.K.copy()
-    K[0] *= width / lens.width
-    K[1] *= height / lens.height
-    return replace(pinhole, width=width, height=height, K=K)
+    """`lens.pinhole()` resampled by `scale`."""
+    return lens.pinhole().resize(max(1, round(lens.width * scale)), max(1, round(lens.height * scale)))
 
 
 def _cameras(lenses: list[LensCamera]) -> Cameras:

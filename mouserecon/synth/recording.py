@@ -184,13 +184,8 @@ def scale_calibration(calibration: Calibration, scale: float) -> Calibration:
     the exact size ratios (pixel-edge convention); distortion is unchanged (normalised coordinates)."""
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    cameras = []
-    for camera in calibration.cameras:
-        width, height = (max(2, 2 * round(n * scale / 2)) for n in (camera.width, camera.height))
-        K = camera.K.copy()
-        K[0] *= width / camera.width
-        K[1] *= height / camera.height
-        cameras.append(replace(camera, width=width, height=height, K=K))
+    cameras = [camera.resize(*(max(2, 2 * round(n * scale / 2)) for n in (camera.width, camera.height)))
+               for camera in calibration.cameras]
     note = f"synthetic recording: cameras scaled by {scale} from {calibration.path}"
     return replace(calibration, cameras=tuple(cameras), notes=calibration.notes + (note,))
 
