@@ -337,10 +337,10 @@ class SequenceOptions:
         if self.out.suffix.lower() == ".ply":
             raise ReconstructError(f"{self.out}: several samples are reconstructed into a folder, not one .ply")
         # the per-frame options are checked as a single reconstruct's (one error message for each defect)
-        ReconstructOptions(self.samples, self.out / "mouse.ply", self.checkpoint, self.device, self.inputs,
-                           self.heldout, self.resolution, self.units, self.min_opacity, self.refine)
-        set_(self, "inputs", check_views(self.inputs, "inputs"))
-        set_(self, "heldout", check_views(self.heldout, "heldout"))
+        frame = ReconstructOptions(self.samples, self.out / "mouse.ply", self.checkpoint, self.device, self.inputs,
+                                   self.heldout, self.resolution, self.units, self.min_opacity, self.refine)
+        set_(self, "inputs", frame.inputs)
+        set_(self, "heldout", frame.heldout)
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ReconstructError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.workers is not None and not (isinstance(self.workers, int) and self.workers >= 0):

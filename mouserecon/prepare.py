@@ -49,7 +49,7 @@ from mouserecon.options import PrepareOptions
 from mouserecon.progress import progress
 from mouserecon.rundir import file_sha1, versions
 from mouserecon.video import (VIDEO_SUFFIXES, FrameSource, candidate_sources, check_sources, match_sources, open_source,
-                              videos_folder)
+                              probe_size, videos_folder)
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _open_rig(options: PrepareOptions) -> tuple[Calibration, list[_Camera]]:
     if not candidates:
         raise PrepareError(f"{videos}: no videos or image folders ({', '.join(VIDEO_SUFFIXES)}, or folders of images)")
     # DANNCE files do not store the image size: the first video's is taken, and every video is checked below.
-    calibration = load_calibration(path, image_size=open_source(candidates[0]).size)
+    calibration = load_calibration(path, image_size=probe_size(candidates[0]))
     paths = match_sources(videos, calibration.names, exclude=exclude, require_all=True)
     cameras = []
     for lens in calibration.cameras:

@@ -200,6 +200,26 @@ def candidate_sources(folder: str | Path, exclude: Sequence[Path] = (), single_i
     return found
 
 
+def probe_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a source's frames from its header only (no packet counting, no decoding)."""
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file() and
+                                                  f.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES)
+    if not files:
+        raise VideoError(f"{path}: no videos or images")
+    first = files[0]
+    try:
+        if first.suffix.lower() in IMAGE_SUFFIXES:
+            with PIL.Image.open(first) as image:
+                return image.size
+        with av.open(str(first)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{first}: no video stream")
+            context = container.streams.video[0].codec_context
+            return context.width, context.height
+    except (OSError, av.error.FFmpegError) as err:
+        raise VideoError(f"{first}: unreadable ({err})") from None
+
+
 def open_source(path: Path) -> FrameSource:
     """The FrameSource for a video file, a folder of numbered video chunks, a folder of images, or one image."""
     if path.is_file():
