@@ -248,7 +248,8 @@ def _evaluate_model(model: _Model, sample_dirs: list[Path], protocol: Protocol, 
     per_sample = []
     start = time.perf_counter()
     for k, sample_dir in enumerate(sample_dirs):
-        scene = prepare(sample_dir, protocol.input_views, protocol.heldout_views, protocol.resolution, predictor.crop)
+        scene = prepare(sample_dir, protocol.input_views, protocol.heldout_views, protocol.resolution, predictor.crop,
+                        predictor.input_resolution)
         prediction = predictor.predict(scene, device)
         gaussians = prediction.gaussians
         if model.refine:

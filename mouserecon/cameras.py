@@ -497,12 +497,22 @@ def validate_cameras(cameras: Cameras, source: str | Path = "<cameras>") -> None
 def optical_axes_intersection(c2w: Tensor) -> Tensor:
     """Least-squares point [3] (float64) closest to all optical axes (+z lines) of c2w [V, 4, 4], V >= 2."""
     assert c2w.ndim == 3 and c2w.shape[1:] == (4, 4), f"c2w must be [V, 4, 4], got {tuple(c2w.shape)}"
-    c2w = c2w.double()
-    origins, dirs = c2w[:, :3, 3], torch.nn.functional.normalize(c2w[:, :3, 2], dim=-1)  # [V, 3]
-    proj = torch.eye(3, dtype=c2w.dtype) - dirs[:, :, None] * dirs[:, None, :]  # [V, 3, 3] onto each axis' normal plane
+    try:
+        return nearest_point_to_lines(c2w[:, :3, 3], c2w[:, :3, 2])
+    except CameraError:
+        raise CameraError("optical axes are (nearly) parallel; their intersection is undefined") from None
+
+
+def nearest_point_to_lines(origins: Tensor, dirs: Tensor) -> Tensor:
+    """Least-squares point [3] (float64) closest to the lines origins [V, 3] + t dirs [V, 3], V >= 2.
+    Raises CameraError when the lines are (nearly) parallel."""
+    assert origins.ndim == 2 and origins.shape[1] == 3 and dirs.shape == origins.shape, \
+        f"origins {tuple(origins.shape)}, dirs {tuple(dirs.shape)}: need [V, 3] each"
+    origins, dirs = origins.double(), torch.nn.functional.normalize(dirs.double(), dim=-1)
+    proj = torch.eye(3, dtype=torch.float64) - dirs[:, :, None] * dirs[:, None, :]  # [V, 3, 3] onto each normal plane
     lhs, rhs = proj.sum(0), (proj @ origins[:, :, None]).sum(0)[:, 0]
     if torch.linalg.cond(lhs).item() > 1e8:
-        raise CameraError("optical axes are (nearly) parallel; their intersection is undefined")
+        raise CameraError("the lines are (nearly) parallel; their nearest point is undefined")
     return torch.linalg.solve(lhs, rhs)
 
 

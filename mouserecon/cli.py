@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from mouserecon.errors import MouseReconError
-from mouserecon.options import (BASELINES, DEFAULT_DEVICE, DEVICES, LPIPS_CHOICES, PREPARE_CROPS, TURNTABLE_FORMATS,
+from mouserecon.options import (BASELINES, DEFAULT_DEVICE, DEVICES, LPIPS_CHOICES, METHODS, PREPARE_CROPS, TURNTABLE_FORMATS,
                                 UNITS, EvalOptions, PrepareOptions, ReconstructOptions, SequenceOptions, SynthOptions,
                                 SynthRecordingOptions, default)
 
@@ -82,13 +82,18 @@ def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("-o", "--output", "--out", "output", required=True, type=click.Path(),
               help="The .ply to write; for several samples (VIEWS a folder of samples or a list file) the folder "
                    "that gets one mouse_<frame>.ply + sidecar per frame and sequence.json.")
+@click.option("--method", type=click.Choice(METHODS), default=default(ReconstructOptions, "method"), show_default=True,
+              help="model: a GS-LRM; hull: the visual hull of the input masks, coloured by projection (no model; "
+                   "one sample only; add --refine N).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Ours or FaceLift's; default: the bundled demo.")
 @click.option("--device", type=click.Choice(DEVICES), default=default(ReconstructOptions, "device"), show_default=True,
               help="auto: CUDA when available.")
 @click.option("--inputs", callback=_view_list, help="Input frame indices, e.g. 0,1,2,3,4 (default: the first 5).")
 @click.option("--heldout", callback=_view_list,
               help="Held-out frame indices, scored and previewed (default: every frame not an input).")
-@click.option("--resolution", type=click.IntRange(min=1), help="Square image side for the model (default: the model's).")
+@click.option("--resolution", type=click.IntRange(min=1),
+              help="Square side of the frames scored and refined against (default: the model's; 256 for the hull). "
+                   "The model sees its inputs at its own resolution.")
 @click.option("--units", type=click.Choice(UNITS), default=default(ReconstructOptions, "units"), show_default=True,
               help="input: the camera file's frame and units (e.g. mm); model: the normalised rig.")
 @click.option("--min-opacity", type=float, default=default(ReconstructOptions, "min_opacity"), show_default=True,
@@ -124,7 +129,9 @@ def reconstruct(views_dir: str, output: str, **given) -> None:
 
         if "previews_dir" in given:
             raise click.UsageError("--previews is for one sample, not a sequence")
-        given = {k: v for k, v in given.items() if not k.startswith("turntable")}
+        if given.get("method") == "hull":
+            raise click.UsageError("--method hull is for one sample, not a sequence")
+        given = {k: v for k, v in given.items() if not k.startswith("turntable") and k != "method"}
         result = reconstruct_sequence(SequenceOptions(views_dir, output, **given))
         click.echo(f"{result.out}: {len(result.written)} frames written, {len(result.resumed)} already there, "
                    f"{len(result.failed)} failed" + (f"; index {result.index}" if result.index else ""))

@@ -49,8 +49,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mouserecon.errors import MouseReconError
-from mouserecon.cameras import CAMERA_FILES, CameraError, CameraFile, Cameras, find_camera_file, load_camera_file
-from mouserecon.normalize import Similarity, normalize_cameras
+from mouserecon.cameras import (CAMERA_FILES, CameraError, CameraFile, Cameras, find_camera_file, load_camera_file, look_at,
+                                nearest_point_to_lines)
+from mouserecon.normalize import Similarity, normalize_cameras, rotation_between
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ def normalize_sample(sample: Sample, fit_views: Sequence[int] | None = None, cen
         no axes intersection to centre on, so a single fit view is fitted with all the sample's
         cameras (the rig's calibration; no held-out image is used).
     up: the user's world up; default the camera file's (`CameraFile.up`: its "world_up", else +Z).
-    center: the point to put at the origin; default the least-squares intersection of the optical axes.
+    center: the point to put at the origin (e.g. `foreground_center`, what `MouseDataset` and
+        `pipeline.prepare` use); default the least-squares intersection of the optical axes.
     """
     if up is None:
         up = read_camera_file(sample.path).up()
@@ -328,62 +330,121 @@ def _resample(images: Tensor, masks: Tensor, depths: Tensor | None, size: tuple[
     return colour[..., :3, :, :].contiguous(), colour[..., 3:, :, :].contiguous(), depths
 
 
-def crop_to_foreground(sample: Sample, resolution: int, margin: float, jitter: float = 0.0) -> Sample:
-    """Crop every view to a square around its foreground and resize it to `resolution` px.
+def foreground_center(cameras: Cameras, masks: Tensor, source: str | Path = "<sample>") -> Tensor:
+    """The mouse's 3D centre [3] (float64, the cameras' frame): the least-squares point nearest the rays
+    through each view's mask centroid (mask-weighted), over the views whose mask (> 0.5) is not empty.
 
-    The square is centred on the bounding box of the view's mask (> 0.5); its side is the box's longer
-    side times (1 + 2 * margin). Where it reaches outside the image it is padded with white and mask 0.
-    Colour and mask are resized like `load_sample` does (antialiased bilinear) and each view's
-    intrinsics follow (`Cameras.window`, `Cameras.resize`); extrinsics are unchanged. Crop the
-    full-resolution images: the point is to spend the model's pixels on the mouse, which covers a few
-    percent of a rig frame. jitter > 0 (training augmentation) grows the side by a random factor in
-    [1, 1 + jitter] and moves the centre by up to jitter / 4 of the side (torch's global RNG).
-    Raises SampleError naming the image when a view's mask is empty.
+    cameras [V], masks [V, 1, H, W]. This is the point the model's rig is centred on and the input crops
+    look at: a rig's optical axes meet where its cameras are aimed (e.g. the arena's centre), not where the
+    mouse is. Raises SampleError naming `source` when fewer than 2 views see the foreground or their rays
+    are (nearly) parallel.
+    """
+    v, _, h, w = masks.shape
+    assert cameras.batch_shape == (v,) and (cameras.height, cameras.width) == (h, w), \
+        f"cameras {tuple(cameras.batch_shape)} {cameras.height}x{cameras.width} for masks {tuple(masks.shape)}"
+    weights = masks[:, 0].double() * (masks[:, 0] > 0.5)  # [V, H, W]
+    seen = weights.sum((1, 2)) > 0  # [V]
+    if int(seen.sum()) < 2:
+        raise SampleError(f"{source}: {int(seen.sum())} of {v} views show the foreground; at least 2 are needed to "
+                          "place the mouse in 3D")
+    ys = torch.arange(h, dtype=torch.float64) + 0.5
+    xs = torch.arange(w, dtype=torch.float64) + 0.5
+    total = weights[seen].sum((1, 2))  # [S]
+    u = (weights[seen] * xs).sum((1, 2)) / total  # [S] centroid, pixels
+    y = (weights[seen] * ys[:, None]).sum((1, 2)) / total
+    fx, fy, cx, cy = cameras.intrinsics[seen].double().unbind(-1)  # [S] each
+    c2w = cameras.c2w[seen].double()  # [S, 4, 4]
+    d_cam = torch.stack([(u - cx) / fx, (y - cy) / fy, torch.ones_like(u)], -1)  # [S, 3]
+    try:
+        return nearest_point_to_lines(c2w[:, :3, 3], (c2w[:, :3, :3] @ d_cam[..., None])[..., 0])
+    except CameraError as err:
+        raise SampleError(f"{source}: cannot place the mouse in 3D from its masks ({err})") from None
+
+
+def crop_to_foreground(sample: Sample, resolution: int, margin: float, center: Tensor, up: Tensor | None = None,
+                       jitter: float = 0.0) -> Sample:
+    """Aim every view at the mouse: a perspective crop of `resolution` px around its foreground.
+
+    Each view becomes a pinhole camera at the same centre looking at `center` ([3], the sample's frame:
+    `foreground_center`), level with the world `up` ([3]; default the camera file's), with a square image whose
+    focal length makes the view's mask (> 0.5) fit with `margin` of its half-extent on each side and whose
+    principal point is the image centre. So the crops' optical axes meet at the mouse, as in a rig aimed at
+    it, wherever the mouse is in the frame (a window of the frame keeps the rig's axes, which meet where the
+    rig is aimed), and no crop is rolled. A view within 6 deg of looking along `up` has no level turn: it is
+    turned by the smallest rotation. Colour and mask are resampled from the full-resolution images: each
+    crop pixel averages k x k bilinear samples of its footprint (k = the shrink factor, rounded up; white and
+    mask 0 outside), depth likewise over pixels that all have depth, converted to the new camera's z.
+    jitter > 0 (training augmentation) shrinks the focal length by a random factor in [1, 1 + jitter] and
+    moves the principal point by up to jitter / 4 of the side (torch's global RNG). Raises SampleError
+    naming the image when a view's mask is empty.
     """
     if margin < 0 or jitter < 0:
         raise ValueError(f"margin and jitter must be >= 0, got {margin}, {jitter}")
-    images, masks, depths, intrinsics = [], [], [], []
-    for v in range(sample.num_views):
-        rows, cols = torch.nonzero(sample.masks[v, 0] > 0.5, as_tuple=True)
-        if rows.numel() == 0:
-            raise SampleError(f"{sample.image_paths[v]}: empty foreground mask; cannot crop to the mouse")
-        grow, shift = 1.0, (0.0, 0.0)
-        if jitter > 0:
-            grow = 1.0 + jitter * float(torch.rand(()))
-            shift = tuple(((torch.rand(2) * 2.0 - 1.0) * (jitter / 4.0)).tolist())
-        x0, y0, side = square_window(int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1,
-                                     margin, grow, shift)
-        image, mask = _window(sample.images[v], 1.0, x0, y0, side), _window(sample.masks[v], 0.0, x0, y0, side)
-        depth = None if sample.depths is None else _window(sample.depths[v], 0.0, x0, y0, side)
-        image, mask, depth = _resample(image[None], mask[None], None if depth is None else depth[None],
-                                       (resolution, resolution))
-        images.append(image[0])
-        masks.append(mask[0])
-        depths.append(None if depth is None else depth[0])
-        intrinsics.append(sample.cameras[v].window(x0, y0, side, side).resize(resolution, resolution).intrinsics)
-    cameras = replace(sample.cameras, intrinsics=torch.stack(intrinsics), width=resolution, height=resolution)
+    assert center.shape == (3,), f"center must be [3], got {tuple(center.shape)}"
+    up = read_camera_file(sample.path).up() if up is None else up
+    views = [_aimed_crop(sample, v, resolution, margin, center.double(), torch.as_tensor(up, dtype=torch.float64),
+                         jitter) for v in range(sample.num_views)]
+    images, masks, depths, c2w, intrinsics = (list(part) for part in zip(*views))
+    cameras = Cameras(torch.stack(c2w).to(sample.cameras.c2w.dtype),
+                      torch.stack(intrinsics).to(sample.cameras.intrinsics.dtype), width=resolution, height=resolution)
     return replace(sample, images=torch.stack(images), masks=torch.stack(masks), cameras=cameras,
                    depths=None if sample.depths is None else torch.stack(depths))
 
 
-def square_window(top: int, bottom: int, left: int, right: int, margin: float, grow: float = 1.0,
-                  shift: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, int]:
-    """The square crop around the box rows [top, bottom) x columns [left, right): side = the box's longer
-    side x (1 + 2 margin) x grow, rounded up to whole pixels; centre = the box's centre + shift x side.
-    Returns (left, top, side) in pixels; the square may reach outside the image."""
-    side = max(bottom - top, right - left) * (1.0 + 2.0 * margin) * grow
-    centre_x, centre_y = (left + right) / 2.0 + shift[0] * side, (top + bottom) / 2.0 + shift[1] * side
-    side = max(1, math.ceil(side))
-    return round(centre_x - side / 2.0), round(centre_y - side / 2.0), side
+MAX_SUPERSAMPLING = 8  # samples per crop pixel side; a crop shrinking its source more than this is still fine
 
 
-def _window(image: Tensor, fill: float, left: int, top: int, side: int) -> Tensor:
-    """image [C, H, W] -> [C, side, side] window at (left, top), `fill` outside the image."""
-    h, w = image.shape[-2:]
-    pad = (max(0, -left), max(0, left + side - w), max(0, -top), max(0, top + side - h))
-    padded = F.pad(image, pad, value=fill)
-    x0, y0 = left + pad[0], top + pad[2]
-    return padded[:, y0:y0 + side, x0:x0 + side]
+def _aimed_crop(sample: Sample, v: int, side: int, margin: float, center: Tensor, up: Tensor, jitter: float):
+    """View v of `crop_to_foreground` -> (image [3, s, s], mask [1, s, s], depth [1, s, s] or None, c2w [4, 4],
+    intrinsics [4]), float64 cameras."""
+    rows, cols = torch.nonzero(sample.masks[v, 0] > 0.5, as_tuple=True)
+    if rows.numel() == 0:
+        raise SampleError(f"{sample.image_paths[v]}: empty foreground mask; cannot crop to the mouse")
+    camera = sample.cameras[v]
+    c2w = camera.c2w.double()
+    forward = F.normalize(center - c2w[:3, 3], dim=0)
+    if torch.linalg.cross(forward, F.normalize(up, dim=0)).norm() > math.sin(math.radians(6.0)):
+        rotation = look_at(c2w[:3, 3], center, up)[:3, :3]  # the new camera-to-world rotation, level
+    else:
+        rotation = rotation_between(c2w[:3, 2], forward) @ c2w[:3, :3]
+    to_new = c2w[:3, :3].T @ rotation  # source-camera coordinates of the new camera's axes
+    fx, fy, cx, cy = camera.intrinsics.double().tolist()
+    corners = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # of each pixel
+    x = (cols.double()[:, None] + corners[:, 0]).reshape(-1)  # [4P] the foreground pixels' corners
+    y = (rows.double()[:, None] + corners[:, 1]).reshape(-1)
+    rays = torch.stack([(x - cx) / fx, (y - cy) / fy, torch.ones_like(x)], -1) @ to_new  # [4P, 3] new camera
+    extent = (rays[:, :2] / rays[:, 2:]).abs().max()  # the mask's half-extent in the aimed view, focal lengths
+    grow, shift = 1.0, torch.zeros(2, dtype=torch.float64)
+    if jitter > 0:
+        grow = 1.0 + jitter * float(torch.rand(()))
+        shift = (torch.rand(2).double() * 2.0 - 1.0) * (jitter / 4.0)
+    focal = float(0.5 * side / (extent * (1.0 + 2.0 * margin) * grow))
+    principal = 0.5 * side + shift * side  # [2]
+    k = min(MAX_SUPERSAMPLING, max(1, math.ceil(min(fx, fy) / focal - 1e-6)))
+    px = (torch.arange(side * k, dtype=torch.float64) + 0.5) / k  # sub-pixel sample positions, crop pixels
+    q = torch.stack(torch.broadcast_tensors((px[None, :] - principal[0]) / focal, (px[:, None] - principal[1]) / focal,
+                                            torch.ones(side * k, side * k, dtype=torch.float64)), -1)  # [sk, sk, 3]
+    r = q @ to_new.T  # [sk, sk, 3] each sample's ray in the source camera
+    grid = torch.stack([(fx * r[..., 0] / r[..., 2] + cx) / camera.width,
+                        (fy * r[..., 1] / r[..., 2] + cy) / camera.height], -1) * 2.0 - 1.0  # align_corners=False
+    grid = torch.where(r[..., 2:] > 0, grid, torch.full_like(grid, 2.0))  # behind the source camera: outside
+    depth = None if sample.depths is None else sample.depths[v:v + 1]
+    channels = [sample.images[v:v + 1] - 1.0, sample.masks[v:v + 1]]
+    if depth is not None:  # camera z of the source -> the new camera's z (the point t r has new z t)
+        channels += [depth * (depth > 0), (depth > 0).to(depth.dtype)]
+    out = F.grid_sample(torch.cat(channels, 1), grid[None].float(), mode="bilinear", padding_mode="zeros",
+                        align_corners=False)  # [1, C, sk, sk]
+    if depth is not None:  # per sample: t = z / r_z, then averaged like the colours
+        out[:, 4:5] = out[:, 4:5] / r[..., 2][None, None].float()
+    out = F.avg_pool2d(out, k)[0] if k > 1 else out[0]  # [C, s, s]
+    colour, alpha = (out[:3] + 1.0).clamp(0.0, 1.0), out[3:4].clamp(0.0, 1.0)
+    if depth is not None:
+        total, valid = out[4:5], out[5:6]
+        depth = torch.where(valid > 0.999, total / valid.clamp_min(1e-6), torch.zeros_like(total))
+    new_c2w = torch.eye(4, dtype=torch.float64)
+    new_c2w[:3, :3], new_c2w[:3, 3] = rotation, c2w[:3, 3]
+    intrinsics = torch.tensor([focal, focal, float(principal[0]), float(principal[1])], dtype=torch.float64)
+    return colour, alpha, depth, new_c2w, intrinsics
 
 
 # ---- one image -------------------------------------------------------------------------------
@@ -522,13 +583,20 @@ class MouseDataset(Dataset):
         if self.crop is None:
             sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold,
                                  self.depth)
+            center = self._center(sample) if self.normalize else None
         else:  # 2V views: the V crops, then the V whole frames
             full = load_sample(self.sample_dirs[index], None, self.views, self.white_threshold, self.depth)
-            crops = crop_to_foreground(full, self.resolution, self.crop, self.crop_jitter if augment else 0.0)
-            images, masks, cameras, depths = _crop_and_resize(full.images, full.masks, full.cameras,
-                                                              (self.resolution, self.resolution), full.depths)
-            sample = Sample.cat([crops, replace(full, images=images, masks=masks, cameras=cameras, depths=depths)])
-        return normalize_sample(sample, self.fit_views)[0] if self.normalize else sample
+            center = self._center(full)
+            crops = crop_to_foreground(full, self.resolution, self.crop, center,
+                                       jitter=self.crop_jitter if augment else 0.0)
+            sample = Sample.cat([crops, resize_sample(full, self.resolution)])
+        return normalize_sample(sample, self.fit_views, center)[0] if self.normalize else sample
+
+    def _center(self, sample: Sample) -> Tensor:
+        """The mouse's centre from the fit views' masks (`foreground_center`), as `pipeline.prepare` finds it
+        from the input views; a single fit view cannot place it, so then all views."""
+        fit = sample if self.fit_views is None or len(self.fit_views) < 2 else sample.select(self.fit_views)
+        return foreground_center(fit.cameras, fit.masks, sample.path)
 
 
 def collate(samples: Sequence[Sample]) -> SampleBatch:

@@ -19,6 +19,7 @@ DEFAULT_INPUT_VIEWS = 5  # Exp C: 5 input views per sample
 DEFAULT_MIN_OPACITY = 0.005  # prune Gaussians below this opacity (about 1/255: invisible when rendered)
 TURNTABLE_FORMATS = ("gif", "mp4")
 BASELINES = ("flat", "hull")
+METHODS = ("model", "hull")  # reconstruct: a GS-LRM, or the visual hull of the input masks
 LPIPS_CHOICES = ("alex", "vgg", "none")
 MASK_SOURCES = ("alpha", "near_white")
 
@@ -74,16 +75,18 @@ class ReconstructOptions:
 
     views_dir:     sample folder (`opencv_cameras.json` or `transforms.json` + images).
     output:        the .ply to write; its folder must exist; the sidecar is `Sidecar.path_for(output)`.
-    checkpoint:    ours or FaceLift's; None = the bundled demo checkpoint.
+    checkpoint:    ours or FaceLift's; None = the bundled demo checkpoint (method "model" only).
     device:        "auto" (CUDA when available), "cpu" or "cuda".
     inputs:        input frame indices in the order given (distinct); None = the first 5.
     heldout:       held-out frame indices (scores and previews); None = every frame not an input.
-    resolution:    square side in pixels the images are resized to; None = the model's image_size.
+    resolution:    square side in pixels the frames are resized to (held-out scores, refinement); None = the
+                   model's image_size (256 for the hull). The model always sees its inputs at its image_size.
     units:         "input" = the user's frame (the camera file's units, e.g. mm); "model" = normalised rig.
     min_opacity:   prune Gaussians with opacity below this (0 keeps all).
     refine:        steps of per-scene refinement against the input views (0 = feed-forward only).
     previews_dir:  where to write preview images; None = no previews.
     turntable_frames / turntable_format: the turntable preview (0 frames = none; "gif" or "mp4").
+    method:        "model" (a GS-LRM checkpoint) or "hull" (the visual hull of the input masks, no model).
     """
 
     views_dir: Path
@@ -99,6 +102,7 @@ class ReconstructOptions:
     previews_dir: Path | None = None
     turntable_frames: int = 36
     turntable_format: str = "gif"
+    method: str = "model"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
@@ -112,6 +116,11 @@ class ReconstructOptions:
             raise ReconstructError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.units not in UNITS:
             raise ReconstructError(f"units must be one of {UNITS}, got {self.units!r}")
+        if self.method not in METHODS:
+            raise ReconstructError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "hull" and self.checkpoint is not None:
+            raise ReconstructError(f"{self.checkpoint}: the visual hull uses no checkpoint; drop --checkpoint or "
+                                   "use --method model")
         if self.output.suffix.lower() != ".ply":
             raise ReconstructError(f"{self.output}: the output must be a .ply file")
         set_(self, "inputs", check_views(self.inputs, "inputs"))

@@ -3,14 +3,17 @@
 `reconstruct`, `eval` (every predictor), refinement and sequence reconstruction call these steps and
 re-implement none of them:
 
-1. `prepare(sample, inputs, heldout, resolution, crop) -> Scene`: the sample's frames (input views, then
-   held-out views) at `resolution` (`data.load_sample`: centre crop + resize), mapped to the model's rig
-   by a similarity fitted to the input cameras (`normalize.normalize_cameras`: centre = least-squares
-   intersection of the optical axes, mean camera distance 2.7, the camera file's `world_up` -> +Z, +Z
-   when it records none; a single input view has no axes intersection, so it is fitted with every
-   camera of the camera file: the rig's calibration, no held-out image). With `crop` (the margin of a
-   model trained on crops) the model sees each input view cropped to a square around its foreground
-   from the full-resolution image (`data.crop_to_foreground`), as in training.
+1. `prepare(sample, inputs, heldout, resolution, crop, input_resolution) -> Scene`: the sample's frames
+   (input views, then held-out views) at `resolution` (`data.load_sample`: centre crop + resize), mapped to
+   the model's rig by a similarity fitted to the input cameras (`normalize.normalize_cameras`: centre = the
+   mouse, `data.foreground_center` of the input masks; mean input-camera distance 2.7; the camera file's
+   `world_up` -> +Z, +Z when it records none). A single input view cannot place the mouse in 3D, so it is
+   centred on the least-squares intersection of the optical axes of every camera of the camera file (the
+   rig's calibration, no held-out image). The model sees its inputs at `input_resolution` (its training
+   resolution, whatever the scene's: a GS-LRM makes one Gaussian per input pixel, so at 4x its resolution
+   it makes 16x as many, each sized for its training pixel, and their faint tails cover the background).
+   With `crop` (the margin of a model trained on crops) each input view is a perspective crop aimed at the
+   mouse from the full-resolution image (`data.crop_to_foreground`), as in training.
 2. A `Predictor` maps a Scene to a `Prediction`: Gaussians in the model frame or the user's, finite
    (non-finite ones dropped and counted). `CheckpointPredictor` runs a GS-LRM once (no grad; bf16
    autocast on CUDA); `HullPredictor` carves the visual hull of the input masks; `FlatPredictor` is no
@@ -35,8 +38,9 @@ import torch
 from torch import Tensor
 
 from mouserecon.baselines import HULL_INPUT_CROP, visual_hull_gaussians
-from mouserecon.cameras import Cameras
-from mouserecon.data import Sample, crop_to_foreground, load_sample, read_camera_file, resize_sample
+from mouserecon.cameras import Cameras, optical_axes_intersection
+from mouserecon.data import (Sample, crop_to_foreground, foreground_center, load_sample, read_camera_file,
+                             resize_sample)
 from mouserecon.gaussians import Gaussians
 from mouserecon.metrics import foreground_iou, psnr, ssim
 from mouserecon.model import GSLRM
@@ -49,6 +53,7 @@ from mouserecon.render import render
 log = logging.getLogger(__name__)
 
 WHITE = (1.0, 1.0, 1.0)
+HULL_RESOLUTION = 256  # the hull's default scene side in px (it has no training resolution)
 RENDER_BATCH = {"cpu": 1, "cuda": 8}  # views per render() call (the CPU backends' memory grows with it)
 
 
@@ -85,6 +90,7 @@ class Scene:
     world_up:      [3] float64, the user's up axis that became +Z.
     inputs:        [I] what the model sees (crops or the whole input frames), model frame.
     input_views / heldout_views: frame indices into the camera file.
+    center:        [3] float64, the camera file's frame: the point that became the origin (the mouse).
     crop:          the crop margin of `inputs`, or None for whole frames.
     full:          [I + H] full-resolution frames, camera file's frame (crop scenes only, for previews).
     """
@@ -96,6 +102,7 @@ class Scene:
     inputs: Sample
     input_views: tuple[int, ...]
     heldout_views: tuple[int, ...]
+    center: Tensor
     crop: float | None = None
     full: Sample | None = None
 
@@ -124,22 +131,32 @@ class Scene:
 
 
 def prepare(sample_dir: str | Path, inputs: tuple[int, ...] | None, heldout: tuple[int, ...] | None,
-            resolution: int, crop: float | None = None) -> Scene:
-    """Step 1 of the module docstring. Raises SampleError / ViewsError naming the file and the defect."""
+            resolution: int, crop: float | None = None, input_resolution: int | None = None) -> Scene:
+    """Step 1 of the module docstring (input_resolution None = `resolution`). Raises SampleError / ViewsError
+    naming the file and the defect."""
     camera_file = read_camera_file(sample_dir)  # parsed once, here
     inputs, heldout = resolve_views(len(camera_file.cameras), inputs, heldout, camera_file.path)
+    input_resolution = input_resolution or resolution
     views = list(inputs + heldout)
     full = load_sample(camera_file, None, views) if crop is not None else None  # [I + H] at full resolution
     sample = load_sample(camera_file, resolution, views) if full is None else resize_sample(full, resolution)  # [I + H]
+    given = sample.select(range(len(inputs)))  # [I] at the scene resolution, camera file's frame
+    if len(inputs) >= 2:  # from the full-resolution masks when they are loaded (as MouseDataset does)
+        masks = given.masks if full is None else full.masks[:len(inputs)]
+        cameras = given.cameras if full is None else full.cameras[:len(inputs)]
+        fit, center = given.cameras, foreground_center(cameras, masks, camera_file.path)
+    else:
+        fit = camera_file.cameras
+        center = optical_axes_intersection(fit.c2w)
     up = camera_file.up()
-    fit = camera_file.cameras if len(inputs) < 2 else camera_file.cameras[list(inputs)]
-    _, similarity = normalize_cameras(fit, up=up)
+    _, similarity = normalize_cameras(fit, center=center, up=up)
     model_sample = replace(sample, cameras=similarity.apply_cameras(sample.cameras))
-    seen = model_sample.select(range(len(inputs)))
     if crop is not None:
-        crops = crop_to_foreground(full.select(range(len(inputs))), resolution, crop)
-        seen = replace(crops, cameras=similarity.apply_cameras(crops.cameras))
-    return Scene(model_sample, sample.cameras, similarity, up, seen, inputs, heldout, crop, full)
+        seen = crop_to_foreground(full.select(range(len(inputs))), input_resolution, crop, center, up)
+    else:
+        seen = given if input_resolution == resolution else load_sample(camera_file, input_resolution, list(inputs))
+    seen = replace(seen, cameras=similarity.apply_cameras(seen.cameras))
+    return Scene(model_sample, sample.cameras, similarity, up, seen, inputs, heldout, center, crop, full)
 
 
 # ---- predictors -----------------------------------------------------------------------------------
@@ -169,9 +186,11 @@ def _finite(gaussians: Gaussians, units: str, what: str) -> Prediction:
 
 class Predictor(ABC):
     """Scene -> Prediction. `crop`: the input crop margin the predictor sees its inputs with (None = whole
-    frames); `refinable`: whether refinement applies (Gaussians in the model frame to fit)."""
+    frames); `input_resolution`: the side its inputs must have (None = the scene's); `refinable`: whether
+    refinement applies (Gaussians in the model frame to fit)."""
 
     crop: float | None = None
+    input_resolution: int | None = None
     refinable: bool = False
 
     @abstractmethod
@@ -186,14 +205,15 @@ class CheckpointPredictor(Predictor):
     def __init__(self, model: GSLRM):
         self.model = model
         self.crop = model.config.input_crop
+        self.input_resolution = model.config.image_size
 
     def predict(self, scene: Scene, device: torch.device) -> Prediction:
         return self.predict_batch([scene], device)[0]
 
     def predict_batch(self, scenes: list[Scene], device: torch.device) -> list[Prediction]:
-        """One forward pass over several scenes with the same number of inputs and resolution (a batch of
+        """One forward pass over several scenes with the same number of inputs and input size (a batch of
         sequence frames); each scene's Gaussians are those it gets alone, up to float rounding."""
-        shapes = {(s.num_inputs, s.resolution) for s in scenes}
+        shapes = {(s.num_inputs, s.inputs.cameras.height) for s in scenes}
         assert len(shapes) == 1, f"a batch needs one input count and resolution, got {sorted(shapes)}"
         images = torch.stack([s.inputs.images for s in scenes]).to(device)  # [B, I, 3, R, R]
         cameras = Cameras.stack([s.inputs.cameras for s in scenes]).to(device)  # [B, I]
@@ -202,7 +222,7 @@ class CheckpointPredictor(Predictor):
         predictions = []
         for b, scene in enumerate(scenes):
             gaussians = batch[b]
-            r = scene.resolution
+            r = scene.inputs.cameras.height
             assert gaussians.num == self.model.config.n_gaussians + scene.num_inputs * r * r, gaussians.num
             predictions.append(_finite(gaussians, "model", scene.sample.sample_id))
         return predictions
@@ -233,11 +253,23 @@ class FlatPredictor(Predictor):
 # ---- refinement, rendering, units -----------------------------------------------------------------
 
 
+def scene_crops(scene: Scene, views: range | None = None) -> Sample:
+    """The scene's frames (`views` of its I + H, default all) cropped as its inputs were (aimed at the mouse,
+    `scene.crop` margin) at the scene resolution, model frame. Crop scenes only."""
+    assert scene.full is not None, "scene_crops needs a crop scene"
+    full = scene.full if views is None else scene.full.select(views)
+    crops = crop_to_foreground(full, scene.resolution, scene.crop, scene.center, scene.world_up)
+    return replace(crops, cameras=scene.similarity.apply_cameras(crops.cameras))
+
+
 def refine_scene(gaussians: Gaussians, scene: Scene, steps: int) -> RefineResult:
     """`refine.refine_inputs` for a scene: model-frame Gaussians against the whole input frames, preceded by
-    the crops a crop model saw (`scene.crop`), carved with the whole input frames."""
+    the crops a crop model saw (`scene.crop`, at the scene resolution), carved with the whole input frames."""
     device = gaussians.device
-    crops = None if scene.crop is None else scene.inputs.to(device)
+    crops = None
+    if scene.crop is not None:
+        same = scene.inputs.cameras.height == scene.resolution
+        crops = (scene.inputs if same else scene_crops(scene, range(scene.num_inputs))).to(device)
     try:
         return refine_inputs(gaussians, scene.whole.to(device), crops, steps)
     except RefineError as err:

@@ -1,10 +1,11 @@
 """One sample of calibrated views -> a 3DGS .ply: `reconstruct(ReconstructOptions) -> ReconstructResult`.
 
 Steps (each logged with its wall time), all but the first and the last two through `pipeline`:
-  1. load the checkpoint (ours or FaceLift's; without one, the bundled demo checkpoint);
-  2. prepare the scene (`pipeline.prepare`): the input and held-out frames at the model resolution,
-     the similarity to the model's rig fitted to the input views, and the inputs as the model was
-     trained to see them (cropped around the mouse for a model trained on crops, `input_crop`);
+  1. load the checkpoint (ours or FaceLift's; without one, the bundled demo checkpoint); `method="hull"`
+     uses no model: step 3 carves the visual hull of the input masks instead (`pipeline.HullPredictor`);
+  2. prepare the scene (`pipeline.prepare`): the input and held-out frames at `resolution` (default the
+     model's), the similarity to the model's rig centred on the mouse, and the inputs as the model was
+     trained to see them (at its resolution; aimed crops around the mouse for a model trained on crops);
   3. run the GS-LRM once (`pipeline.CheckpointPredictor`) -> 2 token Gaussians + one per input pixel;
   4. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0, drop
      those off the input silhouettes, optimise them for N steps against the input views and carve
@@ -30,7 +31,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -40,13 +41,13 @@ from torch import Tensor
 
 from mouserecon.cameras import Cameras, find_camera_file, look_at
 from mouserecon.checkpoints import CheckpointInfo, load_checkpoint, resolve_checkpoint
-from mouserecon.data import Sample, SampleError, crop_to_foreground
+from mouserecon.data import Sample, SampleError
 from mouserecon.device import pick_device
 from mouserecon.gaussians import Gaussians
 from mouserecon.normalize import Similarity
 from mouserecon.options import ReconstructError, ReconstructOptions
-from mouserecon.pipeline import (CheckpointPredictor, Prediction, Scene, prepare, refine_scene, render_views, to_user_frame,
-                                 view_scores)
+from mouserecon.pipeline import (HULL_RESOLUTION, CheckpointPredictor, HullPredictor, Prediction, Scene, prepare,
+                                 refine_scene, render_views, scene_crops, to_user_frame, view_scores)
 from mouserecon.ply import save_ply
 from mouserecon.sidecar import UNITS_NOTES, Sidecar
 
@@ -92,34 +93,32 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
     timings: dict[str, float] = {}
     checkpoint_path = _check_paths(o)
     device = pick_device(o.device)
-
-    with _timed("loading checkpoint", timings):
-        model, info = load_checkpoint(checkpoint_path, device)
-    config = info.config
-    log.info("checkpoint %s: %s format, d=%d, %d layers, patch %d, %s parameters, step %s",
-             checkpoint_path, info.format, config.d, config.n_layer, config.patch_size, f"{info.n_params:,}", info.step)
-    if o.units == "input" and config.sh_degree > 0:
-        raise ReconstructError(f"{checkpoint_path}: SH degree {config.sh_degree} Gaussians cannot be mapped to the "
-                               "input frame (view-dependent colour would need rotating); use units 'model'")
-    resolution = o.resolution or config.image_size
-    if resolution % config.patch_size:
-        raise ReconstructError(f"resolution {resolution} is not a multiple of the model's patch size "
-                               f"{config.patch_size} ({checkpoint_path})")
-
-    predictor = CheckpointPredictor(model)
+    if o.method == "hull":
+        info, predictor, resolution = None, HullPredictor(), o.resolution or HULL_RESOLUTION
+    else:
+        with _timed("loading checkpoint", timings):
+            model, info = load_checkpoint(checkpoint_path, device)
+        config = info.config
+        log.info("checkpoint %s: %s format, d=%d, %d layers, patch %d, %s parameters, step %s", checkpoint_path,
+                 info.format, config.d, config.n_layer, config.patch_size, f"{info.n_params:,}", info.step)
+        if o.units == "input" and config.sh_degree > 0:
+            raise ReconstructError(f"{checkpoint_path}: SH degree {config.sh_degree} Gaussians cannot be mapped to "
+                                   "the input frame (view-dependent colour would need rotating); use units 'model'")
+        predictor, resolution = CheckpointPredictor(model), o.resolution or config.image_size
     with _timed("loading sample", timings):
-        scene = prepare(o.views_dir, o.inputs, o.heldout, resolution, predictor.crop)
-    log.info("sample %s: %s, mask from %s; input views %s, held out %s%s", scene.sample.path,
-             f"{resolution}x{resolution}", scene.sample.mask_source, list(scene.input_views), list(scene.heldout_views),
-             "; inputs cropped to a square around the mouse from the full-resolution images (margin "
-             f"{scene.crop:g}, as the model was trained)" if scene.crop is not None else "")
+        scene = prepare(o.views_dir, o.inputs, o.heldout, resolution, predictor.crop, predictor.input_resolution)
+    seen = scene.inputs.cameras.height
+    log.info("sample %s: %s, mask from %s; input views %s, held out %s; %s sees them %s at %d px", scene.sample.path,
+             f"{resolution}x{resolution}", scene.sample.mask_source, list(scene.input_views),
+             list(scene.heldout_views), "the visual hull" if info is None else "the model",
+             "as whole frames" if scene.crop is None else f"cropped around the mouse (margin {scene.crop:g})", seen)
     _log_similarity(scene.similarity, scene.world_up)
-    with _timed("running the model", timings):
+    with _timed("carving the visual hull" if info is None else "running the model", timings):
         prediction = predictor.predict(scene, device)
     return finish(prediction, scene, o, info, str(device), timings)
 
 
-def finish(prediction: Prediction, scene: Scene, o: ReconstructOptions, info: CheckpointInfo, device: str,
+def finish(prediction: Prediction, scene: Scene, o: ReconstructOptions, info: CheckpointInfo | None, device: str,
            timings: dict[str, float]) -> ReconstructResult:
     """Steps 4-6 for one scene's prediction: prune, refine, write the PLY, the previews and the sidecar
     (`timings` holds the earlier steps' and gets these)."""
@@ -162,8 +161,8 @@ def finish(prediction: Prediction, scene: Scene, o: ReconstructOptions, info: Ch
 # ---- steps -------------------------------------------------------------------------------------
 
 
-def _check_paths(o: ReconstructOptions) -> Path:
-    """Cheap checks before any heavy work -> the checkpoint file."""
+def _check_paths(o: ReconstructOptions) -> Path | None:
+    """Cheap checks before any heavy work -> the checkpoint file (None for the visual hull)."""
     if not o.views_dir.is_dir():
         defect = "not a folder (give the sample folder)" if o.views_dir.exists() else "views folder not found"
         raise ReconstructError(f"{o.views_dir}: {defect}")
@@ -177,7 +176,7 @@ def _check_paths(o: ReconstructOptions) -> Path:
             and importlib.util.find_spec("imageio_ffmpeg") is None:
         raise ReconstructError("an MP4 turntable needs the imageio-ffmpeg package (pip install imageio-ffmpeg), "
                                "which is not installed; use the GIF format instead")
-    return resolve_checkpoint(o.checkpoint)
+    return None if o.method == "hull" else resolve_checkpoint(o.checkpoint)
 
 
 def _log_similarity(similarity: Similarity, up: Tensor) -> None:
@@ -209,9 +208,11 @@ def _sidecar(result: ReconstructResult, o: ReconstructOptions, info, scene: Scen
         world_up=scene.world_up.tolist(), sample=str(scene.sample.path),
         camera_file=str(find_camera_file(scene.sample.path)),
         input_views=list(result.inputs), heldout_views=list(result.heldout), resolution=result.resolution,
+        input_resolution=scene.inputs.cameras.height,
         mask_source=scene.sample.mask_source,
-        checkpoint={"path": info.path, "format": info.format, "step": info.step, "n_params": info.n_params,
-                    "config": asdict(info.config)},
+        method=o.method,
+        checkpoint=None if info is None else {"path": info.path, "format": info.format, "step": info.step,
+                                              "n_params": info.n_params, "config": asdict(info.config)},
         device=device, min_opacity=o.min_opacity,
         refine={"steps": o.refine, "carved": dict(zip(("before", "after"), result.refine_carved)),
                 "metrics": result.refine_metrics},
@@ -224,11 +225,8 @@ def _sidecar(result: ReconstructResult, o: ReconstructOptions, info, scene: Scen
 
 def _shown(scene: Scene) -> Sample:
     """Every frame of the scene as the previews show it, model frame: for a crop model each frame cropped
-    around its mask the way the model saw its inputs, else the frames at the scene resolution."""
-    if scene.full is None:
-        return scene.sample
-    shown = crop_to_foreground(scene.full, scene.resolution, scene.crop)
-    return replace(shown, cameras=scene.similarity.apply_cameras(shown.cameras))
+    as the model saw its inputs (aimed at the mouse), else the frames at the scene resolution."""
+    return scene.sample if scene.full is None else scene_crops(scene)
 
 
 # ---- previews ----------------------------------------------------------------------------------

@@ -113,8 +113,9 @@ def sequence_frames(source: Path) -> list[Frame]:
 class _Scenes(Dataset):
     """Frame -> (frame, Scene or the error that made it fail), prepared in DataLoader workers."""
 
-    def __init__(self, frames: list[Frame], options: SequenceOptions, resolution: int, crop: float | None):
-        self.frames, self.options, self.resolution, self.crop = frames, options, resolution, crop
+    def __init__(self, frames: list[Frame], options: SequenceOptions, resolution: int, predictor: CheckpointPredictor):
+        self.frames, self.options, self.resolution = frames, options, resolution
+        self.crop, self.input_resolution = predictor.crop, predictor.input_resolution
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -122,7 +123,8 @@ class _Scenes(Dataset):
     def __getitem__(self, i: int) -> tuple[Frame, Scene | str]:
         frame = self.frames[i]
         try:
-            return frame, prepare(frame.sample, self.options.inputs, self.options.heldout, self.resolution, self.crop)
+            return frame, prepare(frame.sample, self.options.inputs, self.options.heldout, self.resolution, self.crop,
+                                  self.input_resolution)
         except MouseReconError as err:  # a bad sample: recorded, the others go on
             return frame, str(err)
 
@@ -223,7 +225,7 @@ def _run(todo: list[Frame], o: SequenceOptions, predictor: CheckpointPredictor, 
     if not todo:
         return written, failed
     workers = o.workers if o.workers is not None else (min(4, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0)
-    loader = DataLoader(_Scenes(todo, o, resolution, predictor.crop), batch_size=o.batch_size, shuffle=False,
+    loader = DataLoader(_Scenes(todo, o, resolution, predictor), batch_size=o.batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_keep_as_is, multiprocessing_context="spawn" if workers else None)
     pending: list[Future] = []
     bar = progress(total=len(todo), desc="reconstruct", unit="frame")

@@ -15,7 +15,7 @@ from mouserecon.errors import MouseReconError
 from mouserecon.files import atomic_write_json
 
 FORMAT = "mouserecon-sidecar"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 UNITS_NOTES = {"input": "the camera file's units (e.g. mm)",
                "model": "the model's normalised frame (object at the origin, cameras ~2.7 away, +Z up)"}
 
@@ -29,8 +29,9 @@ class Sidecar:
     """ply: the .ply's file name. units: "input" | "model" (units_note says which frame that is).
     similarity_user_to_model / _model_to_user: `Similarity.to_dict()` records (x_model = s R x_user + t).
     world_up: the user's up axis that became +Z. sample, camera_file: what it was made from.
-    input_views / heldout_views: frame indices. resolution: the model inputs' side in px.
-    mask_source: the sample's. checkpoint: {path, format, step, n_params, config}. device.
+    input_views / heldout_views: frame indices. resolution: the scene's side in px (held-out scores,
+    refinement); input_resolution: the side the model (or hull) saw its inputs at. mask_source: the sample's.
+    method: "model" | "hull". checkpoint: {path, format, step, n_params, config}, None for the hull. device.
     min_opacity: the pruning threshold. refine: {steps, carved {before, after}, metrics}.
     counts: {predicted, nonfinite, pruned, written}. previews: files written. timings_s: per step."""
 
@@ -45,8 +46,10 @@ class Sidecar:
     input_views: list[int]
     heldout_views: list[int]
     resolution: int
+    input_resolution: int
     mask_source: str
-    checkpoint: dict
+    method: str
+    checkpoint: dict | None
     device: str
     min_opacity: float
     refine: dict

@@ -43,13 +43,13 @@ def synth_mice(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """An untrained seed-0 tiny GS-LRM (whole frames, 8 px patches) in our checkpoint format."""
+    """An untrained seed-0 tiny GS-LRM (whole frames, 8 px patches, nominal 32 px) in our checkpoint format."""
     from mouserecon.checkpoints import save_checkpoint
     from mouserecon.model import GSLRM, ModelConfig
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, GSLRM(ModelConfig.preset("tiny")))
+    save_checkpoint(path, GSLRM(ModelConfig.preset("tiny", image_size=32)))
     return path
 
 

@@ -275,7 +275,8 @@ def test_baselines_and_refined_models_share_the_report(synth_mice, checkpoints, 
     # the 5 crops (zoomed in: larger fx) and then the same 5 whole frames.
     whole, crops = targets[1], targets[3]  # the same sample (the second) for both models
     assert len(targets) == 4 and len(whole) == 5 and len(crops) == 10
-    assert crops[5:] == pytest.approx(whole) and min(c / w for c, w in zip(crops[:5], whole)) > 1.2  # seen: 1.39 and up
+    # aimed at the mouse's 3D centre, the crops frame it with room for the tail: seen 1.03 and up on 64 px frames
+    assert crops[5:] == pytest.approx(whole) and min(c / w for c, w in zip(crops[:5], whole)) > 1.0
     assert carved_with[1] == carved_with[3] == pytest.approx(whole)  # both carve with the whole input frames
     rows = _rows(out)
     for row in (r for r in rows if r["model"] == "flat"):  # white everywhere: closed form from the PNG

@@ -17,9 +17,9 @@ import pytest
 import torch
 from test_reconstruct import write_sample
 
-from mouserecon.cameras import load_opencv_cameras
+from mouserecon.cameras import load_opencv_cameras, optical_axes_intersection
 from mouserecon.checkpoints import demo_checkpoint, load_checkpoint
-from mouserecon.data import crop_to_foreground, load_sample
+from mouserecon.data import crop_to_foreground, foreground_center, load_sample
 from mouserecon.eval import evaluate as evaluate_module
 from mouserecon.eval.evaluate import evaluate
 from mouserecon.normalize import normalize_cameras
@@ -52,23 +52,37 @@ def as_transforms_json(sample: Path, out: Path) -> Path:
 # ---- prepare --------------------------------------------------------------------------------------
 
 
-def test_prepare_gives_the_model_the_frames_or_the_crops_in_the_frame_fitted_to_the_inputs(mm_sample):
+def test_prepare_gives_the_model_the_frames_or_the_crops_in_the_frame_centred_on_the_mouse(mm_sample):
     inputs, heldout = (3, 0), (5,)
     whole = prepare(mm_sample, inputs, heldout, 32)
     reference = load_sample(mm_sample, 32, [3, 0, 5])
     torch.testing.assert_close(whole.sample.images, reference.images, rtol=0, atol=0)
     torch.testing.assert_close(whole.inputs.images, reference.images[:2], rtol=0, atol=0)
-    _, similarity = normalize_cameras(reference.cameras[:2], up=torch.tensor([0.0, 1.0, 0.0]))  # the file's up: +y
+    center = foreground_center(reference.cameras[:2], reference.masks[:2])  # from the input masks only
+    _, similarity = normalize_cameras(reference.cameras[:2], center=center, up=torch.tensor([0.0, 1.0, 0.0]))
     torch.testing.assert_close(whole.similarity.matrix(), similarity.matrix(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(whole.center, center, rtol=0, atol=0)
     torch.testing.assert_close(whole.sample.cameras.c2w, similarity.apply_cameras(reference.cameras).c2w)
     torch.testing.assert_close(whole.user_cameras.c2w, reference.cameras.c2w, rtol=0, atol=0)
     assert whole.heldout.image_paths == (reference.image_paths[2],) and whole.full is None
 
     cropped = prepare(mm_sample, (2,), None, 32, crop=0.1)  # a single input view is allowed
-    crops = crop_to_foreground(load_sample(mm_sample), 32, 0.1)
+    full = load_sample(mm_sample)
+    rig_center = optical_axes_intersection(full.cameras.c2w)  # one view cannot place the mouse: the rig's aim
+    crops = crop_to_foreground(full, 32, 0.1, rig_center, torch.tensor([0.0, 1.0, 0.0]))
     torch.testing.assert_close(cropped.inputs.images, crops.images[2:3], rtol=0, atol=0)
     torch.testing.assert_close(cropped.inputs.cameras.intrinsics, crops.cameras.intrinsics[2:3])
     assert cropped.heldout_views == (0, 1, 3, 4, 5) and cropped.full.images.shape[-1] == 64
+
+
+def test_the_model_sees_its_inputs_at_its_own_resolution_whatever_the_scene_resolution(mm_sample):
+    scene = prepare(mm_sample, (0, 1, 2), (4,), 32, input_resolution=16)
+    reference = load_sample(mm_sample, 16, [0, 1, 2])
+    torch.testing.assert_close(scene.inputs.images, reference.images, rtol=0, atol=0)
+    torch.testing.assert_close(scene.inputs.cameras.c2w, scene.similarity.apply_cameras(reference.cameras).c2w)
+    assert scene.sample.images.shape[-1] == 32 and scene.whole.images.shape[-1] == 32
+    cropped = prepare(mm_sample, (0, 1, 2), (4,), 32, crop=0.1, input_resolution=16)
+    assert cropped.inputs.images.shape == (3, 3, 16, 16) and cropped.sample.images.shape[-1] == 32
 
 
 def test_one_input_view_is_normalised_with_the_whole_rig(mm_sample):

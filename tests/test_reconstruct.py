@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from mouserecon.cameras import Cameras, load_opencv_cameras
 from mouserecon.checkpoints import demo_checkpoint, save_checkpoint
 from mouserecon.cli import main
-from mouserecon.data import crop_to_foreground, load_sample
+from mouserecon.data import crop_to_foreground, foreground_center, load_sample
 from mouserecon.device import DeviceError
 from mouserecon.model import GSLRM, ModelConfig
 from mouserecon.ply import load_ply, property_names
@@ -233,7 +233,7 @@ def test_previews_show_the_sample_and_match_a_user_frame_render(tmp_path, tiny_c
 
 def test_nonfinite_gaussians_are_dropped_and_counted(mm_sample, tmp_path):
     torch.manual_seed(0)
-    model = GSLRM(ModelConfig.preset("tiny"))
+    model = GSLRM(ModelConfig.preset("tiny", image_size=32))
     channels = model.config.gaussian_channels
     with torch.no_grad():  # NaN opacity for the first pixel of every patch: rows j*G + c of the pixel head
         model.pixel_head.weight[channels - 1] = float("nan")
@@ -301,7 +301,6 @@ def test_bad_inputs_are_clear_errors(mm_sample, tiny_checkpoint, tmp_path):
         ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--inputs", "0,1,9"], ["opencv_cameras.json", "out of range", "6 frames"]),
         ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--inputs", "0,0"], ["distinct"]),
         ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--inputs", "0,a"], ["comma-separated"]),
-        ([str(mm_sample), "-o", out, "--checkpoint", ckpt, "--resolution", "60"], ["60", "patch size 8"]),
         ([str(mm_sample), "-o", str(tmp_path / "no" / "m.ply"), "--checkpoint", ckpt], ["output folder", "does not exist"]),
         ([str(mm_sample), "-o", str(tmp_path / "m.obj"), "--checkpoint", ckpt], ["m.obj", ".ply"]),
         ([str(mm_sample), "-o", out, "--checkpoint", str(tmp_path / "none.pt")], ["none.pt", "not found"]),
@@ -364,7 +363,7 @@ def test_broken_sample_names_the_file(tmp_path, tiny_checkpoint):
 
 def test_higher_sh_degree_cannot_be_mapped_to_the_input_frame(mm_sample, tmp_path):
     checkpoint = tmp_path / "sh1.pt"
-    save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", sh_degree=1)))
+    save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", sh_degree=1, image_size=32)))
     with pytest.raises(ReconstructError, match="SH degree 1.*units 'model'"):
         reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, resolution=32))
     out = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, resolution=32, units="model"))
@@ -387,19 +386,21 @@ def test_mp4_without_imageio_ffmpeg_is_refused_before_any_work(mm_sample, tiny_c
 
 
 def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sample, tmp_path):
-    """Each pixel Gaussian of a crop model projects, with the user's full-frame camera, onto its pixel of
-    the square around that view's mask box (margin 0.1), computed here from the PNG alpha."""
+    """Each pixel Gaussian of a crop model, projected with the user's full-frame camera, lands on the PNG
+    pixels its crop pixel shows, and the crops cover the whole mask; the previews show those crops."""
     torch.manual_seed(0)
     checkpoint = tmp_path / "crop.pt"
-    save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1)))
+    save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1, image_size=32)))
     size, views = 32, (1, 3)
     result = reconstruct(ReconstructOptions(mm_sample, tmp_path / "m.ply", checkpoint, inputs=views, resolution=size,
                                             units="input", min_opacity=0.0, previews_dir=tmp_path / "previews",
                                             turntable_frames=2))
     assert json.loads(result.sidecar_path.read_text())["checkpoint"]["config"]["input_crop"] == 0.1
-    # the previews show the views the way the model saw them: cropped around the mouse
+    full = load_sample(mm_sample)
+    center = foreground_center(full.cameras[list(views)], full.masks[list(views)])
+    cropped = crop_to_foreground(full.select(views), size, 0.1, center, torch.tensor([0.0, 1.0, 0.0]))
+    crops = cropped.images
     shown = iio.imread(tmp_path / "previews" / "inputs.png")[:size]  # top row: the input views
-    crops = crop_to_foreground(load_sample(mm_sample), size, 0.1).images[list(views)]
     expected = (torch.cat(list(crops), -1).permute(1, 2, 0) * 255).round().numpy()
     assert np.abs(shown.astype(np.float64) - expected).max() <= 1
     xyz = columns(read_ply(result.ply_path), "x", "y", "z")
@@ -408,16 +409,19 @@ def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sa
     frames = json.loads((mm_sample / "opencv_cameras.json").read_text())["frames"]
     for k, frame in enumerate(views):
         f, w2c = frames[frame], np.array(frames[frame]["w2c"])
-        fg_rows, fg_cols = np.nonzero(iio.imread(mm_sample / f["file_path"])[..., 3] >= 128)  # alpha > 0.5
-        box = max(fg_rows.max() + 1 - fg_rows.min(), fg_cols.max() + 1 - fg_cols.min())
-        side = math.ceil(box * 1.2)
-        left = round((fg_cols.min() + fg_cols.max() + 1) / 2 - side / 2)
-        top = round((fg_rows.min() + fg_rows.max() + 1) / 2 - side / 2)
+        rgba = iio.imread(mm_sample / f["file_path"]).astype(np.float64) / 255.0
         cam = xyz[2 + k * size * size + order.ravel()] @ w2c[:3, :3].T + w2c[:3, 3]
-        u = f["fx"] * cam[:, 0] / cam[:, 2] + f["cx"]
+        u = f["fx"] * cam[:, 0] / cam[:, 2] + f["cx"]  # [size * size], row-major crop pixels
         v = f["fy"] * cam[:, 1] / cam[:, 2] + f["cy"]
-        np.testing.assert_allclose(u, left + (cols.ravel() + 0.5) * side / size, atol=2e-3)
-        np.testing.assert_allclose(v, top + (rows.ravel() + 0.5) * side / size, atol=2e-3)
+        fg_rows, fg_cols = np.nonzero(rgba[..., 3] >= 0.5)
+        assert u.min() < fg_cols.min() and u.max() > fg_cols.max() + 1  # the crop covers the mask, with margin
+        assert v.min() < fg_rows.min() and v.max() > fg_rows.max() + 1
+        inside = (u > 0) & (u < f["w"] - 1) & (v > 0) & (v < f["h"] - 1)
+        png = rgba[np.clip(v, 0, f["h"] - 1).astype(int), np.clip(u, 0, f["w"] - 1).astype(int), 3]
+        seen = cropped.masks[k, 0].numpy().ravel() > 0.5
+        # a crop pixel shows the mouse where the PNG pixel under its Gaussian does (edges aside)
+        agree = (seen[inside] == (png[inside] >= 0.5)).mean()
+        assert agree > 0.95, agree
 
 
 def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, tmp_path, monkeypatch):
@@ -425,7 +429,7 @@ def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, 
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "crop.pt"
-    save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1)))
+    save_checkpoint(checkpoint, GSLRM(ModelConfig.preset("tiny", input_crop=0.1, image_size=32)))
     seen = []
     refine = refine_module.refine
 
@@ -439,12 +443,46 @@ def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, 
                                             refine=1))
     (images, cameras, (carve_masks, carve_cameras)), = seen
     # the 2 crops the model saw, then the 2 whole frames, each with its own camera in the model frame
-    crops, whole = crop_to_foreground(load_sample(mm_sample), size, 0.1), load_sample(mm_sample, size)
-    torch.testing.assert_close(images, torch.cat([crops.images[list(views)], whole.images[list(views)]]))
-    expected = result.similarity.apply_cameras(Cameras.cat([crops.cameras[list(views)], whole.cameras[list(views)]]))
+    full = load_sample(mm_sample).select(views)
+    center = foreground_center(full.cameras, full.masks)
+    crops = crop_to_foreground(full, size, 0.1, center, torch.tensor([0.0, 1.0, 0.0]))
+    whole = load_sample(mm_sample, size).select(views)
+    torch.testing.assert_close(images, torch.cat([crops.images, whole.images]))
+    expected = result.similarity.apply_cameras(Cameras.cat([crops.cameras, whole.cameras]))
     torch.testing.assert_close(cameras.intrinsics, expected.intrinsics)
     torch.testing.assert_close(cameras.c2w, expected.c2w)
     # carved with the whole input frames only
-    torch.testing.assert_close(carve_masks, whole.masks[list(views)])
+    torch.testing.assert_close(carve_masks, whole.masks)
     torch.testing.assert_close(carve_cameras.intrinsics, expected.intrinsics[2:])
     torch.testing.assert_close(carve_cameras.c2w, expected.c2w[2:])
+
+
+# ---- the visual hull (no model) ------------------------------------------------------------------
+
+
+def test_method_hull_writes_the_hull_of_the_input_masks_and_refines_it(demo_sample, tmp_path):
+    """`--method hull`: no checkpoint; every Gaussian centre projects onto every input view's PNG mask
+    (dilated by a voxel's footprint); the sidecar says what made it; refinement improves the inputs."""
+    out = tmp_path / "hull.ply"
+    result = _invoke(str(demo_sample), "-o", str(out), "--method", "hull", "--resolution", "64", "--refine", "10")
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["method"] == "hull" and sidecar["checkpoint"] is None and sidecar["resolution"] == 64
+    after, before = sidecar["refine"]["metrics"]["after"]["inputs"], sidecar["refine"]["metrics"]["before"]["inputs"]
+    assert after["psnr_fg"] > before["psnr_fg"] and sidecar["counts"]["written"] > 100
+    xyz = columns(read_ply(out), "x", "y", "z")  # input units (mm)
+    sample = load_sample(demo_sample)  # full resolution, the camera file's frame
+    dilated = torch.nn.functional.max_pool2d(sample.masks, 9, stride=1, padding=4)[:, 0].numpy()
+    for view in range(5):
+        w2c, (fx, fy, cx, cy) = sample.cameras.w2c[view].double().numpy(), sample.cameras.intrinsics[view].tolist()
+        cam = xyz @ w2c[:3, :3].T + w2c[:3, 3]
+        u, v = fx * cam[:, 0] / cam[:, 2] + cx, fy * cam[:, 1] / cam[:, 2] + cy
+        h, w = dilated[view].shape
+        assert (cam[:, 2] > 0).all() and (u >= 0).all() and (u < w).all() and (v >= 0).all() and (v < h).all()
+        assert (dilated[view][np.floor(v).astype(int), np.floor(u).astype(int)] >= 0.5).mean() > 0.99, view
+
+
+def test_method_hull_takes_no_checkpoint(demo_sample, tiny_checkpoint, tmp_path):
+    result = _invoke(str(demo_sample), "-o", str(tmp_path / "h.ply"), "--method", "hull", "--checkpoint",
+                     str(tiny_checkpoint))
+    assert result.exit_code != 0 and "the visual hull uses no checkpoint" in result.output
