@@ -1,0 +1,898 @@
+"""Evaluation samples rendered from a real mouse mesh (MAMMAL_mouse), not from our synthetic generator.
+
+`python -m mouserecon.eval.mesh_mice --mammal PATH -o OUT/ [--n 12] [--resolution 256] [--rig real|facelift]
+[--crop window|perspective] [--seed 0] [--sheet SHEET.png]` writes N sample folders (DESIGN.md section 4):
+`images/cam_000.png ...` (8-bit RGBA, alpha = coverage, white where alpha is 0), `opencv_cameras.json`
+(`world_up`; for the FaceLift rig also `normalization`), `depth.npz` (camera z at each pixel centre, 0 off
+the mouse, as `mouserecon.data.DEPTH_FILE`) and `mesh_mouse.json` (mesh source, seed, pose, coat, light,
+position, crops). Frames 0-5 are the 6 cameras of the real markerless_mouse_1 rig, frames 6-7 two held-out
+cameras at random azimuths, 0-30 deg elevation, ~300 mm from the mouse, aimed within 5 mm of its centre.
+
+Mesh: MAMMAL_mouse (github.com/anl13/MAMMAL_mouse, `mouse_model/`: 14522 vertices, 28800 faces, 140 joints
+with rest positions and parents, skinning weights, a map of the 22 DANNCE keypoints), itself extracted from
+the Bolanos et al. 2021 virtual C57BL/6 mouse; read at run time from a checkout or its bare git repository,
+never copied here. Model frame: +x the mouse's left, -y forward (snout), +z up (dorsal). Posed by our
+linear-blend skinning (`forward_kinematics`, `skin`: each joint turns its subtree about its rest position).
+
+Poses (`FAMILIES`): "rest" is MAMMAL's template pose (legs splayed); walk, turn, rear and groom come from
+the real mouse: the mesh is fitted to the recording's 81 labelled frames (`fit_labeled_poses`: one scale,
+per-frame heading, translation and joint rotations under a pose prior), each frame gets a family from its
+labels (`classify`), and a sample takes a fit of its family with its spine, neck and tail turned up to 5 deg
+more. World: the rig's, mm, +Z up; the mouse's lowest point on the floor z = 0, its body (tail excluded)
+centred over a recorded position of the mouse (`com3d_mm_all_frames`), random heading.
+
+Looks: a coat (`COATS`: black glossy most often, white, agouti; ears, tail, paws and nose told apart by their
+skinning weights), a key light from above plus ambient (`draw_light`), shaded by
+`mouserecon.synth.trace.shade` (Lambert + Blinn-Phong + sky ambient; no shadows) after our z-buffer
+rasteriser (`rasterize`, vectorised over triangles and samples, 3 x 3 samples per pixel for the alpha edge).
+
+Rigs (`load_rig`, ../shared/data/markerless_mouse_1_rig); a placement is redrawn until every rig view sees
+the whole mouse inside its frame and the cameras pass `validate_cameras`:
+- `real`: the 1152x1024 calibration (mm, pinhole; distortion ignored), views cropped around the mouse.
+  `--crop window` (default): a square pixel window of each frame around the projected mesh (tail included)
+  with `DEFAULT_CROP_MARGIN` of its longer side on each side, resized to `resolution`: principal point
+  shifted, focal scaled, axes unchanged. Our camera files need the principal point inside the image, which
+  a window far from the frame centre misses, so this mode only keeps positions near where the rig looks.
+  `--crop perspective`: `prepare`'s crop model (each camera turned about its centre to look at the mouse,
+  principal point at the image centre), valid anywhere.
+- `facelift`: the FaceLift-fork "M5" cameras (frame x' = s (x_mm - c), fx = fy = 549 at 512 px), whole
+  frames resized to `resolution`; the mouse is mapped by the same similarity, fitted from the two camera
+  files' centres and recorded as `normalization` (x_model = s R x_mm + t, R = I).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from torch import Tensor
+
+from mouserecon.cameras import CameraError, Cameras, load_camera_file, look_at, save_opencv_cameras, validate_cameras
+from mouserecon.data import DEPTH_FILE, load_sample
+from mouserecon.errors import MouseReconError
+from mouserecon.normalize import Similarity, rotation_between
+from mouserecon.options import DEFAULT_CROP_MARGIN
+from mouserecon.progress import progress
+from mouserecon.synth.generate import save_depth
+from mouserecon.synth.trace import Light, one_thread, shade
+
+log = logging.getLogger(__name__)
+
+RIG_FILES = {"real": "opencv_cameras_native_1152x1024.json", "facelift": "opencv_cameras_m5_facelift_fork_512.json"}
+KEYPOINTS_FILE = "keypoints_markerless_mouse_1.npz"
+CROPS = {"real": ("window", "perspective"), "facelift": ("frame",)}  # the first is the default
+RIG_VIEWS, HELDOUT_VIEWS = tuple(range(6)), (6, 7)
+HELDOUT_DISTANCE_MM = (285.0, 315.0)
+NEAR = 1e-6  # camera z below which a vertex is an error (the rasteriser does not clip)
+POSITION_TRIES = 2000
+RECORD_FILE = "mesh_mouse.json"
+
+
+class MeshMiceError(MouseReconError, ValueError):
+    """Bad mesh data, rig files or options; the message names the file or option and the defect."""
+
+
+# ---- the mesh ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SkinnedMesh:
+    """A rest-pose mesh with a joint tree.
+
+    vertices [N, 3] float64 (model units), faces [F, 3] int64, weights [N, J] float64 (rows sum to 1),
+    joints [J, 3] float64 rest positions, parents [J] int64 (-1 for the root, parents[j] < j),
+    names: J joint names. keypoints: for each of the 22 DANNCE keypoints (`names22` order), ("V", vertex
+    ids) or ("J", joint ids) whose mean it is; empty when unknown. source: where it was read (for records).
+    """
+
+    vertices: Tensor
+    faces: Tensor
+    weights: Tensor
+    joints: Tensor
+    parents: Tensor
+    names: tuple[str, ...]
+    keypoints: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    source: dict | None = None
+
+    def index(self, names) -> list[int]:
+        missing = [n for n in names if n not in self.names]
+        if missing:
+            raise MeshMiceError(f"{(self.source or {}).get('path', 'the mesh')}: no joints named {missing}")
+        return [self.names.index(n) for n in names]
+
+
+MAMMAL_FILES = tuple(f"mouse_model/mouse_txt/{n}.txt" for n in (
+    "vertices", "faces_vert", "skinning_weights", "t_pose_joints", "parents", "joint_names")) + (
+    "mouse_model/keypoint22_mapper.json",)
+
+
+def _mammal_reader(path: Path):
+    """(name -> text of that file of the MAMMAL_mouse repository, its git commit or None), for a checkout or
+    a bare git repository (e.g. a mirror)."""
+    if (path / MAMMAL_FILES[0]).is_file():
+        return (lambda name: (path / name).read_text()), None
+    if not ((path / "HEAD").is_file() and (path / "objects").is_dir()):
+        raise MeshMiceError(f"{path}: not a MAMMAL_mouse checkout (no {MAMMAL_FILES[0]}) nor its bare git repository")
+
+    def show(name: str) -> str:
+        run = subprocess.run(["git", "--git-dir", str(path), "show", f"HEAD:{name}"], capture_output=True, text=True)
+        if run.returncode:
+            raise MeshMiceError(f"{path}: cannot read {name} from the git repository ({run.stderr.strip()})")
+        return run.stdout
+    head = subprocess.run(["git", "--git-dir", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return show, head.stdout.strip() or None
+
+
+def _table(text: str, name: str, path: Path, columns: int, dtype) -> np.ndarray:
+    try:
+        table = np.loadtxt(text.splitlines(), dtype=dtype, ndmin=2)
+    except ValueError as err:
+        raise MeshMiceError(f"{path}: {name} is not a numeric table ({err})") from None
+    if table.shape[1] != columns:
+        raise MeshMiceError(f"{path}: {name} has {table.shape[1]} columns, expected {columns}")
+    return table
+
+
+def _keypoint_map(text: str, path: Path, n: int, j: int) -> tuple:
+    try:
+        entries = sorted((e for e in json.loads(text)["mapper"] if e["keypoint"] < 22), key=lambda e: e["keypoint"])
+        mapped = tuple((e["type"], tuple(int(i) for i in e["ids"])) for e in entries)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise MeshMiceError(f"{path}: keypoint22_mapper.json is not a list of {{keypoint, type, ids}} "
+                            f"({err})") from None
+    in_range = lambda kind, ids: ids and min(ids) >= 0 and max(ids) < {"V": n, "J": j}.get(kind, 0)
+    if [e["keypoint"] for e in entries] != list(range(22)) or not all(in_range(*m) for m in mapped):
+        raise MeshMiceError(f"{path}: keypoint22_mapper.json must map keypoints 0-21 to vertex (V) or joint (J) "
+                            "ids in range")
+    return mapped
+
+
+def load_mammal(path: str | Path) -> SkinnedMesh:
+    """Read MAMMAL_mouse's articulated mouse (see the module docstring) -> SkinnedMesh; checks every table."""
+    path = Path(path)
+    read, commit = _mammal_reader(path)
+    texts = {Path(name).stem: read(name) for name in MAMMAL_FILES}
+    vertices = _table(texts["vertices"], "vertices.txt", path, 3, np.float64)
+    faces = _table(texts["faces_vert"], "faces_vert.txt", path, 3, np.int64)
+    triples = _table(texts["skinning_weights"], "skinning_weights.txt", path, 3, np.float64)  # joint, vertex, w
+    joints = _table(texts["t_pose_joints"], "t_pose_joints.txt", path, 3, np.float64)
+    parents = _table(texts["parents"], "parents.txt", path, 1, np.int64)[:, 0]
+    names = tuple(texts["joint_names"].split())
+    n, j = len(vertices), len(joints)
+    if len(parents) != j or len(names) != j or len(set(names)) != j:
+        raise MeshMiceError(f"{path}: {j} joints but {len(parents)} parents and {len(names)} names (unique needed)")
+    if parents[0] != -1 or not all(0 <= parents[k] < k for k in range(1, j)):
+        raise MeshMiceError(f"{path}: parents.txt must list the root first (-1) and every parent before its child")
+    if faces.min() < 0 or faces.max() >= n:
+        raise MeshMiceError(f"{path}: faces_vert.txt indexes vertices {faces.min()}..{faces.max()}, have {n}")
+    joint_ids, vertex_ids = triples[:, 0].astype(np.int64), triples[:, 1].astype(np.int64)
+    if joint_ids.min() < 0 or joint_ids.max() >= j or vertex_ids.min() < 0 or vertex_ids.max() >= n:
+        raise MeshMiceError(f"{path}: skinning_weights.txt indexes a joint or vertex out of range")
+    weights = np.zeros((n, j))
+    np.add.at(weights, (vertex_ids, joint_ids), triples[:, 2])
+    error = np.abs(weights.sum(1) - 1.0)
+    if error.max() > 0.01:
+        raise MeshMiceError(f"{path}: the skinning weights of vertex {int(error.argmax())} sum to "
+                            f"{weights.sum(1)[error.argmax()]:.3f}, expected 1")
+    digest = hashlib.sha1("".join(texts[k] for k in sorted(texts)).encode()).hexdigest()
+    source = {"path": str(path), "git_commit": commit, "files_sha1": digest, "files": list(MAMMAL_FILES)}
+    f64 = lambda a: torch.as_tensor(a, dtype=torch.float64)
+    return SkinnedMesh(f64(vertices), torch.as_tensor(faces), f64(weights / weights.sum(1, keepdims=True)), f64(joints),
+                       torch.as_tensor(parents), names, _keypoint_map(texts["keypoint22_mapper"], path, n, j), source)
+
+
+def forward_kinematics(joints: Tensor, parents: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
+    """Rest joints [J, 3], parents [J] (-1 = root, parents[j] < j) and rotations [..., J, 3, 3] (each about
+    its joint's rest position, rest-frame axes) -> each joint's transform T_j(x) = linear_j x + offset_j of
+    rest points: linear [..., J, 3, 3], offset [..., J, 3]. T_j(x) = T_parent(J_j + R_j (x - J_j)), the
+    root's parent being the identity. Differentiable."""
+    num = len(joints)
+    assert rotations.shape[-3:] == (num, 3, 3), f"rotations must be [..., {num}, 3, 3], got {tuple(rotations.shape)}"
+    local = joints - (rotations @ joints[:, :, None])[..., 0]  # [..., J, 3]
+    linear, offset = [], []
+    for j in range(num):
+        p = int(parents[j])
+        if p < 0:
+            linear.append(rotations[..., j, :, :])
+            offset.append(local[..., j, :])
+        else:
+            linear.append(linear[p] @ rotations[..., j, :, :])
+            offset.append((linear[p] @ local[..., j, :, None])[..., 0] + offset[p])
+    return torch.stack(linear, -3), torch.stack(offset, -2)
+
+
+def skin(mesh: SkinnedMesh, rotations: Tensor) -> tuple[Tensor, Tensor]:
+    """Linear-blend skinning: rotations [J, 3, 3] (as `forward_kinematics`) -> (posed vertices [N, 3],
+    posed joints [J, 3]); a vertex goes to sum_j w_j T_j(v). Identity rotations give the rest pose."""
+    linear, offset = forward_kinematics(mesh.joints, mesh.parents, rotations.to(torch.float64))
+    blended = torch.einsum("nj,jab->nab", mesh.weights, linear)  # [N, 3, 3]
+    vertices = (blended @ mesh.vertices[:, :, None])[:, :, 0] + mesh.weights @ offset
+    return vertices, (linear @ mesh.joints[:, :, None])[:, :, 0] + offset
+
+
+# ---- poses ------------------------------------------------------------------------------------
+
+FAMILIES = ("rest", "walk", "turn", "rear", "groom")
+SPINE = ("lumbar_vertebrae_2", "lumbar_vertebrae_3", "thoracic_vertebrae_0", "thoracic_vertebrae_1",
+         "thoracic_vertebrae_2")
+NECK = ("cervical_vertebrae_0", "cervical_vertebrae_1", "skull")
+TAIL = tuple(f"tail_{i}" for i in range(10))
+LIMBS = tuple(f"{bone}_{side}" for side in "lr" for bone in (
+    "perlvis", "femur", "tibia", "hind_paw", "scapula", "humerus", "ulna", "fore_paw"))
+FIT_JOINTS = ("root", "lumbar_vertebrae_1", "lumbar_vertebrae_0") + SPINE + NECK + TAIL + LIMBS
+# The labels' "Tail(end)" sits ~62 mm along the tail from its base (median over the 81 frames), where the
+# mesh has its tail_7 joint at ~125 mm/unit, not at the mesh's tip (~91 mm) where MAMMAL's map puts it;
+# fitting it to the tip curls the tail up.
+TAIL_END = (7, "tail_7")
+FIT_STEPS = 300
+POSE_PRIOR = 1.0  # mm^2 of keypoint error per rad^2 of joint rotation
+SCALE_PRIOR_MM = 125.0
+SCALE_JITTER = 0.05  # each sample's mouse is the fitted size times U(1 - j, 1 + j)
+
+
+def euler(yaw_deg: float, pitch_deg: float) -> Tensor:
+    """Rotation [3, 3] float64 in the model frame: pitch about -x (a forward bone's tip rises), then yaw about
+    +z (a forward bone turns to the mouse's left)."""
+    yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
+    about_z = torch.tensor([[math.cos(yaw), -math.sin(yaw), 0], [math.sin(yaw), math.cos(yaw), 0], [0, 0, 1]])
+    about_x = torch.tensor([[1, 0, 0], [0, math.cos(pitch), math.sin(pitch)], [0, -math.sin(pitch), math.cos(pitch)]])
+    return (about_z @ about_x).double()
+
+
+def axis_angle(vectors: Tensor) -> Tensor:
+    """Rotation vectors [..., 3] (axis * angle, rad) -> rotations [..., 3, 3] (Rodrigues; smooth at 0)."""
+    angle = (vectors.square().sum(-1, keepdim=True) + 1e-12).sqrt()[..., None]  # [..., 1, 1]
+    x, y, z = (vectors / angle[..., 0]).unbind(-1)
+    zero = torch.zeros_like(x)
+    cross = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(*vectors.shape[:-1], 3, 3)
+    eye = torch.eye(3, dtype=vectors.dtype).expand_as(cross)
+    return eye + angle.sin() * cross + (1.0 - angle.cos()) * cross @ cross
+
+
+def rot_z(angle: Tensor) -> Tensor:
+    """Rotations [..., 3, 3] about +z by angle [...] (rad)."""
+    c, s, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
+    return torch.stack([c, -s, zero, s, c, zero, zero, zero, one], -1).reshape(*angle.shape, 3, 3)
+
+
+def mesh_keypoints(mesh: SkinnedMesh, linear: Tensor, offset: Tensor) -> Tensor:
+    """The 22 mapped keypoints [..., 22, 3] (model units) of a pose given as `forward_kinematics` output."""
+    joints = (linear @ mesh.joints[:, :, None])[..., 0] + offset  # [..., J, 3]
+    points = []
+    for kind, ids in mesh.keypoints:
+        ids = list(ids)
+        if kind == "J":
+            points.append(joints[..., ids, :].mean(-2))
+        else:  # skin just these vertices
+            w = mesh.weights[ids]  # [k, J]
+            blended = torch.einsum("kj,...jab->...kab", w, linear)  # [..., k, 3, 3]
+            moved = (blended @ mesh.vertices[ids, :, None])[..., 0] + w @ offset
+            points.append(moved.mean(-2))
+    return torch.stack(points, -2)
+
+
+def keypoint_mesh(mesh: SkinnedMesh) -> tuple[SkinnedMesh, Tensor]:
+    """The part of `mesh` its keypoints depend on -> (a SkinnedMesh of just the keypoints' vertices and the
+    joints that move them, with their ancestors, keypoints re-indexed; the kept joints' ids [K] in `mesh`)."""
+    vertex_ids = sorted({i for kind, ids in mesh.keypoints if kind == "V" for i in ids})
+    needed = {i for kind, ids in mesh.keypoints if kind == "J" for i in ids}
+    needed |= set(torch.nonzero(mesh.weights[vertex_ids].sum(0) > 0).squeeze(1).tolist())
+    for j in list(needed):
+        while j >= 0:
+            needed.add(j)
+            j = int(mesh.parents[j])
+    kept = sorted(needed)
+    joint_at, vertex_at = {j: k for k, j in enumerate(kept)}, {v: k for k, v in enumerate(vertex_ids)}
+    parents = torch.tensor([joint_at.get(int(mesh.parents[j]), -1) for j in kept])
+    keypoints = tuple((kind, tuple((joint_at if kind == "J" else vertex_at)[i] for i in ids))
+                      for kind, ids in mesh.keypoints)
+    weights = mesh.weights[vertex_ids][:, kept]
+    small = SkinnedMesh(mesh.vertices[vertex_ids], torch.empty(0, 3, dtype=torch.int64),
+                        weights / weights.sum(1, keepdim=True), mesh.joints[kept], parents,
+                        tuple(mesh.names[j] for j in kept), keypoints, mesh.source)
+    return small, torch.tensor(kept)
+
+
+@dataclass(frozen=True)
+class LabeledPose:
+    """The mesh fitted to one labelled frame: its video frame, pose family (`classify`), joint rotations
+    [J, 3, 3], mm per model unit, the fit's keypoint RMS error (mm) and the labelled keypoints used."""
+
+    frame: int
+    family: str
+    rotations: Tensor
+    scale_mm: float
+    rmse_mm: float
+    keypoints_used: int
+
+
+def classify(labels: np.ndarray, names: list[str]) -> str:
+    """The pose family of one frame's 22 labelled keypoints [22, 3] (mm, z up; NaN = unlabelled): "rear"
+    (snout >= 45 mm high), "groom" (a forepaw within 13 mm of the snout), "turn" (body axis bent >= 40 deg:
+    tail base -> mid spine against front spine -> snout, seen from above), else "walk"."""
+    k = {n: labels[i] for i, n in enumerate(names)}
+    if k["Snout"][2] >= 45.0:
+        return "rear"
+    paws = [np.linalg.norm(k[p] - k["Snout"]) for p in ("ForepawL", "ForepawR")]
+    if np.nanmin(paws + [np.inf]) <= 13.0:
+        return "groom"
+    back, front = (k["SpineM"] - k["Tail(base)"])[:2], (k["Snout"] - k["SpineF"])[:2]
+    bend = math.degrees(abs(math.atan2(back[0] * front[1] - back[1] * front[0], back @ front)))
+    return "turn" if bend >= 40.0 else "walk"
+
+
+def fit_labeled_poses(mesh: SkinnedMesh, labels: np.ndarray, frames: np.ndarray, names: list[str],
+                      steps: int = FIT_STEPS) -> list[LabeledPose]:
+    """Fit the mesh to labelled frames of one mouse (keypoints [B, 22, 3] mm, NaN = unlabelled), all at once.
+
+    Unknowns: one scale (mm per unit) for all frames; per frame a heading (about +z), a translation and the
+    rotation vectors of `FIT_JOINTS` (root included, so the body may tilt, but every rotation pays
+    `POSE_PRIOR`). Loss = mean squared keypoint error (mm^2) + POSE_PRIOR * sum |rotation vector|^2, the
+    "Tail(end)" label fitted to `TAIL_END`'s joint. Adam, `steps` steps, from the rest pose at the heading
+    tail base -> front spine. Runs with one torch thread (`one_thread`: many small ops).
+    """
+    if len(mesh.keypoints) != 22:
+        raise MeshMiceError("the mesh has no keypoint map; cannot fit it to labelled keypoints")
+    tail_end = list(mesh.keypoints)
+    tail_end[TAIL_END[0]] = ("J", tuple(mesh.index([TAIL_END[1]])))
+    small, kept = keypoint_mesh(replace(mesh, keypoints=tuple(tail_end)))
+    b = len(labels)
+    target = torch.as_tensor(np.nan_to_num(labels), dtype=torch.float64)  # [B, 22, 3]
+    valid = torch.as_tensor(np.isfinite(labels).all(-1))  # [B, 22]
+    if bool((valid.sum(1) < 6).any()):
+        raise MeshMiceError(f"frame {int(frames[int(torch.argmin(valid.sum(1)))])} has fewer than 6 labelled keypoints")
+    mesh.index(FIT_JOINTS)  # all must exist; those no keypoint depends on (the tail past tail_7) stay at rest
+    fit_ids = torch.tensor(small.index([n for n in FIT_JOINTS if n in small.names]))
+    back = target[:, names.index("SpineF"), :2] - target[:, names.index("Tail(base)"), :2]
+    yaw = (torch.atan2(back[:, 1], back[:, 0]) + math.pi / 2).requires_grad_()  # model forward is -y
+    shift = (target[:, names.index("SpineM")] * torch.tensor([1.0, 1.0, 0.0])).requires_grad_()
+    log_scale = torch.tensor(math.log(SCALE_PRIOR_MM), dtype=torch.float64, requires_grad=True)
+    vectors = torch.zeros(b, len(fit_ids), 3, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.Adam([{"params": [vectors, yaw], "lr": 0.03}, {"params": [shift], "lr": 1.0},
+                                  {"params": [log_scale], "lr": 0.01}])
+    eye = torch.eye(3, dtype=torch.float64).repeat(b, len(small.joints), 1, 1)
+    with one_thread():
+        for _ in range(steps):
+            error = _keypoint_error(small, eye, fit_ids, vectors, yaw, shift, log_scale, target)  # [B, 22]
+            loss = (error * valid).sum(1) / valid.sum(1) + POSE_PRIOR * vectors.square().sum((1, 2))
+            optimiser.zero_grad()
+            loss.sum().backward()
+            optimiser.step()
+    with torch.no_grad():
+        rmse = ((_keypoint_error(small, eye, fit_ids, vectors, yaw, shift, log_scale, target) * valid).sum(1) /
+                valid.sum(1)).sqrt()
+        rotations = torch.eye(3, dtype=torch.float64).repeat(b, len(mesh.joints), 1, 1)
+        rotations[:, kept[fit_ids]] = axis_angle(vectors)
+    scale = float(log_scale.detach().exp())
+    return [LabeledPose(int(frames[i]), classify(labels[i], names), rotations[i], scale, float(rmse[i]),
+                        int(valid[i].sum())) for i in range(b)]
+
+
+def _keypoint_error(mesh, eye, fit_ids, vectors, yaw, shift, log_scale, target) -> Tensor:
+    """Squared distances [B, 22] (mm^2) between the posed, placed mesh keypoints and the labels."""
+    linear, offset = forward_kinematics(mesh.joints, mesh.parents, eye.index_copy(1, fit_ids, axis_angle(vectors)))
+    model = mesh_keypoints(mesh, linear, offset)  # [B, 22, 3]
+    world = log_scale.exp() * (model @ rot_z(yaw).transpose(-1, -2)) + shift[:, None]
+    return (world - target).square().sum(-1)
+
+
+# ---- rasterising ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fragments:
+    """The nearest surface at each sample (pixel centre) of an H x W grid.
+
+    face [H, W] int64 (-1: none), bary [H, W, 3] float64 perspective-correct barycentric weights of the
+    face's vertices (0 where none), depth [H, W] float64 camera z (0 where none).
+    """
+
+    face: Tensor
+    bary: Tensor
+    depth: Tensor
+
+
+def rasterize(points: Tensor, faces: Tensor, intrinsics: Tensor, height: int, width: int,
+              chunk: int = 1 << 20) -> Fragments:
+    """Z-buffer rasterisation of a triangle mesh seen by one pinhole camera.
+
+    points [N, 3]: vertices in camera coordinates (OpenCV: +z forward), all with z > NEAR (no clipping:
+    a vertex at or behind the camera is an error). faces [F, 3] int64. intrinsics [4] (fx, fy, cx, cy),
+    pixel (i, j) sampled at its centre (i + 0.5, j + 0.5) (CONVENTIONS.md C3). A sample is covered by a
+    triangle when its three edge functions are >= 0 (either winding, no culling); the nearest camera z
+    wins (1/z interpolated linearly in screen space). Vectorised over triangles and samples: every sample
+    of each triangle's bounding box is tested, `chunk` samples at a time (whole triangles per chunk).
+    """
+    assert points.ndim == 2 and points.shape[1] == 3, f"points must be [N, 3], got {tuple(points.shape)}"
+    assert faces.ndim == 2 and faces.shape[1] == 3, f"faces must be [F, 3], got {tuple(faces.shape)}"
+    points = points.double()
+    if not bool((points[:, 2] > NEAR).all()):
+        raise ValueError(f"{int((points[:, 2] <= NEAR).sum())} vertices are not in front of the camera "
+                         f"(z <= {NEAR}); the rasteriser does not clip")
+    fx, fy, cx, cy = intrinsics.double().tolist()
+    z = points[:, 2]
+    uv = torch.stack([fx * points[:, 0] / z + cx, fy * points[:, 1] / z + cy], -1)  # [N, 2] pixels
+    tri = uv[faces]  # [F, 3, 2]
+    # Edge function of the edge opposite vertex k (from a to b): cross(b - a, p - a), over twice the area.
+    a, b = tri[:, [1, 2, 0]], tri[:, [2, 0, 1]]  # [F, 3, 2]
+    area2 = (tri[:, 1, 0] - tri[:, 0, 0]) * (tri[:, 2, 1] - tri[:, 0, 1]) - \
+            (tri[:, 1, 1] - tri[:, 0, 1]) * (tri[:, 2, 0] - tri[:, 0, 0])  # [F]
+    coef_x, coef_y = -(b[..., 1] - a[..., 1]), b[..., 0] - a[..., 0]  # [F, 3]
+    coef_c = -(coef_x * a[..., 0] + coef_y * a[..., 1])
+    coefs = torch.stack([coef_x, coef_y, coef_c], -1) / area2[:, None, None]  # [F, 3, 3]
+    lo = torch.ceil(tri.amin(1) - 0.5).clamp_min(0).long()  # [F, 2] first sample column, row
+    hi = torch.minimum(torch.floor(tri.amax(1) - 0.5).long(), torch.tensor([width - 1, height - 1]))
+    extent = (hi - lo + 1).clamp_min(0)  # [F, 2]
+    live = (extent.amin(1) > 0) & (area2.abs() > 1e-12)
+    pieces = _candidates(torch.nonzero(live).squeeze(1), lo, coefs, extent, width, chunk)
+    ids, pixel, weights = (torch.cat(parts) for parts in zip(*pieces)) if pieces else (
+        torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty(0, 3, dtype=torch.float64))
+    return _zbuffer(ids, pixel, weights, z[faces], height, width)
+
+
+def _candidates(ids: Tensor, lo: Tensor, coefs: Tensor, extent: Tensor, width: int, chunk: int) -> list:
+    """Covered samples of triangles `ids`, testing every sample of each one's box, about `chunk` at a time
+    -> [(face [C], pixel [C] = row * width + col, screen-space barycentrics [C, 3]), ...], one per chunk."""
+    counts = extent[ids, 0] * extent[ids, 1]
+    ends, out, start = torch.cumsum(counts, 0), [], 0
+    while start < len(ids):  # chunks of whole triangles
+        stop = max(start + 1, int(torch.searchsorted(ends, ends[start] - counts[start] + chunk, right=True)))
+        part, n = ids[start:stop], counts[start:stop]
+        owner = torch.repeat_interleave(part, n)  # [C] candidate -> face
+        local = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        col = lo[owner, 0] + local % extent[owner, 0]
+        row = lo[owner, 1] + local // extent[owner, 0]
+        c = coefs[owner]  # [C, 3, 3]
+        w = c[..., 0] * (col + 0.5)[:, None] + c[..., 1] * (row + 0.5)[:, None] + c[..., 2]  # [C, 3]
+        inside = (w >= 0).all(-1)
+        out.append((owner[inside], (row * width + col)[inside], w[inside]))
+        start = stop
+    return out
+
+
+def _zbuffer(ids: Tensor, pixel: Tensor, weights: Tensor, face_z: Tensor, height: int, width: int) -> Fragments:
+    """Keep the nearest of the candidates (face ids [C], pixel [C], screen barycentrics [C, 3]) at each sample;
+    face_z [F, 3] the faces' vertex camera z."""
+    tri_z = face_z[ids]  # [C, 3]
+    inv_z = (weights / tri_z).sum(-1)  # 1/z is affine in screen space
+    z = 1.0 / inv_z
+    nearest = torch.full((height * width,), math.inf, dtype=torch.float64).scatter_reduce_(0, pixel, z, "amin")
+    win = z == nearest[pixel]
+    # Exact depth ties: the higher face index wins, so each sample gets one face.
+    face = torch.full((height * width,), -1, dtype=torch.int64).scatter_reduce_(0, pixel[win], ids[win], "amax")
+    win &= ids == face[pixel]
+    depth = torch.zeros(height * width, dtype=torch.float64)
+    bary = torch.zeros(height * width, 3, dtype=torch.float64)
+    depth[pixel[win]] = z[win]
+    bary[pixel[win]] = weights[win] / tri_z[win] / inv_z[win, None]  # perspective-correct
+    return Fragments(face.reshape(height, width), bary.reshape(height, width, 3), depth.reshape(height, width))
+
+
+# ---- coats and shading ------------------------------------------------------------------------
+
+# sRGB albedos (dorsal fur, ventral fur, ears, tail, paws, nose), specular strength and Blinn-Phong shininess.
+# Chosen for this module, not taken from the synthetic generator's table, so the two do not share a look.
+COATS = {
+    "black": ((0.040, 0.036, 0.034), (0.075, 0.066, 0.062), (0.30, 0.22, 0.22), (0.27, 0.21, 0.20),
+              (0.58, 0.43, 0.41), (0.45, 0.30, 0.30), 0.40, 45.0),
+    "white": ((0.91, 0.89, 0.84), (0.94, 0.92, 0.88), (0.95, 0.70, 0.68), (0.93, 0.74, 0.70),
+              (0.96, 0.72, 0.68), (0.96, 0.66, 0.64), 0.10, 15.0),
+    "agouti": ((0.34, 0.26, 0.17), (0.68, 0.60, 0.48), (0.55, 0.42, 0.38), (0.46, 0.37, 0.33),
+               (0.78, 0.58, 0.52), (0.70, 0.50, 0.46), 0.12, 15.0),
+}
+COAT_WEIGHTS = {"black": 0.6, "white": 0.2, "agouti": 0.2}
+# Skin parts by the joints that carry them (names start with these): ears, tail, paws (digits included), nose.
+PARTS = {"ears": ("ear_",), "tail": ("tail_",), "paws": ("hind_paw", "fore_paw"), "nose": ("snout",)}
+
+
+def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Area-weighted unit vertex normals [N, 3] of a mesh (orientation as the faces' winding)."""
+    v0, v1, v2 = vertices[faces].unbind(1)  # [F, 3] each
+    face_normals = torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)  # [F, 3], length = twice the area
+    normals = torch.zeros_like(vertices).index_add_(0, faces.reshape(-1), face_normals.repeat_interleave(3, 0))
+    return torch.nn.functional.normalize(normals, dim=-1)
+
+
+def paint(mesh: SkinnedMesh, coat: str, rng: np.random.Generator) -> tuple[Tensor, Tensor, float]:
+    """Per-vertex sRGB albedo [N, 3] and specular strength [N] of `coat`, and its shininess.
+
+    Fur blends from dorsal to ventral with the rest-pose normal; a vertex belongs to a part (`PARTS`) by
+    the summed skinning weight of the part's joints; fur gets a +-6 % per-vertex mottle and the whole coat a
+    brightness in [0.9, 1.1].
+    """
+    dorsal, ventral, *part_colours, specular, shininess = COATS[coat]
+    t = lambda c: torch.tensor(c, dtype=torch.float64)
+    belly = ((0.2 - vertex_normals(mesh.vertices, mesh.faces)[:, 2]) / 0.6).clamp(0.0, 1.0)[:, None]  # [N, 1]
+    albedo = t(dorsal) * (1 - belly) + t(ventral) * belly
+    albedo = albedo * torch.from_numpy(rng.uniform(0.94, 1.06, size=(len(albedo), 1)))
+    spec = torch.full((len(albedo),), specular, dtype=torch.float64)
+    for (part, prefixes), colour in zip(PARTS.items(), part_colours):
+        joints = [j for j, name in enumerate(mesh.names) if name.startswith(prefixes)]
+        share = mesh.weights[:, joints].sum(1).clamp(0.0, 1.0)[:, None]  # [N, 1]
+        albedo = albedo * (1 - share) + t(colour) * share
+        spec = spec * (1 - share[:, 0]) + 0.15 * share[:, 0]  # skin: a soft sheen
+    return (albedo * rng.uniform(0.9, 1.1)).clamp(0.0, 1.0), spec, shininess
+
+
+def draw_light(rng: np.random.Generator, shininess: float) -> Light:
+    """A key light from above (elevation 45-85 deg, any azimuth), key 0.8-1.2, ambient 0.2-0.35, no shadow."""
+    az, el = math.radians(rng.uniform(0.0, 360.0)), math.radians(rng.uniform(45.0, 85.0))
+    key, ambient = rng.uniform(0.8, 1.2), rng.uniform(0.2, 0.35)
+    return Light(direction=(math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)),
+                 key=(key,) * 3, ambient=(ambient,) * 3, shadow=0.0, shininess=shininess)
+
+
+@dataclass(frozen=True)
+class _Painted:
+    """`trace.shade`'s material source: albedo [P, 3] and specular [P] already interpolated at the samples."""
+
+    albedo: Tensor
+    specular: Tensor
+
+    def material(self, points: Tensor, normals: Tensor) -> tuple[Tensor, Tensor]:
+        return self.albedo, self.specular
+
+
+def render_views(vertices: Tensor, faces: Tensor, albedo: Tensor, specular: Tensor, cameras: Cameras, light: Light,
+                 supersample: int = 3) -> tuple[Tensor, Tensor]:
+    """Render a mesh (world vertices [N, 3], faces [F, 3], per-vertex albedo [N, 3], specular [N]) from
+    cameras [V] -> (RGBA [V, H, W, 4] float32, straight alpha = covered fraction of the supersample x
+    supersample sub-pixel samples, colour their mean, white where alpha is 0; depth [V, H, W] float32, the
+    camera z at each pixel centre, 0 off the mesh). supersample must be odd (a sample at the pixel centre).
+    Shading: `trace.shade` with normals turned towards the camera (open parts such as ears look the same
+    from both sides). Runs with one torch thread (`one_thread`): measured on the shared 2-core machine, a
+    256 px sample took ~3 s wall (1.6 s CPU) so, 15-30 s wall (7-12 s CPU) with torch's default two threads."""
+    assert supersample % 2 == 1, f"supersample must be odd, got {supersample}"
+    with one_thread():
+        return _render_views(vertices, faces, albedo, specular, cameras, light, supersample)
+
+
+def _render_views(vertices: Tensor, faces: Tensor, albedo: Tensor, specular: Tensor, cameras: Cameras, light: Light,
+                  supersample: int) -> tuple[Tensor, Tensor]:
+    s, height, width = supersample, cameras.height, cameras.width
+    fine = cameras.resize(height * s, width * s)
+    normals = vertex_normals(vertices, faces)
+    rgba, depth = torch.ones(len(cameras), height, width, 4), torch.zeros(len(cameras), height, width)
+    for v in range(len(cameras)):
+        c2w = cameras.c2w[v].double()
+        frag = rasterize((vertices - c2w[:3, 3]) @ c2w[:3, :3], faces, fine.intrinsics[v], height * s, width * s)
+        hit = frag.face >= 0  # [Hs, Ws]
+        corners, weights = faces[frag.face[hit]], frag.bary[hit][:, :, None]  # [P, 3], [P, 3, 1]
+        at = lambda values: (values[corners] * weights).sum(1)
+        points = at(vertices)
+        view_dirs = torch.nn.functional.normalize(points - c2w[:3, 3], dim=-1)
+        n = torch.nn.functional.normalize(at(normals), dim=-1)
+        n = torch.where((n * view_dirs).sum(-1, keepdim=True) > 0, -n, n)
+        colour = shade(_Painted(at(albedo), at(specular[:, None])[:, 0]), points, n, view_dirs, light,
+                       torch.ones(len(points), dtype=torch.float64))
+        covered = hit.double().reshape(height, s, width, s).mean((1, 3))  # [H, W]
+        sums = torch.zeros(height * s, width * s, 3, dtype=torch.float64)
+        sums[hit] = colour
+        mean = sums.reshape(height, s, width, s, 3).sum((1, 3)) / (covered * s * s).clamp_min(1e-12)[..., None]
+        rgba[v, ..., :3] = torch.where(covered[..., None] > 0, mean, torch.ones_like(mean)).float()
+        rgba[v, ..., 3] = covered.float()
+        depth[v] = frag.depth[s // 2::s, s // 2::s].float()
+    return rgba, depth
+
+
+# ---- the rig, placement and crops -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rig:
+    """One of the markerless_mouse_1 rigs (`RIG_FILES`) and the recorded mouse.
+
+    kind: "real" or "facelift". cameras: Cameras [6] in the rig's frame (mm, or the FaceLift frame).
+    to_frame: Similarity mm -> the rig's frame (identity for "real"). heldout_intrinsics: [4] (fx, fy, cx,
+    cy) of a held-out camera at the rig's image size. com_mm [T, 3]: the mouse's recorded positions.
+    labels [B, 22, 3] mm, frames [B] and names (22): the labelled keypoints.
+    """
+
+    kind: str
+    cameras: Cameras
+    to_frame: Similarity
+    heldout_intrinsics: Tensor
+    com_mm: np.ndarray
+    labels: np.ndarray
+    frames: np.ndarray
+    names: list[str]
+
+
+def _fit_similarity(source: Tensor, target: Tensor, where: str) -> Similarity:
+    """The scale + translation (no rotation) taking points source [V, 3] to target [V, 3]; raises unless exact."""
+    src, dst = source.double(), target.double()
+    a, b = src - src.mean(0), dst - dst.mean(0)
+    scale = float((a * b).sum() / a.square().sum())
+    similarity = Similarity(torch.eye(3, dtype=torch.float64), dst.mean(0) - scale * src.mean(0), scale)
+    residual = (similarity.apply_points(src) - dst).norm(dim=-1).max().item()
+    if not residual < 1e-3 * b.norm(dim=-1).mean().item():
+        raise MeshMiceError(f"{where}: the FaceLift cameras are not a scaled, shifted copy of the real rig "
+                            f"(residual {residual:.3g})")
+    return similarity
+
+
+def load_rig(rig_dir: str | Path, kind: str) -> Rig:
+    """Read the rig folder (`RIG_FILES`, `KEYPOINTS_FILE`) for `kind` ("real" or "facelift")."""
+    rig_dir = Path(rig_dir)
+    if kind not in RIG_FILES:
+        raise MeshMiceError(f"--rig must be one of {sorted(RIG_FILES)}, got {kind!r}")
+    for name in (*RIG_FILES.values(), KEYPOINTS_FILE):
+        if not (rig_dir / name).is_file():
+            raise MeshMiceError(f"{rig_dir / name}: rig file missing (the markerless_mouse_1 rig folder is needed)")
+    real = load_camera_file(rig_dir / RIG_FILES["real"]).cameras
+    cameras, to_frame = real, Similarity.identity()
+    fx, fy = real.intrinsics[:, :2].double().mean(0).tolist()
+    heldout = torch.tensor([fx, fy, real.width / 2, real.height / 2], dtype=torch.float64)
+    if kind == "facelift":
+        cameras = load_camera_file(rig_dir / RIG_FILES["facelift"]).cameras
+        if not torch.allclose(cameras.c2w[:, :3, :3].double(), real.c2w[:, :3, :3].double(), atol=1e-4):
+            raise MeshMiceError(f"{rig_dir / RIG_FILES['facelift']}: rotations differ from the real rig's")
+        to_frame = _fit_similarity(real.centers, cameras.centers, str(rig_dir / RIG_FILES["facelift"]))
+        heldout = cameras.intrinsics[0].double()
+    with np.load(rig_dir / KEYPOINTS_FILE) as data:
+        missing = {"names22", "labeled_frames", "labeled_kp3d_mm", "com3d_mm_all_frames"} - set(data.files)
+        if missing:
+            raise MeshMiceError(f"{rig_dir / KEYPOINTS_FILE}: missing arrays {sorted(missing)}")
+        labels, frames = data["labeled_kp3d_mm"].astype(np.float64), data["labeled_frames"]
+        names, com = [str(n) for n in data["names22"]], data["com3d_mm_all_frames"].astype(np.float64)
+    return Rig(kind, cameras, to_frame, heldout, com[np.isfinite(com).all(1)], labels, frames, names)
+
+
+def place(vertices: Tensor, body: Tensor, heading_deg: float, xy: np.ndarray) -> Tensor:
+    """Posed vertices [N, 3] (mm, model axes) -> world [N, 3] mm: the snout turned to `heading_deg`
+    (from +X towards +Y), the body's (`body` [N] bool: not the tail) box centred over xy [2], the
+    lowest vertex on the floor z = 0."""
+    turn = rot_z(torch.tensor(math.radians(heading_deg) + math.pi / 2, dtype=torch.float64))  # -y -> heading
+    world = vertices @ turn.T
+    centre = (world[body].amin(0) + world[body].amax(0)) / 2
+    shift = torch.tensor([xy[0] - centre[0], xy[1] - centre[1], -world[:, 2].min()], dtype=torch.float64)
+    return world + shift
+
+
+def heldout_cameras(rng: np.random.Generator, centre_mm: Tensor, rig: Rig) -> Cameras:
+    """Two cameras [2] in the rig's frame at random azimuths, 0-30 deg elevation, `HELDOUT_DISTANCE_MM` from
+    the mouse's centre [3] (mm), aimed within 5 mm of it, with the rig's held-out intrinsics."""
+    eyes, targets = [], []
+    for _ in HELDOUT_VIEWS:
+        az, el = math.radians(rng.uniform(0.0, 360.0)), math.radians(rng.uniform(0.0, 30.0))
+        direction = torch.tensor([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
+        eyes.append(centre_mm + rng.uniform(*HELDOUT_DISTANCE_MM) * direction.double())
+        targets.append(centre_mm + torch.from_numpy(rng.uniform(-5.0, 5.0, size=3)))
+    c2w = rig.to_frame.apply_c2w(look_at(torch.stack(eyes), torch.stack(targets)))
+    k = rig.heldout_intrinsics
+    return Cameras(c2w.float(), k.float().expand(len(HELDOUT_VIEWS), 4).clone(), rig.cameras.width, rig.cameras.height)
+
+
+def window_crops(cameras: Cameras, vertices: Tensor, resolution: int, margin: float) -> tuple[Cameras, list]:
+    """Square pixel windows of each view's frame around the projected vertices [N, 3] -> (Cameras [V] at
+    resolution x resolution, windows [(left, top, side)] px): side = the projections' box's longer side x
+    (1 + 2 margin), rounded up, centred on the box; intrinsics shifted and scaled (`Cameras.window`,
+    `resize`), axes unchanged."""
+    uv, _ = cameras.to(torch.float64).project(vertices[None].expand(len(cameras), -1, -1))  # [V, N, 2]
+    lo, hi = uv.amin(1).floor(), uv.amax(1).ceil()  # [V, 2] pixel edges around the projections
+    views, windows = [], []
+    for v in range(len(cameras)):
+        side = math.ceil(float((hi[v] - lo[v]).max()) * (1.0 + 2.0 * margin))
+        left, top = (round(float(c) - side / 2.0) for c in (lo[v] + hi[v]) / 2.0)
+        views.append(cameras[v].window(left, top, side, side).resize(resolution, resolution))
+        windows.append((left, top, side))
+    return Cameras.stack(views), windows
+
+
+def perspective_crops(cameras: Cameras, vertices: Tensor, resolution: int, margin: float) -> Cameras:
+    """`prepare`'s crop model: each view [V] turned about its centre (smallest rotation) to look at the
+    vertices' box centre, focal length such that the projected vertices fit with `margin` of their
+    half-extent on each side, principal point at the image centre -> Cameras [V] at resolution."""
+    centre = (vertices.amin(0) + vertices.amax(0)) / 2
+    c2w = cameras.c2w.double().clone()
+    focal = []
+    for v in range(len(cameras)):
+        c2w[v, :3, :3] = rotation_between(c2w[v, :3, 2], centre - c2w[v, :3, 3]) @ c2w[v, :3, :3]
+        local = (vertices - c2w[v, :3, 3]) @ c2w[v, :3, :3]  # [N, 3] camera coordinates
+        extent = (local[:, :2] / local[:, 2:]).abs().max()
+        focal.append(0.5 * resolution / (float(extent) * (1.0 + 2.0 * margin)))
+    half = resolution / 2
+    intrinsics = torch.tensor([[f, f, half, half] for f in focal])
+    return Cameras(c2w.float(), intrinsics, resolution, resolution)
+
+
+def frame_views(vertices: Tensor, cameras: Cameras, crop: str, resolution: int,
+                margin: float) -> tuple[Cameras, list | None] | None:
+    """The sample's cameras for a mouse at vertices [N, 3] (the rig's frame) seen by cameras [V] (rig views
+    first, at the rig's image size) -> (Cameras [V] at resolution, windows or None), or None when this
+    placement does not make a valid sample: a rig view that does not see the whole mouse in its frame, a
+    window that misses its principal point, or cameras `validate_cameras` rejects."""
+    uv, z = cameras[list(RIG_VIEWS)].to(torch.float64).project(vertices[None].expand(len(RIG_VIEWS), -1, -1))
+    size = torch.tensor([cameras.width, cameras.height], dtype=torch.float64)
+    if not bool(((z > 0) & (uv >= 0).all(-1) & (uv <= size).all(-1)).all()):
+        return None
+    windows = None
+    if crop == "window":
+        out, windows = window_crops(cameras, vertices, resolution, margin)
+    elif crop == "perspective":
+        out = perspective_crops(cameras, vertices, resolution, margin)
+    else:  # "frame": whole frames
+        out = cameras.resize(resolution, resolution)
+    try:  # among others: each principal point inside its image, every view sees where the others look
+        validate_cameras(out)
+    except CameraError:
+        return None
+    return out, windows
+
+
+# ---- samples ----------------------------------------------------------------------------------
+
+
+def draw_pose(mesh: SkinnedMesh, poses: list[LabeledPose], family: str,
+              rng: np.random.Generator) -> tuple[Tensor, dict]:
+    """Rotations [J, 3, 3] of one pose of `family` and its record: "rest" is the mesh's rest pose; the others
+    a labelled frame's fit (`poses`, drawn among those `classify` put in the family) with every spine,
+    neck and tail joint turned by up to 5 deg more (yaw and pitch), so no two samples repeat a pose."""
+    if family == "rest":
+        return torch.eye(3, dtype=torch.float64).repeat(len(mesh.joints), 1, 1), {"family": family}
+    pool = [p for p in poses if p.family == family]
+    if not pool:
+        raise MeshMiceError(f"no labelled frame has the pose family {family!r} (families: {FAMILIES})")
+    fitted = pool[int(rng.integers(len(pool)))]
+    rotations = fitted.rotations.clone()
+    extra = {}
+    for j, name in zip(mesh.index(SPINE + NECK + TAIL), SPINE + NECK + TAIL):
+        extra[name] = (float(rng.uniform(-5.0, 5.0)), float(rng.uniform(-5.0, 5.0)))
+        rotations[j] = rotations[j] @ euler(*extra[name])
+    return rotations, {"family": family, "labelled_frame": fitted.frame, "fit_rmse_mm": fitted.rmse_mm,
+                       "fit_keypoints": fitted.keypoints_used, "extra_yaw_pitch_deg": extra}
+
+
+def generate_sample(mesh: SkinnedMesh, poses: list[LabeledPose], rig: Rig, out_dir: str | Path, seed: int,
+                    family: str, resolution: int = 256, crop: str | None = None,
+                    margin: float = DEFAULT_CROP_MARGIN, supersample: int = 3) -> Path:
+    """Draw pose, size, coat, light, position and held-out cameras from `seed`, render, write `out_dir`.
+
+    family: one of `FAMILIES`. crop: one of CROPS[rig.kind] (None: the first). The mouse is placed at
+    recorded positions (`Rig.com_mm`; rearing where the recorded centre was >= 35 mm high, else below
+    25 mm) with a random heading until `frame_views` accepts the views (at most POSITION_TRIES draws).
+    The folder must not exist or be empty; it is written under a temporary name and renamed.
+    """
+    crop = CROPS[rig.kind][0] if crop is None else crop
+    if crop not in CROPS[rig.kind]:
+        raise MeshMiceError(f"--crop for the {rig.kind} rig must be one of {CROPS[rig.kind]}, got {crop!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise MeshMiceError(f"{out_dir}: output folder exists and is not empty")
+    rng = np.random.default_rng(seed)
+    rotations, pose_record = draw_pose(mesh, poses, family, rng)
+    scale = poses[0].scale_mm * rng.uniform(1.0 - SCALE_JITTER, 1.0 + SCALE_JITTER)
+    posed = skin(mesh, rotations)[0] * scale  # [N, 3] mm, model axes
+    coat = str(rng.choice(list(COAT_WEIGHTS), p=list(COAT_WEIGHTS.values())))
+    albedo, specular, shininess = paint(mesh, coat, rng)
+    light = draw_light(rng, shininess)
+    body = mesh.weights[:, mesh.index(TAIL + ("tail_9_end",))].sum(1) < 0.5
+    high = rig.com_mm[:, 2] >= 35.0
+    positions = rig.com_mm[high if family == "rear" else rig.com_mm[:, 2] < 25.0]
+    for attempt in range(1, POSITION_TRIES + 1):
+        index, heading = int(rng.integers(len(positions))), float(rng.uniform(0.0, 360.0))
+        world = place(posed, body, heading, positions[index, :2])
+        centre = (world[body].amin(0) + world[body].amax(0)) / 2
+        full = Cameras.cat([rig.cameras, heldout_cameras(rng, centre, rig)])
+        vertices = rig.to_frame.apply_points(world)
+        framed = frame_views(vertices, full, crop, resolution, margin)
+        if framed is not None:
+            break
+    else:
+        raise MeshMiceError(f"no valid placement in {POSITION_TRIES} draws (seed {seed}, {family}, {crop} crops)")
+    cameras, windows = framed
+    rgba, depth = render_views(vertices, mesh.faces, albedo, specular, cameras, light, supersample)
+    record = {
+        "generator": "mouserecon.eval.mesh_mice", "seed": seed, "rig": rig.kind, "crop": crop, "margin": margin,
+        "resolution": resolution, "supersample": supersample, "rig_views": list(RIG_VIEWS),
+        "heldout_views": list(HELDOUT_VIEWS), "units": "mm" if rig.kind == "real" else "model",
+        "mesh": mesh.source, "pose": pose_record, "mm_per_unit": scale, "coat": coat, "light": asdict(light),
+        "heading_deg": heading, "position_mm": positions[index].tolist(), "placement_draws": attempt,
+        "mouse_centre_mm": centre.tolist(), "height_mm": float(world[:, 2].max()), "windows": windows,
+    }
+    extra = {"world_up": [0.0, 0.0, 1.0]}
+    if rig.kind == "facelift":
+        extra["normalization"] = rig.to_frame.to_dict()
+    return write_sample(out_dir, rgba, depth, cameras, record, extra)
+
+
+def write_sample(out_dir: Path, rgba: Tensor, depth: Tensor, cameras: Cameras, record: dict, extra: dict) -> Path:
+    """Write RGBA [V, H, W, 4], depth [V, H, W] and cameras [V] as a sample folder (+ RECORD_FILE), atomically
+    (a temporary folder renamed at the end)."""
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    files = [f"images/cam_{i:03d}.png" for i in range(len(cameras))]
+    for name, image in zip(files, (rgba * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()):
+        iio.imwrite(tmp / name, image)
+    save_opencv_cameras(tmp / "opencv_cameras.json", cameras, files, **extra)
+    save_depth(tmp / DEPTH_FILE, depth)
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def generate_dataset(mammal: str | Path, rig_dir: str | Path, out_dir: str | Path, n: int, rig: str = "real",
+                     resolution: int = 256, seed: int = 0, crop: str | None = None) -> list[Path]:
+    """Write n samples `out_dir/sample_00000 ...`: sample i has seed seed + i and pose family
+    FAMILIES[i % 5] (so any 5 in a row cover them all). Fits the mesh to the labelled frames first."""
+    if n < 1 or resolution < 8:
+        raise MeshMiceError(f"need --n >= 1 and --resolution >= 8, got {n}, {resolution}")
+    mesh, loaded = load_mammal(mammal), load_rig(rig_dir, rig)
+    poses = fit_labeled_poses(mesh, loaded.labels, loaded.frames, loaded.names)
+    rmse = np.array([p.rmse_mm for p in poses])
+    log.info("fitted the mesh to %d labelled frames: %.1f mm per unit, keypoint RMSE median %.1f mm (max %.1f)",
+             len(poses), poses[0].scale_mm, np.median(rmse), rmse.max())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folders = [generate_sample(mesh, poses, loaded, out_dir / f"sample_{i:05d}", seed + i, FAMILIES[i % len(FAMILIES)],
+                               resolution, crop) for i in progress(range(n), desc="mesh mice", unit="sample")]
+    log.info("wrote %d samples to %s", n, out_dir)
+    return folders
+
+
+def contact_sheet(sample_dirs: list[Path], path: str | Path, tile: int = 128) -> Path:
+    """A PNG with one row per sample (its views left to right, `tile` px each, held-out views after a gap)
+    labelled with the folder name, pose family, labelled frame, coat and height, for checking by eye."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = []
+    for folder in sample_dirs:
+        sample = load_sample(folder, tile)
+        record = json.loads((Path(folder) / RECORD_FILE).read_text())
+        views = (sample.images.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)  # [V, t, t, 3]
+        gap = np.full((tile, tile // 4, 3), 255, np.uint8)
+        strip = np.concatenate([*views[:len(RIG_VIEWS)], gap, *views[len(RIG_VIEWS):]], 1)
+        label = Image.new("RGB", (170, tile), "white")
+        text = (f"{Path(folder).name}\n{record['pose']['family']} {record['pose'].get('labelled_frame', '')}\n"
+                f"{record['coat']}, {record['height_mm']:.0f} mm tall\n{record['rig']} / {record['crop']}")
+        ImageDraw.Draw(label).multiline_text((4, 4), text, fill="black", font=ImageFont.load_default(size=12))
+        rows.append(np.concatenate([np.asarray(label), strip], 1))
+    iio.imwrite(path, np.concatenate(rows, 0))
+    return Path(path)
+
+
+def default_rig_dir() -> Path:
+    """$MOUSERECON_SHARED/data/markerless_mouse_1_rig, else ../shared/data/... beside this checkout."""
+    shared = os.environ.get("MOUSERECON_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")
+    return Path(shared).resolve() / "data" / "markerless_mouse_1_rig"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mammal", required=True, help="MAMMAL_mouse checkout or its bare git repository")
+    parser.add_argument("-o", "--out", required=True, help="output folder (sample_00000 ... inside)")
+    parser.add_argument("--n", type=int, default=12)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--rig", choices=sorted(RIG_FILES), default="real")
+    parser.add_argument("--crop", default=None, help="real rig: window (default) or perspective")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rig-dir", default=None, help="markerless_mouse_1 rig folder (default: see default_rig_dir)")
+    parser.add_argument("--sheet", default=None, help="also write a contact sheet PNG of the samples here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        folders = generate_dataset(args.mammal, args.rig_dir or default_rig_dir(), args.out, args.n, args.rig,
+                                   args.resolution, args.seed, args.crop)
+        if args.sheet:
+            log.info("contact sheet: %s", contact_sheet(folders, args.sheet))
+    except MouseReconError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()
