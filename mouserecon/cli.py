@@ -22,9 +22,9 @@ from pathlib import Path
 import click
 
 from mouserecon.errors import MouseReconError
-from mouserecon.options import (BASELINES, DEFAULT_DEVICE, DEVICES, LPIPS_CHOICES, METHODS, PREPARE_CROPS, TURNTABLE_FORMATS,
-                                UNITS, EvalOptions, PrepareOptions, ReconstructOptions, SequenceOptions, SynthOptions,
-                                SynthRecordingOptions, default)
+from mouserecon.options import (BASELINES, DEFAULT_DEVICE, DEVICES, LPIPS_CHOICES, METHODS, PREPARE_CROPS,
+                                SYNTH_VARIETIES, TURNTABLE_FORMATS, UNITS, EvalOptions, PrepareOptions, ReconstructOptions,
+                                SequenceOptions, SynthOptions, SynthRecordingOptions, default)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -380,8 +380,9 @@ def view(plys, camera_file, sample_dir, host, port, up, render_dir) -> None:
 @click.option("--units", default=default(SynthOptions, "units"), show_default=True, type=click.Choice(["mm", "model"]),
               help="Write the rig in millimetres, or normalised to the model's rig.")
 @click.option("--variety", default=default(SynthOptions, "variety"), show_default=True,
-              type=click.Choice(["rig", "wide"]),
-              help="rig: a rig like the real one; wide: wider rigs, coat colours and lighting (for training).")
+              type=click.Choice(SYNTH_VARIETIES),
+              help="rig: a rig like the real one; wide: wider rigs, coat colours and lighting; broad: pose families "
+                   "(rearing, grooming, curled, ...), lab coats, crops of a full-frame rig aimed at the arena.")
 @_user_errors
 def synth(out: str, **given) -> None:
     """Generate synthetic mouse samples (RGBA views + opencv_cameras.json + depth.npz + synth.json)."""

@@ -19,7 +19,8 @@ DEFAULT_INPUT_VIEWS = 5  # Exp C: 5 input views per sample
 DEFAULT_MIN_OPACITY = 0.005  # prune Gaussians below this opacity (about 1/255: invisible when rendered)
 TURNTABLE_FORMATS = ("gif", "mp4")
 BASELINES = ("flat", "hull")
-METHODS = ("model", "hull")  # reconstruct: a GS-LRM, or the visual hull of the input masks
+METHODS = ("model", "hull")
+SYNTH_VARIETIES = ("rig", "wide", "broad")  # synth.generate.VARIETIES  # reconstruct: a GS-LRM, or the visual hull of the input masks
 LPIPS_CHOICES = ("alex", "vgg", "none")
 MASK_SOURCES = ("alpha", "near_white")
 
@@ -198,7 +199,9 @@ class SynthOptions:
     """`mouserecon synth`: n samples with seeds seed, seed + 1, ... into `out` (see `synth.generate_sample`).
 
     num_views rig views per sample, then num_heldout extra held-out views; units "mm" (the raw world) or
-    "model" (normalised to the model's rig); variety "rig" (like the real rig) or "wide" (for training).
+    "model" (normalised to the model's rig); variety "rig" (like the real rig, aimed at the mouse), "wide"
+    (wider rigs, coats and light) or "broad" (pose families, lab coats, crops of a full-frame rig aimed at
+    the arena), see `synth.generate`.
     """
 
     out: Path
@@ -215,8 +218,9 @@ class SynthOptions:
         if self.n < 1 or self.resolution < 8 or self.num_views < 2 or self.num_heldout < 0:
             raise SynthError(f"need n >= 1, resolution >= 8, num_views >= 2, num_heldout >= 0; got n={self.n}, "
                              f"resolution={self.resolution}, num_views={self.num_views}, num_heldout={self.num_heldout}")
-        if self.units not in ("mm", "model") or self.variety not in ("rig", "wide"):
-            raise SynthError(f"units must be mm or model, variety rig or wide; got {self.units!r}, {self.variety!r}")
+        if self.units not in ("mm", "model") or self.variety not in SYNTH_VARIETIES:
+            raise SynthError(f"units must be mm or model, variety one of {SYNTH_VARIETIES}; got {self.units!r}, "
+                             f"{self.variety!r}")
 
 
 class SynthError(MouseReconError, ValueError):

@@ -217,6 +217,10 @@ def test_starts_from_pretrained_checkpoint(mice, tmp_path):
     after = weights(last)
     for k, v in pretrained.state_dict().items():
         torch.testing.assert_close(after[k], v, rtol=0, atol=1e-12, msg=k)
+    # the tiny preset's nominal side is 64; trained at 32 (TINY), it records 32: what reconstruct feeds it
+    from mouserecon.checkpoints import load_checkpoint
+
+    assert pretrained.config.image_size == 64 and load_checkpoint(last)[1].config.image_size == 32
 
 
 def test_crop_recipe_trains_on_crops_and_whole_frames_and_records_it_in_the_model(mice, tmp_path, monkeypatch):

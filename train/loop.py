@@ -132,8 +132,10 @@ def _build_model(opts: FinetuneOptions, recipe: Recipe, device) -> GSLRM:
         # The nominal resolution of a model trained from scratch is the one it is trained at.
         model = GSLRM(ModelConfig.preset(recipe.model.preset, image_size=recipe.data.resolution))
         log.info("starting from scratch: preset %s at %d px", recipe.model.preset, recipe.data.resolution)
+    # The model records what it is trained to see (reconstruct and eval feed it exactly that): its inputs'
+    # side (data.resolution, also for a pretrained model trained at another) and crop margin.
     model.config = replace(model.config, grad_checkpoint=recipe.model.grad_checkpoint and device.type == "cuda",
-                           input_crop=recipe.data.input_crop)
+                           input_crop=recipe.data.input_crop, image_size=recipe.data.resolution)
     return model.to(device)
 
 

@@ -13,6 +13,12 @@ point); "model" applies `mouserecon.normalize.normalize_cameras` (centre = least
 intersection of the optical axes, mean rig-camera distance 2.7, +Z up) to the rig views and the
 same similarity to the held-out views. Everything is drawn from one numpy Generator seeded with
 `seed`, so a seed gives identical files.
+
+Varieties: "rig" (a rig like the real one aimed at the mouse, the classic mouse), "wide" (WIDE_RIG and
+`widen`: rig, coat and light ranges beyond the real ones), "broad" (`mouse.sample_broad_params`: pose
+families, real lab coats with glossy fur and pink skin, under `wide_light` with the energy-conserving
+highlight; framed by `rig.sample_framed_rig`: mostly crops of a full 1152 x 1024 real-style rig aimed at
+the arena, the mouse where real mice are). synth.json records the framing for every variety.
 """
 
 from __future__ import annotations
@@ -32,15 +38,15 @@ from mouserecon.cameras import Cameras, load_opencv_cameras, save_opencv_cameras
 from mouserecon.data import DEPTH_FILE
 from mouserecon.normalize import Similarity, normalize_cameras
 from mouserecon.progress import progress
-from mouserecon.synth.mouse import MouseParams, build_mouse, sample_params
-from mouserecon.synth.rig import RigConfig, sample_rig
+from mouserecon.synth.mouse import MouseParams, build_mouse, sample_broad_params, sample_params
+from mouserecon.synth.rig import REAL_RIG, Framing, FramingConfig, RigConfig, sample_framed_rig, sample_rig
 from mouserecon.synth.sdf import Shape
 from mouserecon.synth.trace import Light, TraceConfig, render_depth, render_rgba
 
 log = logging.getLogger(__name__)
 
 UNITS = ("mm", "model")  # "model": normalised to the model's rig, the word every command uses
-VARIETIES = ("rig", "wide")
+VARIETIES = ("rig", "wide", "broad")
 
 # variety="wide": ranges beyond the real rig and the coat table, for training models that must
 # not learn the generator's look (cameras nearer/farther and wider/narrower, coats re-tinted,
@@ -67,12 +73,18 @@ def widen(params: MouseParams, light: Light, rng: np.random.Generator) -> tuple[
     u = rng.uniform
     brightness = u(0.85, 1.05) if params.coat == "white" else u(0.5, 1.6)
     params = replace(params, brightness=brightness, tint=tuple(u(0.8, 1.2, size=3).tolist()))
+    return params, wide_light(light, rng)
+
+
+def wide_light(light: Light, rng: np.random.Generator, tint_range: tuple[float, float] = (0.85, 1.15)) -> Light:
+    """`light` with direction (any azimuth, elevation 10-90 deg), strength, colour (each channel x a factor
+    from tint_range), shadow and shininess re-drawn over wide ranges."""
+    u = rng.uniform
     az, el = math.radians(u(0, 360)), math.radians(u(10, 90))
-    tint = u(0.85, 1.15, size=3)
-    light = replace(light, direction=(math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)),
-                    key=tuple((u(0.45, 1.6) * tint).tolist()), ambient=tuple((u(0.06, 0.6) * tint).tolist()),
-                    shadow=u(0.2, 1.0), shininess=u(6, 60))
-    return params, light
+    tint = u(*tint_range, size=3)
+    return replace(light, direction=(math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)),
+                   key=tuple((u(0.45, 1.6) * tint).tolist()), ambient=tuple((u(0.06, 0.6) * tint).tolist()),
+                   shadow=u(0.2, 1.0), shininess=u(6, 60))
 
 
 def draw_mouse(seed: int, variety: str) -> tuple[MouseParams, Light, np.random.Generator]:
@@ -80,6 +92,9 @@ def draw_mouse(seed: int, variety: str) -> tuple[MouseParams, Light, np.random.G
     if variety not in VARIETIES:
         raise ValueError(f"variety must be one of {VARIETIES}, got {variety!r}")
     rng = np.random.default_rng(seed)
+    if variety == "broad":
+        # A milder colour cast than wide's: +-15 % per channel turned albino mice green or violet.
+        return sample_broad_params(rng), wide_light(Light(energy_conserving=True), rng, (0.92, 1.08)), rng
     params = sample_params(rng)
     light = sample_light(rng)
     if variety == "wide":
@@ -95,11 +110,12 @@ def mouse_center(shape: Shape) -> np.ndarray:
 
 def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_views: int = 6, n_heldout: int = 0,
                     units: str = "mm", rig: RigConfig | None = None, trace: TraceConfig = TraceConfig(),
-                    variety: str = "rig") -> Path:
+                    variety: str = "rig", framing: FramingConfig = FramingConfig()) -> Path:
     """Draw mouse, light and rig from `seed`, render, and write the sample folder `out_dir`.
 
     Returns out_dir. Images are [resolution, resolution] RGBA; there are n_views + n_heldout frames.
-    variety: "rig" (a rig like the real one, the coat table) or "wide" (WIDE_RIG and `widen`).
+    variety: VARIETIES (module docstring). rig: the rig's ranges, None = RigConfig() (rig), WIDE_RIG (wide)
+    or the full-frame REAL_RIG (broad); framing: how broad frames the mouse (unused by rig and wide).
     The folder must not exist or be empty; it is written under a temporary name and renamed.
     """
     if units not in UNITS:
@@ -107,14 +123,18 @@ def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_vie
     if variety not in VARIETIES:
         raise ValueError(f"variety must be one of {VARIETIES}, got {variety!r}")
     if rig is None:
-        rig = WIDE_RIG if variety == "wide" else RigConfig()
+        rig = {"rig": RigConfig(), "wide": WIDE_RIG, "broad": REAL_RIG}[variety]
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: output folder exists and is not empty")
     params, light, rng = draw_mouse(seed, variety)
     shape = build_mouse(params)
-    aim = mouse_center(shape) + rng.uniform(-5.0, 5.0, size=3)
-    drawn = sample_rig(rng, aim, resolution, n_views, n_heldout, rig)
+    if variety == "broad":
+        drawn, framed = sample_framed_rig(rng, shape.surface_samples(), mouse_center(shape), resolution, n_views,
+                                          n_heldout, rig, framing)
+    else:
+        aim = mouse_center(shape) + rng.uniform(-5.0, 5.0, size=3)
+        drawn, framed = sample_rig(rng, aim, resolution, n_views, n_heldout, rig), Framing("aimed")
     rgba = render_rgba(shape, drawn.cameras, light, trace)  # [V, H, W, 4]
     depth = render_depth(shape, drawn.cameras, trace, near_silhouette(rgba[..., 3]))  # [V, H, W] mm
 
@@ -139,7 +159,7 @@ def generate_sample(seed: int, out_dir: str | Path, resolution: int = 256, n_vie
         "generator": "mouserecon.synth", "seed": seed, "variety": variety, "units": units, "resolution": resolution,
         "rig_views": list(range(n_views)), "heldout_views": list(range(n_views, n_views + n_heldout)),
         "mouse": asdict(params), "mouse_center_mm": mouse_center(shape).tolist(),
-        "light": asdict(light), "rig": drawn.record(), "trace": asdict(trace),
+        "light": asdict(light), "rig": drawn.record(), "framing": framed.record(), "trace": asdict(trace),
     }
     (tmp / "synth.json").write_text(json.dumps(record, indent=1))
     if out_dir.exists():

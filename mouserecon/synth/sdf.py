@@ -73,6 +73,15 @@ def smooth_min_poly(a: Tensor, b: Tensor, k: float) -> Tensor:
     return b + h * (a - b) - k * h * (1.0 - h)
 
 
+def sphere_directions(n: int) -> Tensor:
+    """n unit vectors [n, 3] spread evenly over the sphere (a Fibonacci spiral, equal-area rings)."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z = 1.0 - 2.0 * i / n
+    phi = i * torch.pi * (3.0 - 5.0 ** 0.5)  # golden angle
+    r = (1.0 - z * z).sqrt()
+    return torch.stack([r * phi.cos(), r * phi.sin(), z], dim=1).float()
+
+
 # ---- a hierarchical smooth-union shape ----------------------------------------------------------
 
 
@@ -160,6 +169,19 @@ class Part:
             chunks.append((sub, center, radius))
         return chunks
 
+    def surface_samples(self, directions: Tensor) -> Tensor:
+        """Points [n_e * D + 2 * n_c * D, 3] on the primitives' surfaces along unit directions [D, 3]: each
+        ellipsoid's centre + R (radii * d), each capsule's end spheres. Their projections bound the part's
+        silhouette to within the directions' spacing (and the blend radii)."""
+        points = []
+        if self.centers.shape[0]:
+            local = self.radii[:, None, :] * directions[None]  # [E, D, 3]
+            points.append((self.centers[:, None, :] + local @ self.rotations.transpose(1, 2)).reshape(-1, 3))
+        if self.a.shape[0]:
+            for end, radius in ((self.a, self.radius_a), (self.b, self.radius_b)):
+                points.append((end[:, None, :] + radius[:, None, None] * directions[None]).reshape(-1, 3))
+        return torch.cat(points)
+
     def bounds(self) -> Tensor:  # [2, 3] axis-aligned box (min, max) containing every primitive
         lows, highs = [], []
         if self.centers.shape[0]:
@@ -191,6 +213,11 @@ class Shape:
         boxes = torch.stack([p.bounds() for p in self.parts])  # [n_parts, 2, 3]
         pad = max(max(p.k_inner for p in self.parts), max(p.k_join for p in self.parts))
         return torch.stack([boxes[:, 0].min(0).values - pad, boxes[:, 1].max(0).values + pad])
+
+    def surface_samples(self, n_directions: int = 64) -> Tensor:
+        """Points [M, 3] on every primitive's surface (`Part.surface_samples` along `sphere_directions`)."""
+        directions = sphere_directions(n_directions)
+        return torch.cat([p.surface_samples(directions) for p in self.parts])
 
     def material(self, points: Tensor, normals: Tensor) -> tuple[Tensor, Tensor]:
         """sRGB albedo [P, 3] and specular weight [P] at surface points [P, 3] with unit normals [P, 3]."""

@@ -6,7 +6,7 @@ The scene is anything with `distance(points [P, 3]) -> [P]`, `bounds() -> [2, 3]
 alpha is the fraction of sub-pixels whose ray hits the surface (coverage) and the colour is the
 mean over those sub-pixels (straight, not premultiplied). Background: alpha 0, colour white.
 Shading is done in linear light: ambient sky term + one directional key light with a soft
-self-shadow + a Blinn-Phong highlight, then encoded back to sRGB.
+self-shadow + a Blinn-Phong highlight, then encoded back to sRGB (see `shade`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Light:
     ambient: tuple[float, float, float] = (0.3, 0.3, 0.3)
     shadow: float = 0.8  # 0 = no self-shadow, 1 = full shadow
     shininess: float = 24.0
+    energy_conserving: bool = False  # the highlight model of `shade` (False: varieties rig and wide)
 
 
 @dataclass(frozen=True)
@@ -125,17 +126,39 @@ def soft_shadow(scene: Scene, points: Tensor, to_light: Tensor, start: float, en
 
 def shade(scene: Scene, points: Tensor, normals: Tensor, view_dirs: Tensor, light: Light,
           visibility: Tensor) -> Tensor:
-    """sRGB colour [P, 3] in [0, 1] of surface points [P, 3] seen along view_dirs [P, 3]."""
+    """sRGB colour [P, 3] in [0, 1] of surface points [P, 3] seen along view_dirs [P, 3].
+
+    Linear radiance = albedo^2.2 (ambient sky + key max(n.l, 0) visibility) + key highlight, with
+    h = normalise(l - view_dir), ks the material's specular weight and s = light.shininess. The key is
+    the irradiance over pi (a white Lambertian surface facing the light reflects `key`), so the
+    highlight of a BRDF f is pi f key (n.l). energy_conserving=False: highlight = ks (n.h)^s visibility
+    (unnormalised, no cosine). True: the Blinn-Phong BRDF ks c(s) / pi (n.h)^s with
+    c(s) = (s + 2)(s + 4) / (8 (s + 2^(-s/2))), which makes its directional albedo exactly ks at normal
+    incidence and less at any other (the commoner (s + 8) / 8 overshoots by up to 7.5 %); so
+    highlight = ks c(s) (n.h)^s max(n.l, 0) visibility, and the diffuse is weighted by (1 - ks): the surface
+    reflects at most what it receives (peak ks c(s) key at n = h = l).
+    """
     albedo, specular = scene.material(points, normals)  # [P, 3], [P]
     linear = albedo.clamp(0.0, 1.0) ** 2.2
     to_light = normals.new_tensor(light.direction)
     lambert = (normals @ to_light).clamp_min(0.0) * visibility  # [P]
     sky = 0.75 + 0.25 * normals[:, 2]  # brighter from above, like a lit room
     half = torch.nn.functional.normalize(to_light[None] - view_dirs, dim=-1)
-    highlight = specular * (normals * half).sum(-1).clamp_min(0.0) ** light.shininess * visibility
+    lobe = (normals * half).sum(-1).clamp_min(0.0) ** light.shininess  # [P]
+    if light.energy_conserving:
+        highlight = specular * blinn_phong_norm(light.shininess) * lobe * lambert
+        linear = linear * (1.0 - specular)[:, None]
+    else:
+        highlight = specular * lobe * visibility
     key, ambient = normals.new_tensor(light.key), normals.new_tensor(light.ambient)
     radiance = linear * (ambient[None] * sky[:, None] + key[None] * lambert[:, None]) + highlight[:, None] * key
     return radiance.clamp(0.0, 1.0) ** (1.0 / 2.2)
+
+
+def blinn_phong_norm(shininess: float) -> float:
+    """c(s) of `shade`: pi / (hemispherical integral of (n.h)^s cos(theta_v) at normal incidence), closed form."""
+    s = shininess
+    return (s + 2.0) * (s + 4.0) / (8.0 * (s + 2.0 ** (-s / 2.0)))
 
 
 def _shade_hits(scene: Scene, origins: Tensor, dirs: Tensor, t: Tensor, light: Light, size: float,
