@@ -14,13 +14,19 @@ Pipeline (see ../shared/golden/README.md for the reference maths):
 Output order (CONVENTIONS.md C8): the token Gaussians first, then patch-major
 (view, patch row, patch column, row in patch, column in patch).
 
-Precision: the model runs in the dtype of its parameters; bf16 autocast on CUDA is the caller's
-choice (`with torch.autocast("cuda", torch.bfloat16): model(...)`). Ray geometry and the pixel
-alignment stay in fp32 because they are computed from the fp32 cameras outside any matmul.
+Precision: the model runs in the dtype of its parameters; bf16 autocast is the caller's choice
+(`with torch.autocast("cuda", torch.bfloat16): model(...)`). Ray geometry and the pixel alignment
+stay in fp32 because they are computed from the fp32 cameras outside any matmul. Attention is
+SDPA (flash attention on CUDA), except bf16 inference on a CPU (`attention`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import queue
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +41,10 @@ LN_EPS = 1e-5
 SCALE_BIAS, SCALE_MAX = 2.3, -1.2  # log_scales = (s - 2.3).clamp(max=-1.2)
 OPACITY_BIAS = 2.0  # opacity_logits = o - 2
 DEPTH_RANGE = 1.8  # pixel depth = (2 sigmoid(.) - 1) * 1.8 + t0
+# Queries per step of the CPU bf16 attention: one head's [128, n] bf16 scores (5.2 MB at n = 20k
+# tokens, per thread) stay in the last-level cache from q k^T through the softmax to p v. Of 32,
+# 64, 128 and 256 on the 2-core EPYC, 128 and 256 were fastest; 32 pays per-op overheads.
+CPU_ATTENTION_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -124,9 +134,92 @@ class Block(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(self.norm1(x))  # [b, n, 3d]; q = [0, d), k = [d, 2d), v = [2d, 3d)
         qkv = qkv.view(b, n, 3, d // self.d_head, self.d_head).permute(2, 0, 3, 1, 4)  # [3, b, nh, n, dh]
-        att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [b, nh, n, dh]
+        att = attention(qkv[0], qkv[1], qkv[2])  # [b, nh, n, dh]
         x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))  # [b, n, d]
         return x + self.mlp_out(F.gelu(self.mlp_in(self.norm2(x))))  # [b, n, d]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Full (unmasked) attention softmax(q k^T / sqrt(dh)) v, per batch item and head.
+
+    q, k, v [b, nh, n, dh] -> [b, nh, n, dh], any strides. F.scaled_dot_product_attention (flash
+    attention on CUDA, with its backward) except for bf16 on a CPU when autograd is not recording:
+    torch's CPU flash kernel does its bf16 blocks through MKL's bf16 gemm, which on our AMD EPYC
+    takes MKL's generic path (perf: mkl_blas_def_xgemm_bf16bf16f32 -> an fp32 sgemm kernel), well
+    below oneDNN's bf16 matmuls (issue #19; `eval/bench_model.py --breakdown` times attention);
+    `chunked_attention` does the same maths with oneDNN matmuls.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _records_grad(q, k, v):
+        return chunked_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _records_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, chunk: int = CPU_ATTENTION_CHUNK) -> Tensor:
+    """`attention` one head and `chunk` queries at a time, in bf16 matmuls with fp32 accumulation.
+
+    q [b, nh, n_q, dh], k and v [b, nh, n_k, dh] (bf16 on a CPU) -> [b, nh, n_q, dh] in q's dtype.
+    Per step: scores [chunk, n_k] = q k^T / sqrt(dh) (the scale applied to the fp32 accumulator,
+    then rounded to q's dtype), softmax (torch's CPU softmax of a bf16 tensor takes max, exp and sum
+    in fp32), then p v (fp32 accumulation). The one rounding SDPA's flash kernel does not make is
+    the scores' to bf16 before the softmax (relative 2^-9). Memory: one score block per thread, no
+    [n, n] matrix. Heads are shared out between threads (`_on_threads`). For inference only:
+    autograd through it would keep every score block.
+    """
+    b, nh, n_q, dh = q.shape
+    assert k.shape == v.shape == (b, nh, k.shape[2], dh), \
+        f"q [b, nh, n_q, dh] needs k, v [b, nh, n_k, dh]: got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    out = q.new_empty(b, nh, n_q, dh)
+
+    def one_head(i: int, h: int) -> None:
+        k_t, v_h = k[i, h].t(), v[i, h]  # [dh, n_k], [n_k, dh]
+        for start in range(0, n_q, chunk):
+            q_c = q[i, h, start : start + chunk]  # [c, dh]
+            scores = torch.addmm(q_c.new_empty(()), q_c, k_t, beta=0, alpha=dh**-0.5)  # [c, n_k]
+            torch.mm(torch.softmax(scores, -1), v_h, out=out[i, h, start : start + chunk])  # [c, dh]
+
+    _on_threads([functools.partial(one_head, i, h) for i, h in itertools.product(range(b), range(nh))])
+    return out
+
+
+def _on_threads(jobs: list[Callable[[], None]]) -> None:
+    """Run `jobs` on torch.get_num_threads() Python threads (this one included), whose torch ops are
+    single-threaded, taking the next job as each finishes. One coarse split instead of a fork-join
+    inside every small op, which stalls whenever another process holds one of the cores (a shared
+    CPU); torch ops release the GIL. While it runs, torch's thread count is 1 process-wide (new
+    threads take their count from it), so torch work on other Python threads runs single-threaded."""
+    threads = torch.get_num_threads()
+    if threads == 1 or len(jobs) == 1:
+        for job in jobs:
+            job()
+        return
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    for job in jobs:
+        pending.put(job)
+    modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # thread-local: carried over
+
+    def drain() -> None:
+        with torch.set_grad_enabled(modes[0]), torch.inference_mode(modes[1]):
+            while True:
+                try:
+                    job = pending.get_nowait()
+                except queue.Empty:
+                    return
+                job()
+
+    helpers = min(threads, len(jobs)) - 1
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(helpers) as pool:
+            running = [pool.submit(drain) for _ in range(helpers)]
+            drain()
+            for helper in running:
+                helper.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def patch_major(x: Tensor, p: int) -> Tensor:
