@@ -1,6 +1,7 @@
-"""Benchmark of the torch and cpp render backends against a dense baseline (DESIGN.md §8: a script, not a timed test).
+"""Benchmark of the torch and cpp render backends against a dense baseline and peers (DESIGN.md §8: a
+script, not a timed test).
 
-    python -m mouserecon.eval.bench_render [--cases a,b] [--baseline-rows 2] [--repeats 3]
+    python -m mouserecon.eval.bench_render [--cases a,b] [--baseline-rows 2] [--repeats 3] [--peers DIR]
 
 Scene: pixel-aligned Gaussians placed as the GS-LRM places them: one per pixel of 5 input views
 (the first 5 of 6 cameras on a ring of radius 2.7 at 20 deg elevation, looking at the origin,
@@ -17,6 +18,20 @@ Memory: each measurement runs in a freshly forked process; the column is that pr
 resident set size (ru_maxrss) minus its resident size when it started (which holds the scene), in
 MiB: the peak extra CPU memory of the render (tensors, autograd graph and allocator slack).
 Time: best wall-clock time over --repeats runs (baseline: one run).
+
+Peers. taichi-splatting is timed on the same scene when `--peers DIR` (or $MOUSERECON_BENCH_PEERS)
+names a folder it is installed in (`pip install --target DIR --no-deps taichi-splatting==0.13.0 taichi
+tensordict beartype dill pyvers`, never touching torch), on taichi's CPU backend; otherwise, or when it
+cannot render on the CPU, its row says "not available" and why (0.13.0 compiles CUDA helpers at import
+and its rasterizer uses ti.block.shared_array, which taichi's CPU backend lacks). OpenSplat (AGPL, a
+C++ application, not vendored) is not run here; its numbers, as measured side by side in issue #19 on
+a 2-core machine (best of 3; projection + compositing; our rows are the cpp backend before issue #19's
+rewrite), are quoted below and printed with the results:
+
+    case                      ours cpp      ours torch     OpenSplat CPU (1 thread)  taichi-splatting 0.13 CPU
+    (a) fwd / fwd+bwd s       0.45 / 0.88   1.56 / 2.23    0.68 / 1.26               0.74 / 1.65
+    (b) fwd / fwd+bwd s       1.92 / 3.85   5.77 / 12.17   2.92 / 5.32               2.99 / 5.47
+    (a) compositing only, ONE thread each (best of 2):  ours cpp 0.71 / 0.99, OpenSplat 0.48 / 0.77
 """
 
 from __future__ import annotations
@@ -120,11 +135,38 @@ def _leaves(g: Gaussians) -> Gaussians:
     return Gaussians(**{k: v.detach().clone().requires_grad_(True) for k, v in vars(g).items()})
 
 
-def _measure_here(case: str, method: str, backward: bool, repeats: int, rows: int) -> dict:
+def _taichi_splatting(peers: str, g: Gaussians, cams: Cameras, size: int):
+    """fn(leaves) -> images [V, H, W, 3] rendering with taichi-splatting from the folder `peers`, view by view
+    (its renderer takes one camera), on taichi's CPU backend with torch's thread count."""
+    sys.path.insert(0, peers)
+    import taichi
+    taichi.init(arch=taichi.cpu, cpu_max_num_threads=torch.get_num_threads(), log_level=taichi.WARN)
+    try:
+        import taichi_splatting
+        from taichi_splatting.perspective import CameraParams
+    except Exception as err:  # re-raised with the context the table row shows
+        raise RuntimeError(f"import taichi_splatting failed ({type(err).__name__}: {err}); 0.13.0 JIT-compiles "
+                           "its CUDA helpers (cuda_lib) at import") from err
+
+    views = [CameraParams(T_image_camera=cams.K[0, v], T_camera_world=cams.w2c[0, v], near_plane=render_torch.NEAR_PLANE,
+                          far_plane=render_torch.FAR_PLANE, image_size=(size, size)) for v in range(cams.c2w.shape[1])]
+
+    def fn(x: Gaussians):
+        gaussians = taichi_splatting.Gaussians3D(
+            position=x.means[0], log_scaling=x.log_scales[0], rotation=x.quats[0],
+            alpha_logit=x.opacity_logits[0][:, None], feature=x.colors[0].clamp_min(0.0), batch_size=(x.num,))
+        return torch.stack([taichi_splatting.render_gaussians(gaussians, view).image for view in views])
+
+    return fn
+
+
+def _measure_here(case: str, method: str, backward: bool, repeats: int, rows: int, peers: str = "") -> dict:
     """Best wall time (s) over repeats and peak RSS growth (MiB) of this process."""
     size = SIZES[case]
     g, cams = pixel_aligned_scene(size)
-    if method in ("torch", "cpp"):
+    if method == "taichi-splatting":
+        fn = _taichi_splatting(peers, g, cams, size)
+    elif method in ("torch", "cpp"):
         if method == "cpp":
             render_cpp.extension()  # compile (or load from the cache) outside the timed region
         fn = lambda x: render(x, cams, size, size, backend=method).images  # noqa: E731
@@ -146,12 +188,31 @@ def _measure_here(case: str, method: str, backward: bool, repeats: int, rows: in
     return {"seconds": best, "mib": peak - start_rss, "gaussians": g.num}
 
 
-def _measure(case: str, method: str, backward: bool, repeats: int, rows: int) -> dict:
+def _measure(case: str, method: str, backward: bool, repeats: int, rows: int, peers: str = "") -> dict:
     """Run one measurement in a fresh Python process so its peak memory is its own."""
     cmd = [sys.executable, "-m", "mouserecon.eval.bench_render", "--_child",
-           json.dumps([case, method, backward, repeats, rows])]
+           json.dumps([case, method, backward, repeats, rows, peers])]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _peer_row(label: str, case: str, repeats: int, peers: str | None) -> str:
+    """The taichi-splatting row of a case: its times, or "not available" and why."""
+    name = "taichi-splatting 0.13 (taichi CPU)"
+    if not peers:
+        return f"{label:<26}{name:<36}not available: no --peers folder (or $MOUSERECON_BENCH_PEERS) given"
+    try:
+        fwd, both = (_measure(case, "taichi-splatting", backward, repeats, 0, peers) for backward in (False, True))
+    except subprocess.CalledProcessError as err:
+        lines = [line for line in err.stderr.strip().splitlines() if line.strip()]
+        return f"{label:<26}{name:<36}not available from {peers}: {lines[-1] if lines else f'exit {err.returncode}'}"
+    return f"{label:<26}{name:<36}{fwd['seconds']:>8.2f}{both['seconds']:>11.2f}{fwd['mib']:>9.0f}{both['mib']:>9.0f}"
+
+
+ISSUE_19 = """peers as measured side by side in issue #19 (2-core machine, best of 3; "ours" = cpp before its rewrite):
+  (a) fwd / fwd+bwd s: ours cpp 0.45 / 0.88, OpenSplat CPU (1 thread) 0.68 / 1.26, taichi-splatting 0.13 CPU 0.74 / 1.65
+  (b) fwd / fwd+bwd s: ours cpp 1.92 / 3.85, OpenSplat CPU (1 thread) 2.92 / 5.32, taichi-splatting 0.13 CPU 2.99 / 5.47
+  (a) compositing only, one thread each, fwd / fwd+bwd s: ours cpp 0.71 / 0.99, OpenSplat 0.48 / 0.77"""
 
 
 def main() -> None:
@@ -159,6 +220,8 @@ def main() -> None:
     parser.add_argument("--cases", default="a,b", help="a: 5x128^2 into 6x128^2, b: 5x256^2 into 6x256^2")
     parser.add_argument("--baseline-rows", type=int, default=2, help="image rows the dense baseline renders")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", default=os.environ.get("MOUSERECON_BENCH_PEERS"),
+                        help="folder with taichi-splatting installed (pip install --target); default $MOUSERECON_BENCH_PEERS")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -188,6 +251,8 @@ def main() -> None:
         print(f"{'':<26}{'speed-up (baseline / torch)':<36}{ratio[0]:>8.1f}{ratio[1]:>11.1f}", flush=True)
         ratio = [t / c for t, c in zip(times["torch"], times["cpp"])]
         print(f"{'':<26}{'speed-up (torch / cpp)':<36}{ratio[0]:>8.1f}{ratio[1]:>11.1f}", flush=True)
+        print(_peer_row(label, case, args.repeats, args.peers), flush=True)
+    print(ISSUE_19)
     print(f"load after: {load()}")
 
 

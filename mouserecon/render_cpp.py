@@ -1,24 +1,33 @@
-"""Compiled CPU compositing for the "cpp" backend of `mouserecon.render`.
+"""Compiled CPU rasterizer for the "cpp" backend of `mouserecon.render`.
 
-Projection, SH colours and tile binning are those of `mouserecon.render_torch` (plain autograd);
-only the per-pixel compositing and its backward run in C++ (`csrc/rasterize_cpu.cpp`, shipped as
-package data), with the same rules and constants as `render_torch.composite`. Each pixel walks its
-tile's depth-sorted list (in practice: each Gaussian visits the tile's pixels inside its alpha > 1/255
-ellipse) and stops on its own; the forward saves the final transmittance and the
-position of the last composited Gaussian per pixel, and the backward walks back from there
-(the 3DGS scheme). Results are deterministic and independent of the number of threads.
+Projection and SH colours are those of `mouserecon.render_torch` (plain autograd); tile binning, the
+per-pixel compositing and its backward run in C++ (`csrc/rasterize_cpu.cpp`, shipped as package data),
+with the same rules and constants as `render_torch.composite`. Binning keeps a Gaussian only on the
+tiles of its bounding box that its alpha > 1/255 ellipse reaches, in per-tile depth-sorted lists;
+each Gaussian then visits the rows of the tile its ellipse reaches, all pixels of a row at once in
+vector registers. The forward saves the final transmittance and the position of the last composited
+Gaussian per pixel, and the backward walks back from there (the 3DGS scheme). Results are
+deterministic and independent of the number of threads (`torch.get_num_threads()` of them are used).
 
-The extension is compiled at first use with `torch.utils.cpp_extension.load` (needs a C++
-compiler and ninja; about a minute on a 2-core machine) into TORCH_EXTENSIONS_DIR, or torch's
-default cache (~/.cache/torch_extensions), and reused from there.
+The extension is compiled at first use with `torch.utils.cpp_extension.load` (needs a C++ compiler
+and ninja; about a minute on a 2-core machine) into TORCH_EXTENSIONS_DIR, or torch's default cache
+(~/.cache/torch_extensions), and reused from there. It is compiled for the host's vector unit
+(-march=native, or -mcpu=native, whichever the compiler accepts; none if neither), so the build's
+name carries a digest of the source, the flags and the host CPU: a changed source, or a cache shared
+with a different CPU, gets a build of its own.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import platform
+import subprocess
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,7 +37,12 @@ from mouserecon import render_torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "rasterize_cpu.cpp"
-TILE_SIZE = 16  # px; binning cost falls with tile size and each Gaussian only visits its own ellipse
+TILE_SIZE = 16  # px: one row of a tile is one 512-bit vector of float32
+TILE_SIZES = (4, 8, 16, 32)  # the tile sizes the kernel is compiled for
+NATIVE_FLAGS = (("-march=native",), ("-mcpu=native",))  # tried in order, the first the compiler takes
+# FP operations may be assumed not to trap (results are unchanged): without it GCC keeps the kernel's
+# selects as branches, and scalar, for AVX2.
+OPTIONAL_FLAGS = ("-fno-trapping-math",)
 
 
 class ExtensionBuildError(RuntimeError):
@@ -49,19 +63,67 @@ def _drop_no_cuda_runtime(record: logging.LogRecord) -> bool:
     return True
 
 
-@functools.cache
-def _load() -> ModuleType | ExtensionBuildError:
-    # The filter is on that one logger and only for the import, where the message is logged; build
-    # errors (ExtensionBuildError below, the warning of `available`) are untouched.
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported with the filter above on the one logger, for the import only
+    (where the message is logged); build errors are untouched."""
     torch_log = logging.getLogger("torch.utils.cpp_extension")
     torch_log.addFilter(_drop_no_cuda_runtime)
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils import cpp_extension
     finally:
         torch_log.removeFilter(_drop_no_cuda_runtime)
+    return cpp_extension
 
+
+def _accepts(compiler: str, flags: tuple[str, ...]) -> bool:
+    """Whether `compiler` compiles a test program with `flags` (a missing compiler counts as no)."""
     try:
-        return load(name="mouserecon_rasterize_cpu", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+        done = subprocess.run([compiler, *flags, "-x", "c++", "-c", "-", "-o", os.devnull], input="int f() { return 0; }\n",
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.debug("probing %s %s: %s", compiler, " ".join(flags), err)
+        return False
+    if done.returncode != 0:
+        log.debug("%s rejects %s: %s", compiler, " ".join(flags), done.stderr.strip()[-300:])
+    return done.returncode == 0
+
+
+@functools.cache
+def compile_flags(compiler: str | None = None) -> tuple[str, ...]:
+    """-O3, then each of OPTIONAL_FLAGS and the first of NATIVE_FLAGS that `compiler` (default: the one
+    torch builds with) takes: a compiler without them builds slower, portable code instead of failing."""
+    compiler = compiler or _cpp_extension().get_cxx_compiler()
+    optional = tuple(flag for flag in OPTIONAL_FLAGS if _accepts(compiler, (flag,)))
+    native = next((flags for flags in NATIVE_FLAGS if _accepts(compiler, flags)), ())
+    return ("-O3", *optional, *native)
+
+
+def _host_cpu() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags (Linux), else the platform's name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    keys = ("model name", "flags", "cpu implementer", "cpu part", "features")
+    picked = sorted({line for line in lines if line.split(":")[0].strip().lower() in keys})
+    return "\n".join(picked) or f"{platform.machine()} {platform.processor()}"
+
+
+def build_name(source: bytes, flags: tuple[str, ...]) -> str:
+    """The extension's name (and build folder): a digest of the source, the flags and, for native
+    flags, the host CPU, so that none of them can change under a cached build."""
+    native = any(flag in group for group in NATIVE_FLAGS for flag in flags)
+    digest = hashlib.sha256(source + "\0".join(flags).encode() + (_host_cpu().encode() if native else b""))
+    return f"mouserecon_rasterize_cpu_{digest.hexdigest()[:16]}"
+
+
+@functools.cache
+def _load() -> ModuleType | ExtensionBuildError:
+    cpp_extension = _cpp_extension()
+    try:
+        flags = compile_flags()
+        name = build_name(SOURCE.read_bytes(), flags)
+        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags), verbose=False)
     except (RuntimeError, OSError, ImportError) as err:  # compiler/ninja missing, compile or link error
         lines = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines()[-3:]
         return ExtensionBuildError(f"building {SOURCE} failed: " + " | ".join(lines[:5]))
@@ -89,27 +151,43 @@ def _rules() -> tuple[float, float, float]:
     return render_torch.ALPHA_MIN, render_torch.ALPHA_MAX, render_torch.T_MIN
 
 
+class Bins(NamedTuple):
+    """Per-tile depth-sorted lists of image-Gaussians (rows of params [I*N, 6]). Tile t = image * tiles per
+    image + tile row * tiles_x + tile column owns slots offsets[t] .. offsets[t + 1] - 1, front to back;
+    slot s holds Gaussian slot_gauss[s] and is its slot_dest[s] - gauss_offsets[g]-th in tile order."""
+
+    offsets: Tensor  # [T + 1] int64
+    slot_gauss: Tensor  # [S] int32
+    slot_dest: Tensor  # [S] int32
+    gauss_offsets: Tensor  # [I*N + 1] int64
+
+
+def bin_tiles(params: Tensor, depths: Tensor, radii: Tensor, grid: tuple[int, int, int, int]) -> Bins:
+    """params [I*N, 6] (mean x, mean y, conic xx, xy, yy, log opacity), depths [I*N], radii [I*N, 2]
+    (0 = culled), grid (I, height, width, tile_size) -> the tiles' lists (see `Bins`)."""
+    return Bins(*extension().bin_tiles(params.detach().contiguous(), depths.detach().to(params.dtype).contiguous(),
+                                       radii.to(torch.int32).contiguous(), *grid, render_torch.ALPHA_MIN))
+
+
 class _CompositeCpp(torch.autograd.Function):
     """params [I*N, 6] (mean x, mean y, conic xx, xy, yy, log opacity), colors [I*N, D] ->
     fg [I, D, H, W] = sum_i c_i alpha_i T_i and final transmittance [I, 1, H, W]."""
 
     @staticmethod
-    def forward(ctx, params: Tensor, colors: Tensor, offsets: Tensor, slot_gauss: Tensor, grid: tuple[int, ...]):
+    def forward(ctx, params: Tensor, colors: Tensor, bins: Bins, grid: tuple[int, int, int, int]):
         params, colors = params.contiguous(), colors.contiguous()
-        fg, trans, last = extension().composite_forward(params, colors, offsets, slot_gauss, *grid, *_rules())
-        ctx.grid = grid
-        ctx.save_for_backward(params, colors, offsets, slot_gauss, trans, last)
-        ctx.mark_non_differentiable(last)
-        return fg, trans, last
+        fg, trans, last = extension().composite_forward(params, colors, bins.offsets, bins.slot_gauss, *grid, *_rules())
+        ctx.grid, ctx.bins = grid, bins
+        ctx.save_for_backward(params, colors, trans, last)
+        return fg, trans
 
     @staticmethod
-    def backward(ctx, grad_fg: Tensor, grad_trans: Tensor, _grad_last: Tensor):
-        params, colors, offsets, slot_gauss, trans, last = ctx.saved_tensors
+    def backward(ctx, grad_fg: Tensor, grad_trans: Tensor):
+        params, colors, trans, last = ctx.saved_tensors
         grad_params, grad_colors = extension().composite_backward(
-            params, colors, offsets, slot_gauss, trans, last, grad_fg.contiguous(), grad_trans.contiguous(),
-            *ctx.grid, *_rules(),
+            params, colors, *ctx.bins, trans, last, grad_fg.contiguous(), grad_trans.contiguous(), *ctx.grid, *_rules(),
         )
-        return grad_params, grad_colors, None, None, None
+        return grad_params, grad_colors, None, None
 
 
 def composite(
@@ -126,17 +204,17 @@ def composite(
     """`render_torch.composite` in C++: fg [I, D, H, W] (no background) and transmittance [I, 1, H, W].
 
     CPU tensors, float32 or float64; differentiable w.r.t. means2d, conics, log_opacities, colors.
+    tile_size: one of TILE_SIZES (px); results do not depend on it beyond rounding.
     """
     num_images, n = depths.shape
     assert means2d.shape == (num_images, n, 2) and conics.shape == (num_images, n, 3), (means2d.shape, conics.shape)
     assert log_opacities.shape == (num_images, n) and colors.shape[:2] == (num_images, n), colors.shape
+    assert radii.shape == (num_images, n, 2), radii.shape
     if means2d.device.type != "cpu":
         raise ValueError(f"the cpp backend renders CPU tensors only, got {means2d.device}")
-    # chunk=1: the tile lists without padding; tile t owns slots first_chunk[t] ... + num_chunks[t] - 1.
-    tiles = render_torch._bin_tiles(means2d.detach(), radii, depths.detach(), tile_size, width, height, chunk=1)
-    offsets = torch.cat([tiles.first_chunk, tiles.first_chunk.new_tensor([int(tiles.num_chunks.sum())])])
+    if tile_size not in TILE_SIZES:
+        raise ValueError(f"tile_size must be one of {TILE_SIZES}, got {tile_size}")
+    grid = (num_images, height, width, tile_size)
     params = torch.cat([means2d, conics, log_opacities[..., None]], -1).reshape(num_images * n, 6)
-    grid = (num_images, height, width, tile_size, tiles.tiles_x)
-    colors = colors.reshape(num_images * n, colors.shape[-1])
-    fg, trans, _ = _CompositeCpp.apply(params, colors, offsets, tiles.slot_gauss, grid)
-    return fg, trans
+    bins = bin_tiles(params, depths.reshape(num_images * n), radii.reshape(num_images * n, 2), grid)
+    return _CompositeCpp.apply(params, colors.reshape(num_images * n, colors.shape[-1]), bins, grid)

@@ -235,3 +235,154 @@ def test_rejects_bad_shapes_and_non_cpu_tensors():
         render_cpp.composite(*args[:-1], torch.zeros(1, 4), radii, 8, 8)
     with pytest.raises(ValueError, match="CPU tensors only"):
         render_cpp.composite(*(a.to("meta") for a in args), radii, 8, 8)
+
+
+# ---- screen-space edge cases of the C++ binning and compositing ------------------------------------------
+
+
+def screen_gaussians(means2d, sigmas, angles, logits, depths, width, height):
+    """Screen-space inputs of `composite` for one image: means [n, 2] px, sigmas [n, 2] px (std along the
+    rotated axes), angles [n] rad, opacity logits [n], depths [n]; conics and radii as `project_gaussians`
+    makes them (3.33-sigma / opacity-aware box, culled off-image). Returns the composite() arguments with I = 1."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [n, 2, 2]
+    cov = rot @ torch.diag_embed(sigmas**2) @ rot.transpose(-1, -2)
+    a, b, c = cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]
+    det = a * c - b * b
+    conics = torch.stack([c / det, -b / det, a / det], -1)
+    opac = torch.sigmoid(logits)
+    extend = torch.minimum(torch.full_like(opac, render_torch.EXTEND),
+                           torch.sqrt(2 * torch.log(opac.clamp_min(render_torch.ALPHA_MIN) / render_torch.ALPHA_MIN)))
+    radii = torch.ceil(extend[:, None] * torch.sqrt(torch.stack([a, c], -1)))
+    inside = ((means2d + radii > 0) & (means2d - radii < means2d.new_tensor([width, height]))).all(-1)
+    radii = torch.where((inside & (opac >= render_torch.ALPHA_MIN))[:, None], radii, 0).int()
+    colors = torch.rand(len(depths), 4, dtype=means2d.dtype)
+    return [means2d[None], conics[None], torch.nn.functional.logsigmoid(logits)[None], colors[None], depths[None], radii[None]]
+
+
+def scene(kind: str, width: int, height: int) -> list[torch.Tensor]:
+    """Screen-space scenes for the binning/compositing edge cases, float64 (see the test's docstring)."""
+    f64 = dict(dtype=torch.float64)
+    if kind == "tile_borders":  # centres on tile borders and corners (multiples of 8 and 16), a few px wide
+        xs, ys = torch.meshgrid(torch.arange(0, width + 1, 8, **f64), torch.arange(0, height + 1, 8, **f64), indexing="ij")
+        means = torch.stack([xs.flatten(), ys.flatten()], -1)
+        means = torch.cat([means, means + 0.5, means - 1e-9])  # on, inside and just before the border
+        sigmas = 0.5 + 2.5 * torch.rand(len(means), 2, **f64)
+    elif kind == "crowded_tile":  # 1500 Gaussians in one 16 px tile (one long list, stops early)
+        means = 16 + 16 * torch.rand(1500, 2, **f64)
+        sigmas = 0.7 + 2 * torch.rand(1500, 2, **f64)
+    elif kind == "mostly_empty":  # everything in one corner: most tiles have no Gaussian at all
+        means = 6 * torch.rand(40, 2, **f64)
+        sigmas = 0.5 + torch.rand(40, 2, **f64)
+    elif kind == "elongated":  # thin, rotated: boxes span many tiles that the ellipses miss (tile culling)
+        means = torch.rand(60, 2, **f64) * torch.tensor([width, height], **f64)
+        sigmas = torch.stack([6 + 10 * torch.rand(60, **f64), 0.3 + 0.3 * torch.rand(60, **f64)], -1)
+    elif kind == "equal_depths":  # overlapping Gaussians at one depth: the order is the index order
+        means = width / 2 + 4 * torch.randn(200, 2, **f64)
+        sigmas = 1 + 2 * torch.rand(200, 2, **f64)
+    n = len(means)
+    angles = math.pi * torch.rand(n, **f64)
+    logits = 3 * torch.randn(n, **f64) + 1
+    depths = torch.full((n,), 2.0, **f64) if kind == "equal_depths" else 1 + torch.rand(n, **f64)
+    return screen_gaussians(means, sigmas, angles, logits, depths, width, height)
+
+
+def composite_both(args, width, height, tile_size):
+    """fg and trans of both backends, and the gradients of a weighted sum of them w.r.t. the 4 inputs."""
+    weights = torch.rand(1, 5, height, width, dtype=torch.float64)
+    out = {}
+    for name, fn in (("torch", render_torch.composite), ("cpp", lambda *a: render_cpp.composite(*a, tile_size=tile_size))):
+        inputs = [t.clone().requires_grad_(True) for t in args[:4]]
+        fg, trans = fn(*inputs, *args[4:], width, height)
+        (torch.cat([fg, trans], 1) * weights).sum().backward()
+        out[name] = (fg.detach(), trans.detach(), [t.grad for t in inputs])
+    return out
+
+
+@pytest.mark.parametrize("tile_size", [8, 16])
+@pytest.mark.parametrize("kind", ["tile_borders", "crowded_tile", "mostly_empty", "elongated", "equal_depths"])
+def test_screen_space_edge_cases_match_torch_backend(built, kind, tile_size):
+    """Gaussians centred on tile borders, 1500 on one tile, mostly empty tiles, thin Gaussians whose boxes
+    span tiles they miss, equal depths; in a 45 x 37 image (not a multiple of any tile size): forward and
+    gradients of means, conics, log-opacities and colours equal the torch backend's (4 px tiles)."""
+    width, height = 45, 37
+    args = scene(kind, width, height)
+    out = composite_both(args, width, height, tile_size)
+    (fg, trans, grads), (fg_ref, trans_ref, grads_ref) = out["cpp"], out["torch"]
+    assert (trans_ref < 1).any() and (trans_ref == 1).any()  # something drawn, somewhere nothing
+    torch.testing.assert_close(fg, fg_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(trans, trans_ref, rtol=1e-10, atol=1e-10)
+    for name, grad, ref in zip(("means2d", "conics", "log_opacities", "colors"), grads, grads_ref):
+        assert ref.abs().max() > 0, name
+        torch.testing.assert_close(grad, ref, rtol=1e-8, atol=1e-8 * ref.abs().max().item(), msg=name)
+
+
+def test_culled_image_and_empty_input(built):
+    """An image whose Gaussians are all culled (radii 0) is empty with zero gradients; so is N = 0."""
+    args = scene("mostly_empty", 20, 17)
+    args = [torch.cat([t, t]) for t in args]  # two images, the second with every Gaussian culled
+    args[5][1] = 0
+    out = composite_both(args, 20, 17, 16)
+    fg, trans, grads = out["cpp"]
+    assert fg[1].eq(0).all() and trans[1].eq(1).all() and all(g[1].eq(0).all() for g in grads)
+    torch.testing.assert_close(fg, out["torch"][0], rtol=1e-10, atol=1e-10)
+    empty = [t[:, :0] for t in args]
+    fg, trans = render_cpp.composite(*empty, 20, 17)
+    assert fg.shape == (2, 4, 17, 20) and fg.eq(0).all() and trans.eq(1).all()
+
+
+def test_bins_are_depth_sorted_and_keep_every_tile_a_gaussian_reaches(built):
+    """Against a brute-force pass over every pixel: each tile holding a pixel where a Gaussian's alpha
+    exceeds 1/255 lists that Gaussian; lists are depth-sorted; slot_dest enumerates each Gaussian's slots;
+    and culling drops tiles the bounding box alone would give (thin Gaussians)."""
+    width, height, ts = 45, 37, 8
+    means2d, conics, log_opac, _, depths, radii = (t[0] for t in scene("elongated", width, height))
+    params = torch.cat([means2d, conics, log_opac[:, None]], -1)
+    bins = render_cpp.bin_tiles(params, depths, radii, (1, height, width, ts))
+    tiles_x = -(-width // ts)
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64) + 0.5, torch.arange(width, dtype=torch.float64) + 0.5,
+                            indexing="ij")
+    dx, dy = means2d[:, 0, None, None] - xs, means2d[:, 1, None, None] - ys  # [n, H, W]
+    a, b, c = (conics[:, i, None, None] for i in range(3))
+    alpha = torch.exp(log_opac[:, None, None] - (0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy))
+    reached = (alpha > render_torch.ALPHA_MIN) & (radii > 0).all(-1)[:, None, None]  # [n, H, W]
+    tile_of_pixel = (torch.arange(height)[:, None] // ts) * tiles_x + torch.arange(width)[None] // ts
+    listed = {(int(t), int(g)) for t in range(len(bins.offsets) - 1)
+              for g in bins.slot_gauss[bins.offsets[t]:bins.offsets[t + 1]]}
+    needed = {(int(t), int(g)) for g, y, x in reached.nonzero() for t in [tile_of_pixel[y, x]]}
+    assert needed and needed <= listed
+    for t in range(len(bins.offsets) - 1):
+        d = depths[bins.slot_gauss[bins.offsets[t]:bins.offsets[t + 1]].long()]
+        assert (d[1:] >= d[:-1]).all()
+    counts = bins.gauss_offsets[1:] - bins.gauss_offsets[:-1]
+    assert torch.equal(torch.sort(bins.slot_dest.long()).values, torch.arange(len(bins.slot_dest)))
+    assert torch.equal(torch.bincount(bins.slot_gauss.long(), minlength=len(depths)), counts)
+    boxes = render_torch._bin_tiles(means2d[None], radii[None], depths[None], ts, width, height, chunk=1)
+    assert len(bins.slot_gauss) < 0.7 * int(boxes.num_chunks.sum())
+
+
+def test_unsupported_tile_size_is_an_error(built):
+    args = scene("mostly_empty", 20, 17)
+    with pytest.raises(ValueError, match="tile_size must be one of"):
+        render_cpp.composite(*args, 20, 17, tile_size=12)
+
+
+def test_build_name_tracks_source_flags_and_host_cpu(monkeypatch):
+    """A changed source or flag set is a new build; with native flags, so is another host CPU."""
+    name = render_cpp.build_name(b"source", ("-O3", "-march=native"))
+    assert name == render_cpp.build_name(b"source", ("-O3", "-march=native"))
+    assert name != render_cpp.build_name(b"source 2", ("-O3", "-march=native"))
+    assert name != render_cpp.build_name(b"source", ("-O3",))
+    portable = render_cpp.build_name(b"source", ("-O3",))
+    monkeypatch.setattr(render_cpp, "_host_cpu", lambda: "another cpu")
+    assert name != render_cpp.build_name(b"source", ("-O3", "-march=native"))
+    assert portable == render_cpp.build_name(b"source", ("-O3",))
+
+
+def test_compile_flags_drop_what_the_compiler_rejects(tmp_path):
+    """A compiler that rejects the native flags builds without them; a missing one gets plain -O3."""
+    fake = tmp_path / "fake-c++"
+    fake.write_text('#!/bin/sh\ncase "$*" in *native*) echo "unknown option" >&2; exit 1;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    assert render_cpp.compile_flags(str(fake)) == ("-O3", *render_cpp.OPTIONAL_FLAGS)
+    assert render_cpp.compile_flags(str(tmp_path / "no-such-compiler")) == ("-O3",)

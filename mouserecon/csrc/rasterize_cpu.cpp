@@ -1,18 +1,34 @@
-// CPU tile compositing of projected 3D Gaussians, forward and backward (mouserecon.render_cpp).
+// CPU tile rasterizer of projected 3D Gaussians: binning, compositing forward and backward
+// (mouserecon.render_cpp).
 //
 // Same rules as mouserecon/render_torch.py (gsplat 1.5.3 classic mode): per pixel (centre at +0.5),
 // front to back through its tile's depth-sorted list, alpha = min(alpha_max, exp(log_opacity - sigma))
-// with sigma = 0.5 (a dx^2 + c dy^2) + b dx dy, dx = mean - pixel; skipped if alpha <= alpha_min; the
+// with sigma = 0.5 (a dx^2 + c dy^2) + b dx dy, dx = mean - pixel; skipped unless alpha > alpha_min; the
 // pixel stops before a Gaussian that would bring T to <= t_min. The constants come from Python.
 //
 // Layout. params [M, 6] = (mean x, mean y, conic a, b, c, log opacity), colors [M, D], M = I * N
-// image-Gaussians. Tile t (t = local_tile * I + image, local_tile = row * tiles_x + column) owns the
-// list slot_gauss[offsets[t] .. offsets[t + 1]), front to back.
+// image-Gaussians (row g = image * N + n). Tile t = image * tiles_per_image + row * tiles_x + column owns
+// the slots offsets[t] .. offsets[t + 1] - 1, front to back; slot s holds Gaussian slot_gauss[s].
 //
-// Determinism: each tile is computed by one thread in a fixed order (tiles are handed out
-// dynamically, but a tile's result does not depend on which thread runs it). The backward writes
-// per-slot gradients and sums them per Gaussian in slot order, so results do not depend on the
-// number of threads either.
+// Binning (bin_tiles). A Gaussian goes to the tiles of its bounding box (radii, exactly the tiles the
+// torch backend gives it) whose pixel centres its alpha > alpha_min ellipse reaches (tile culling:
+// a tile it misses could only ever skip it). Each image's visible Gaussians are sorted by depth (stable
+// radix sort, ties by index as the torch backend's stable sort), then counted and written per tile in that
+// order, so every list comes out depth-sorted. Slot s also records slot_dest[s], its position among the
+// slots of its Gaussian (gauss_offsets[g] .. gauss_offsets[g + 1] - 1, in tile order), where the backward
+// writes the slot's gradient; the per-Gaussian sums are then contiguous and in a fixed order.
+//
+// Compositing. A tile is ts x ts pixels; each Gaussian of its list visits the rows its ellipse reaches
+// and, in each, all ts pixels at once: the lane loops below have no branches (selects instead), so the
+// compiler vectorises them for the host's vector unit (render_cpp compiles with -march=native and
+// -fno-trapping-math where the compiler takes them; see forward_row for the form GCC needs). exp() is our
+// own (range reduction + Taylor polynomial, 1-2 ulp), because libm's does not vectorise without -ffast-math.
+// The forward saves the final transmittance and, per pixel, the position of its last composited Gaussian
+// + 1; the backward walks each tile back to front from there, recovering T before each Gaussian by
+// division (the 3DGS scheme). Tiles and Gaussian records are gathered into per-thread scratch first.
+//
+// Determinism: each tile (and each Gaussian's sum) is computed by one thread in a fixed order; work is
+// handed out dynamically but no result depends on which thread or how many threads compute it.
 
 #include <torch/extension.h>
 
@@ -21,23 +37,51 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(_MSC_VER)
+#define RESTRICT __restrict
+#else
+#define RESTRICT __restrict__
+#endif
 
 namespace {
 
 constexpr int kParams = 6;
 
 struct Grid {
-  int64_t num_images, height, width, tile_size, tiles_x;
+  int64_t num_images, height, width, tile_size, tiles_x, tiles_y;
+  int64_t tiles_per_image() const { return tiles_x * tiles_y; }
+  int64_t num_tiles() const { return num_images * tiles_per_image(); }
 };
+
+Grid make_grid(int64_t num_images, int64_t height, int64_t width, int64_t tile_size) {
+  TORCH_CHECK(tile_size == 4 || tile_size == 8 || tile_size == 16 || tile_size == 32,
+              "rasterize_cpu: tile_size must be 4, 8, 16 or 32, got ", tile_size);
+  TORCH_CHECK(num_images >= 0 && height > 0 && width > 0, "rasterize_cpu: bad image grid ", num_images, " x ",
+              height, " x ", width);
+  return Grid{num_images, height, width, tile_size, (width + tile_size - 1) / tile_size,
+              (height + tile_size - 1) / tile_size};
+}
 
 struct Rules {
-  double alpha_min, alpha_max, t_min;
+  double alpha_min, alpha_max, t_min, log_alpha_min;
+  Rules(double alpha_min, double alpha_max, double t_min)
+      : alpha_min(alpha_min), alpha_max(alpha_max), t_min(t_min), log_alpha_min(std::log(alpha_min)) {}
 };
 
+// ---- threads ------------------------------------------------------------------------------------
+
 // Runs fn(worker) on at::get_num_threads() threads (at most max_workers). Plain std::thread: ATen's
-// parallel_for is OpenMP pragmas in headers and would run serially without -fopenmp here.
+// parallel_for is OpenMP pragmas in headers and would run serially without -fopenmp here (and a second
+// OpenMP runtime next to torch's is asking for trouble).
 template <typename F>
 void run_workers(int64_t max_workers, const F& fn) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), max_workers));
@@ -47,46 +91,64 @@ void run_workers(int64_t max_workers, const F& fn) {
   for (auto& thread : threads) thread.join();
 }
 
-// Runs fn(tile, scratch) for every tile in [0, num_tiles), tiles handed out one by one.
-template <typename scalar_t, typename F>
-void for_each_tile(int64_t num_tiles, const F& fn) {
+// Calls fn(item, state) for item in [0, n), items handed out one by one; state = make_state(), one per thread.
+template <typename MakeState, typename F>
+void for_each_item(int64_t n, const MakeState& make_state, const F& fn) {
   std::atomic<int64_t> next{0};
-  run_workers(num_tiles, [&](int64_t) {
-    std::vector<scalar_t> scratch;
-    for (int64_t t = next++; t < num_tiles; t = next++) fn(t, scratch);
+  run_workers(n, [&](int64_t) {
+    auto state = make_state();
+    for (int64_t i = next++; i < n; i = next++) fn(i, state);
   });
 }
 
-// Copies a tile's Gaussians into scratch, front to back: [count, 6 + D] (params then colour).
-template <typename scalar_t>
-int64_t gather_tile(const scalar_t* params, const scalar_t* colors, const int64_t* slot_gauss, int64_t begin,
-                    int64_t end, int64_t dim, std::vector<scalar_t>& scratch) {
-  const int64_t stride = kParams + dim;
-  scratch.resize((end - begin) * stride);
-  for (int64_t k = begin; k < end; ++k) {
-    const int64_t g = slot_gauss[k];
-    scalar_t* dst = scratch.data() + (k - begin) * stride;
-    std::copy(params + g * kParams, params + (g + 1) * kParams, dst);
-    std::copy(colors + g * dim, colors + (g + 1) * dim, dst + kParams);
+// ---- vectorisable exp ---------------------------------------------------------------------------
+
+template <typename T>
+struct ExpConstants;
+template <>
+struct ExpConstants<float> {
+  using Int = int32_t;
+  static constexpr float lo = -87.0f, hi = 88.0f, shift = 12582912.0f;  // 1.5 * 2^23: round to integer
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr int mantissa = 23, bias = 127, degree = 7;  // Taylor remainder 5e-9 on |r| <= ln2 / 2
+};
+template <>
+struct ExpConstants<double> {
+  using Int = int64_t;
+  static constexpr double lo = -708.0, hi = 709.0, shift = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int mantissa = 52, bias = 1023, degree = 13;  // remainder 5e-18
+};
+
+// exp(x) for x clamped to [lo, hi] (NaN -> lo): x = n ln2 + r, exp(r) by Horner, times 2^n from the bits.
+template <typename T>
+inline T exp_vec(T x) {
+  using C = ExpConstants<T>;
+  x = x > C::lo ? x : C::lo;
+  x = x < C::hi ? x : C::hi;
+  const T n = (x * T(1.4426950408889634) + C::shift) - C::shift;
+  const T r = (x - n * C::ln2_hi) - n * C::ln2_lo;
+  T inv_factorial = 1;
+  for (int k = 2; k <= C::degree; ++k) inv_factorial /= T(k);  // folded at compile time
+  T p = inv_factorial;
+  for (int k = C::degree; k >= 1; --k) {
+    inv_factorial *= T(k);  // 1 / (k - 1)!
+    p = p * r + inv_factorial;
   }
-  return end - begin;
+  const typename C::Int bits = (static_cast<typename C::Int>(n) + C::bias) << C::mantissa;
+  T scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
 }
 
-// log(alpha) before clamping of Gaussian p at pixel centre (px, py); also returns dx, dy.
-template <typename scalar_t>
-inline scalar_t log_alpha(const scalar_t* p, scalar_t px, scalar_t py, scalar_t& dx, scalar_t& dy) {
-  dx = p[0] - px;
-  dy = p[1] - py;
-  return p[5] - (scalar_t(0.5) * (p[2] * dx * dx + p[4] * dy * dy) + p[3] * dx * dy);
-}
+// ---- ellipse geometry (double) ------------------------------------------------------------------
 
-// The pixels where a Gaussian can have alpha > alpha_min lie in the ellipse sigma <= L with
-// L = log_opacity - log(alpha_min) (plus a 1e-3 margin, so rounding never drops a pixel; the exact
-// test is still made per pixel). Visiting only those pixels gives, per pixel, the same sequence of
-// operations as walking the whole tile list. Spans are computed in double.
+// The pixels where a Gaussian can have alpha > alpha_min lie in the ellipse q(d) = 0.5 a dx^2 + b dx dy +
+// 0.5 c dy^2 <= L, d = mean - pixel, L = log_opacity - log(alpha_min) (plus a 1e-3 margin, so rounding
+// never drops a pixel; the exact test is still made per pixel).
 struct Ellipse {
   double mx, my, a, b, c, L;
-  bool empty, degenerate;
+  bool empty, degenerate;  // no pixel can pass / not positive definite: every pixel of the box may pass
 };
 
 template <typename scalar_t>
@@ -97,258 +159,645 @@ inline Ellipse ellipse(const scalar_t* p, double log_alpha_min) {
   return el;
 }
 
-// Clamps [floor(lo_centre - 0.5) ... ] to the pixel range [start, end): pixel x has centre x + 0.5.
-inline void centres_in(double lo, double hi, int64_t start, int64_t end, int64_t& first, int64_t& stop) {
-  first = static_cast<int64_t>(std::ceil(std::max(lo - 0.5, double(start) - 1.0)));
-  stop = static_cast<int64_t>(std::floor(std::min(hi - 0.5, double(end) + 1.0))) + 1;
-  first = std::max(first, start);
-  stop = std::min(stop, end);
+// Does the ellipse reach a pixel centre of [cx0, cx1] x [cy0, cy1] (centre coordinates)? The smallest q
+// over the box is 0 if the mean is inside, else on an edge, where q is a parabola in one variable.
+inline bool reaches_box(const Ellipse& el, double cx0, double cx1, double cy0, double cy1) {
+  if (el.empty) return false;
+  if (el.degenerate) return true;
+  const double dx_lo = el.mx - cx1, dx_hi = el.mx - cx0, dy_lo = el.my - cy1, dy_hi = el.my - cy0;
+  if (dx_lo <= 0 && dx_hi >= 0 && dy_lo <= 0 && dy_hi >= 0) return true;
+  auto q = [&](double dx, double dy) { return 0.5 * el.a * dx * dx + el.b * dx * dy + 0.5 * el.c * dy * dy; };
+  double best = std::numeric_limits<double>::infinity();
+  for (const double dx : {dx_lo, dx_hi}) best = std::min(best, q(dx, std::clamp(-el.b * dx / el.c, dy_lo, dy_hi)));
+  for (const double dy : {dy_lo, dy_hi}) best = std::min(best, q(std::clamp(-el.b * dy / el.a, dx_lo, dx_hi), dy));
+  return best <= el.L;
 }
 
-// Rows [first, stop) of [y0, y1) the ellipse reaches.
-inline void ellipse_rows(const Ellipse& el, int64_t y0, int64_t y1, int64_t& first, int64_t& stop) {
-  if (el.degenerate) {
-    first = y0, stop = y1;
+// Rows [first, stop) of a tile's rows [0, rows) (pixel centres y0 + r + 0.5) that the ellipse reaches.
+inline void ellipse_rows(const Ellipse& el, int64_t y0, int64_t rows, int64_t& first, int64_t& stop) {
+  first = 0, stop = rows;
+  if (el.empty) {
+    stop = 0;
     return;
   }
-  const double half = std::sqrt(2.0 * el.L * el.a / (el.a * el.c - el.b * el.b));
-  centres_in(el.my - half, el.my + half, y0, y1, first, stop);
+  if (el.degenerate) return;
+  const double half = std::sqrt(2.0 * el.L * el.a / (el.a * el.c - el.b * el.b));  // sqrt(2 L Sigma_yy)
+  const double lo = el.my - half - 0.5 - double(y0), hi = el.my + half - 0.5 - double(y0);
+  first = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(std::max(lo, -1.0))));
+  stop = std::min<int64_t>(rows, static_cast<int64_t>(std::floor(std::min(hi, double(rows)))) + 1);
 }
 
-// Columns [first, stop) of [x0, x1) the ellipse reaches in row y (empty if it misses the row).
-inline void ellipse_cols(const Ellipse& el, int64_t y, int64_t x0, int64_t x1, int64_t& first, int64_t& stop) {
-  if (el.degenerate) {
-    first = x0, stop = x1;
-    return;
+// ---- binning ------------------------------------------------------------------------------------
+
+// Tiles [tx0, tx1) x [ty0, ty1) of a Gaussian's bounding box, as render_torch._bin_tiles computes them.
+template <typename scalar_t>
+inline void box_tiles(const scalar_t* p, const int32_t* radius, const Grid& grid, int64_t& tx0, int64_t& tx1,
+                      int64_t& ty0, int64_t& ty1) {
+  const scalar_t ts = scalar_t(grid.tile_size);
+  // Clamped in double before the cast: a far off-screen mean must not overflow int64.
+  auto clamp = [](double v, int64_t hi) { return static_cast<int64_t>(std::min(std::max(v, 0.0), double(hi))); };
+  tx0 = clamp(std::floor((p[0] - scalar_t(radius[0])) / ts), grid.tiles_x);
+  tx1 = clamp(std::ceil((p[0] + scalar_t(radius[0])) / ts), grid.tiles_x);
+  ty0 = clamp(std::floor((p[1] - scalar_t(radius[1])) / ts), grid.tiles_y);
+  ty1 = clamp(std::ceil((p[1] + scalar_t(radius[1])) / ts), grid.tiles_y);
+}
+
+// Calls fn(local tile) for each tile of Gaussian g's box that its ellipse reaches, row-major.
+template <typename scalar_t, typename F>
+inline void for_each_tile_of(const scalar_t* params, const int32_t* radii, int64_t g, const Grid& grid,
+                             double log_alpha_min, const F& fn) {
+  const scalar_t* p = params + g * kParams;
+  int64_t tx0, tx1, ty0, ty1;
+  box_tiles(p, radii + 2 * g, grid, tx0, tx1, ty0, ty1);
+  const Ellipse el = ellipse(p, log_alpha_min);
+  const int64_t ts = grid.tile_size;
+  for (int64_t ty = ty0; ty < ty1; ++ty) {
+    const double cy0 = double(ty * ts) + 0.5, cy1 = double(std::min((ty + 1) * ts, grid.height)) - 0.5;
+    for (int64_t tx = tx0; tx < tx1; ++tx) {
+      const double cx0 = double(tx * ts) + 0.5, cx1 = double(std::min((tx + 1) * ts, grid.width)) - 0.5;
+      if (reaches_box(el, cx0, cx1, cy0, cy1)) fn(ty * grid.tiles_x + tx);
+    }
   }
-  // 0.5 a dx^2 + b dy dx + 0.5 c dy^2 <= L in dx = mx - px.
-  const double dy = el.my - (double(y) + 0.5);
-  const double disc = (el.b * el.b - el.a * el.c) * dy * dy + 2.0 * el.a * el.L;
-  if (disc < 0) {
-    first = stop = x0;
-    return;
+}
+
+// Unsigned keys whose order is the floats' order (negatives flipped), for the radix sort.
+inline uint32_t sort_key(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits ^ ((bits >> 31) ? 0xFFFFFFFFu : 0x80000000u);
+}
+inline uint64_t sort_key(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits ^ ((bits >> 63) ? ~uint64_t(0) : (uint64_t(1) << 63));
+}
+
+// Stable LSD radix sort of items by keys (11-bit digits); items and keys are permuted together.
+template <typename Key>
+void radix_sort(std::vector<Key>& keys, std::vector<int32_t>& items) {
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  std::vector<Key> keys_tmp(keys.size());
+  std::vector<int32_t> items_tmp(items.size());
+  std::vector<int64_t> count(kBuckets);
+  for (int shift = 0; shift < int(8 * sizeof(Key)); shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (const Key k : keys) ++count[(k >> shift) & (kBuckets - 1)];
+    if (std::count(count.begin(), count.end(), int64_t(keys.size())) == 1) continue;  // one digit value: no-op
+    int64_t total = 0;
+    for (auto& c : count) total += std::exchange(c, total);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      const int64_t dst = count[(keys[i] >> shift) & (kBuckets - 1)]++;
+      keys_tmp[dst] = keys[i];
+      items_tmp[dst] = items[i];
+    }
+    keys.swap(keys_tmp);
+    items.swap(items_tmp);
   }
-  const double root = std::sqrt(disc);
-  centres_in(el.mx - (root - el.b * dy) / el.a, el.mx + (root + el.b * dy) / el.a, x0, x1, first, stop);
+}
+
+// Per image: the visible Gaussians (radii > 0), sorted by depth, ties by index.
+template <typename scalar_t>
+std::vector<std::vector<int32_t>> depth_order(const scalar_t* depths, const int32_t* radii, int64_t num_images,
+                                              int64_t n) {
+  std::vector<std::vector<int32_t>> order(num_images);
+  for_each_item(num_images, [] { return 0; }, [&](int64_t image, int) {
+    using Key = decltype(sort_key(scalar_t(0)));
+    std::vector<Key> keys;
+    auto& items = order[image];
+    for (int64_t g = image * n; g < (image + 1) * n; ++g) {
+      if (radii[2 * g] > 0 && radii[2 * g + 1] > 0) {
+        items.push_back(static_cast<int32_t>(g));
+        keys.push_back(sort_key(depths[g]));
+      }
+    }
+    radix_sort(keys, items);
+  });
+  return order;
+}
+
+// A run of one image's depth-sorted Gaussians, binned by one thread: the local tiles each reaches, in
+// order (tiles [pairs]), and the pairs per tile (counts [tiles_per_image], then the run's first slots).
+struct BinChunk {
+  int64_t image, begin, end;
+  std::vector<int32_t> tiles;
+  std::vector<int64_t> counts;
+};
+
+template <typename scalar_t>
+std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& depths_t, const at::Tensor& radii_t,
+                                 const Grid& grid, double alpha_min) {
+  const scalar_t* params = params_t.data_ptr<scalar_t>();
+  const int32_t* radii = radii_t.data_ptr<int32_t>();
+  const int64_t m = params_t.size(0), n = grid.num_images ? m / grid.num_images : 0, tpi = grid.tiles_per_image();
+  const double log_alpha_min = std::log(alpha_min);
+  const auto order = depth_order(depths_t.data_ptr<scalar_t>(), radii, grid.num_images, n);
+
+  // Runs of >= 4096 Gaussians, about 4 per thread. Each finds its Gaussians' tiles and counts them.
+  int64_t visible = 0;
+  for (const auto& o : order) visible += int64_t(o.size());
+  const int64_t run = std::max<int64_t>(4096, visible / std::max<int64_t>(1, 4 * at::get_num_threads()) + 1);
+  std::vector<BinChunk> chunks;
+  for (int64_t image = 0; image < grid.num_images; ++image) {
+    for (int64_t b = 0; b < int64_t(order[image].size()); b += run) {
+      chunks.push_back({image, b, std::min<int64_t>(b + run, order[image].size()), {}, {}});
+    }
+  }
+  auto gauss_offsets_t = at::zeros({m + 1}, params_t.options().dtype(at::kLong));
+  int64_t* gauss_offsets = gauss_offsets_t.data_ptr<int64_t>();  // per-Gaussian counts first, at g + 1
+  for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
+    BinChunk& ch = chunks[c];
+    ch.counts.assign(tpi, 0);
+    for (int64_t i = ch.begin; i < ch.end; ++i) {
+      const int32_t g = order[ch.image][i];
+      const size_t before = ch.tiles.size();
+      for_each_tile_of(params, radii, g, grid, log_alpha_min, [&](int64_t local) {
+        ch.tiles.push_back(int32_t(local));
+        ++ch.counts[local];
+      });
+      gauss_offsets[g + 1] = int64_t(ch.tiles.size() - before);
+    }
+  });
+
+  // Tile offsets (image-major), each run's first slot per tile, Gaussian offsets.
+  auto offsets_t = at::empty({grid.num_tiles() + 1}, gauss_offsets_t.options());
+  int64_t* offsets = offsets_t.data_ptr<int64_t>();
+  int64_t total = 0;
+  size_t first_chunk = 0;
+  for (int64_t image = 0; image < grid.num_images; ++image) {
+    size_t last_chunk = first_chunk;
+    while (last_chunk < chunks.size() && chunks[last_chunk].image == image) ++last_chunk;
+    for (int64_t local = 0; local < tpi; ++local) {
+      offsets[image * tpi + local] = total;
+      for (size_t c = first_chunk; c < last_chunk; ++c) total += std::exchange(chunks[c].counts[local], total);
+    }
+    first_chunk = last_chunk;
+  }
+  offsets[grid.num_tiles()] = total;
+  TORCH_CHECK(total < std::numeric_limits<int32_t>::max(), "rasterize_cpu: ", total, " tile slots, more than 2^31");
+  for (int64_t g = 0; g < m; ++g) gauss_offsets[g + 1] += gauss_offsets[g];
+
+  // Every run writes its pairs in order: per tile, slots follow depth order.
+  auto slot_gauss_t = at::empty({total}, params_t.options().dtype(at::kInt));
+  auto slot_dest_t = at::empty({total}, slot_gauss_t.options());
+  int32_t* slot_gauss = slot_gauss_t.data_ptr<int32_t>();
+  int32_t* slot_dest = slot_dest_t.data_ptr<int32_t>();
+  for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
+    BinChunk& ch = chunks[c];
+    const int32_t* tile = ch.tiles.data();
+    for (int64_t i = ch.begin; i < ch.end; ++i) {
+      const int32_t g = order[ch.image][i];
+      for (int64_t dest = gauss_offsets[g]; dest < gauss_offsets[g + 1]; ++dest) {
+        const int64_t s = ch.counts[*tile++]++;
+        slot_gauss[s] = g;
+        slot_dest[s] = static_cast<int32_t>(dest);
+      }
+    }
+  });
+  return {offsets_t, slot_gauss_t, slot_dest_t, gauss_offsets_t};
+}
+
+// ---- compositing --------------------------------------------------------------------------------
+
+// A tile's pixels and Gaussians, gathered front to back: [count, 6 + D] (params then colour).
+template <typename scalar_t>
+struct TileView {
+  int64_t image, x0, y0, cols, rows, begin, count;
+  const scalar_t* gauss;
+};
+
+// params [M, 6] and colors [M, D] as one [M, 6 + D] table: a tile's gather then reads one record
+// (about one cache line) per Gaussian instead of two; the reads are random, so misses are what costs.
+template <typename scalar_t>
+std::vector<scalar_t> pack_gaussians(const scalar_t* params, const scalar_t* colors, int64_t m, int64_t dim) {
+  const int64_t stride = kParams + dim, block = 16384;
+  std::vector<scalar_t> packed(m * stride);
+  for_each_item((m + block - 1) / block, [] { return 0; }, [&](int64_t b, int) {
+    for (int64_t g = b * block; g < std::min(m, (b + 1) * block); ++g) {
+      for (int j = 0; j < kParams; ++j) packed[g * stride + j] = params[g * kParams + j];
+      for (int64_t d = 0; d < dim; ++d) packed[g * stride + kParams + d] = colors[g * dim + d];
+    }
+  });
+  return packed;
+}
+
+// Starts loading what `address` points at (a later gather's miss overlaps this one's work).
+inline void prefetch(const void* address) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(address);
+#else
+  (void)address;
+#endif
 }
 
 template <typename scalar_t>
+TileView<scalar_t> view_tile(int64_t t, const Grid& grid, const int64_t* offsets, const int32_t* slot_gauss,
+                             const scalar_t* packed, int64_t dim, std::vector<scalar_t>& scratch) {
+  constexpr int64_t kAhead = 16;  // records prefetched ahead of the copy
+  const int64_t tpi = grid.tiles_per_image(), local = t % tpi, ts = grid.tile_size;
+  TileView<scalar_t> v{t / tpi, (local % grid.tiles_x) * ts, (local / grid.tiles_x) * ts, 0, 0, offsets[t],
+                       offsets[t + 1] - offsets[t], nullptr};
+  v.cols = std::min(ts, grid.width - v.x0);
+  v.rows = std::min(ts, grid.height - v.y0);
+  const int64_t stride = kParams + dim;
+  const int32_t* slots = slot_gauss + v.begin;
+  scratch.resize(v.count * stride);
+  for (int64_t k = 0; k < v.count; ++k) {
+    if (k + kAhead < v.count) prefetch(packed + int64_t(slots[k + kAhead]) * stride);
+    const scalar_t* src = packed + int64_t(slots[k]) * stride;
+    scalar_t* dst = scratch.data() + k * stride;
+    for (int64_t j = 0; j < stride; ++j) dst[j] = src[j];
+  }
+  v.gauss = scratch.data();
+  return v;
+}
+
+// Tiles in order of decreasing list length (long tiles first balance the threads; results do not change).
+std::vector<int64_t> busiest_first(const int64_t* offsets, int64_t num_tiles) {
+  std::vector<int64_t> tiles;
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    if (offsets[t + 1] > offsets[t]) tiles.push_back(t);
+  }
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [&](int64_t a, int64_t b) { return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b]; });
+  return tiles;
+}
+
+// Per-pixel list positions in the lane loops: integers as wide as scalar_t, so the loops vectorise.
+template <typename scalar_t>
+using Index = std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>;
+
+// One Gaussian's alpha at the TS pixel centres px of a row at vertical offset dy = mean y - centre y.
+template <typename scalar_t>
+struct RowGaussian {
+  scalar_t mx, a, b, c, log_opac, dy, bdy, qy;  // bdy = b dy, qy = 0.5 c dy^2
+  RowGaussian(const scalar_t* p, scalar_t centre_y)
+      : mx(p[0]), a(p[2]), b(p[3]), c(p[4]), log_opac(p[5]), dy(p[1] - centre_y), bdy(p[3] * dy),
+        qy(scalar_t(0.5) * p[4] * dy * dy) {}
+  scalar_t raw_alpha(scalar_t dx) const { return exp_vec(log_opac - (scalar_t(0.5) * a * dx * dx + bdy * dx + qy)); }
+};
+
+// y += a x and y += x1 x2 over TS lanes (own functions so that the restrict pointers let them vectorise).
+template <typename scalar_t, int TS>
+inline void add_scaled(scalar_t* RESTRICT y, const scalar_t* RESTRICT x, scalar_t a) {
+  for (int l = 0; l < TS; ++l) y[l] += a * x[l];
+}
+template <typename scalar_t, int TS>
+inline void add_product(scalar_t* RESTRICT y, const scalar_t* RESTRICT x1, const scalar_t* RESTRICT x2) {
+  for (int l = 0; l < TS; ++l) y[l] += x1[l] * x2[l];
+}
+
+// Forward over one row of a tile for Gaussian k: composites it into the pixels still open, stops those it
+// would bring to T <= t_min. w = its weights alpha T (0 where not composited). Returns the number stopped.
+template <typename scalar_t, int TS>
+inline int forward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const Rules& rules, const scalar_t* RESTRICT px,
+                       scalar_t* RESTRICT T, scalar_t* RESTRICT done, Index<scalar_t>* RESTRICT last, scalar_t* RESTRICT w) {
+  const scalar_t alpha_min = rules.alpha_min, alpha_max = rules.alpha_max, t_min = rules.t_min;
+  // Masks are scalar_t 0/1 and sums integer: with bools, or a float sum (added lane by lane, in order),
+  // GCC leaves the loop scalar for AVX2; this form vectorises for AVX2, AVX-512 and NEON alike.
+  Index<scalar_t> stops = 0;
+  for (int l = 0; l < TS; ++l) {
+    const scalar_t raw = gr.raw_alpha(gr.mx - px[l]);
+    const scalar_t alpha = raw < alpha_max ? raw : alpha_max;
+    const scalar_t t_before = T[l], t_after = t_before * (scalar_t(1) - alpha);
+    const scalar_t open = done[l] == scalar_t(0) ? scalar_t(1) : scalar_t(0);
+    const scalar_t live = raw > alpha_min ? open : scalar_t(0);
+    const scalar_t stop = t_after <= t_min ? live : scalar_t(0);
+    const scalar_t use = live - stop;
+    w[l] = use != scalar_t(0) ? alpha * t_before : scalar_t(0);
+    T[l] = use != scalar_t(0) ? t_after : t_before;
+    last[l] = use != scalar_t(0) ? k + 1 : last[l];
+    done[l] += stop;
+    stops += stop != scalar_t(0) ? 1 : 0;
+  }
+  return int(stops);
+}
+
+// Per-thread state of the forward: per pixel (row-major, ts x ts) transmittance, colour sums [D][ts^2],
+// last composited + 1, stopped (as scalar_t 0/1: same lane width as the data, so it vectorises).
+template <typename scalar_t>
+struct ForwardState {
+  std::vector<scalar_t> scratch, T, acc, done;
+  std::vector<Index<scalar_t>> last;
+};
+
+template <typename scalar_t, int TS>
+void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, ForwardState<scalar_t>& s) {
+  constexpr int P = TS * TS;
+  const int64_t stride = kParams + dim;
+  s.T.assign(P, scalar_t(1));
+  s.acc.assign(P * dim, scalar_t(0));
+  s.last.assign(P, 0);
+  s.done.assign(P, scalar_t(1));  // pixels outside the image stay done
+  int row_open[TS] = {};
+  for (int64_t r = 0; r < v.rows; ++r) {
+    std::fill_n(s.done.begin() + r * TS, v.cols, scalar_t(0));
+    row_open[r] = int(v.cols);
+  }
+  int64_t open = v.rows * v.cols;
+  scalar_t px[TS], w[TS];
+  for (int l = 0; l < TS; ++l) px[l] = scalar_t(v.x0 + l) + scalar_t(0.5);
+
+  for (int64_t k = 0; k < v.count && open > 0; ++k) {
+    const scalar_t* p = v.gauss + k * stride;
+    int64_t ra, rb;
+    ellipse_rows(ellipse(p, rules.log_alpha_min), v.y0, v.rows, ra, rb);
+    for (int64_t r = ra; r < rb; ++r) {
+      if (row_open[r] == 0) continue;
+      const RowGaussian<scalar_t> gr(p, scalar_t(v.y0 + r) + scalar_t(0.5));
+      const int stops = forward_row<scalar_t, TS>(gr, Index<scalar_t>(k), rules, px, s.T.data() + r * TS,
+                                                  s.done.data() + r * TS, s.last.data() + r * TS, w);
+      for (int64_t d = 0; d < dim; ++d) {  // w = 0 adds 0 (colours are finite)
+        add_scaled<scalar_t, TS>(s.acc.data() + d * P + r * TS, w, p[kParams + d]);
+      }
+      row_open[r] -= stops;
+      open -= stops;
+    }
+  }
+}
+
+template <typename scalar_t, int TS>
 void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
-                  const at::Tensor& slot_t, const Grid& grid, const Rules& rules,
-                  at::Tensor& fg_t, at::Tensor& trans_t, at::Tensor& last_t) {
+                  const at::Tensor& slot_t, const Grid& grid, const Rules& rules, at::Tensor& fg_t,
+                  at::Tensor& trans_t, at::Tensor& last_t) {
   const scalar_t* params = params_t.data_ptr<scalar_t>();
   const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
-  const int64_t* slot_gauss = slot_t.data_ptr<int64_t>();
+  const int32_t* slot_gauss = slot_t.data_ptr<int32_t>();
   scalar_t* fg = fg_t.data_ptr<scalar_t>();
   scalar_t* trans = trans_t.data_ptr<scalar_t>();
   int32_t* last = last_t.data_ptr<int32_t>();
-  const int64_t dim = colors_t.size(1), stride = kParams + dim;
-  const int64_t hw = grid.height * grid.width, num_tiles = offsets_t.size(0) - 1, ts = grid.tile_size;
-  const scalar_t alpha_min = rules.alpha_min, alpha_max = rules.alpha_max, t_min = rules.t_min;
-  // Below this exponent alpha is surely <= alpha_min: skip exp() (the margin keeps the exact test).
-  const double log_alpha_min = std::log(rules.alpha_min);
-  const scalar_t cutoff = log_alpha_min - 1e-3;
+  const int64_t dim = colors_t.size(1), hw = grid.height * grid.width;
+  const auto tiles = busiest_first(offsets, grid.num_tiles());  // empty tiles keep fg 0, T 1, last 0
+  const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
 
-  for_each_tile<scalar_t>(num_tiles, [&](int64_t t, std::vector<scalar_t>& scratch) {
-    const int64_t image = t % grid.num_images, local = t / grid.num_images;
-    const int64_t x0 = (local % grid.tiles_x) * ts, y0 = (local / grid.tiles_x) * ts;
-    const int64_t x1 = std::min(x0 + ts, grid.width), y1 = std::min(y0 + ts, grid.height);
-    const int64_t begin = offsets[t], count = gather_tile(params, colors, slot_gauss, begin, offsets[t + 1], dim, scratch);
-    // Per pixel of the tile (row-major, ts x ts): transmittance, colour sum, last used + 1, stopped.
-    std::vector<scalar_t> T(ts * ts, scalar_t(1)), acc(ts * ts * dim, scalar_t(0));
-    std::vector<int32_t> used(ts * ts, 0);
-    std::vector<char> done(ts * ts, 0);
-    int64_t open = (x1 - x0) * (y1 - y0);
-    // Gaussians front to back, each over the pixels of its ellipse.
-    for (int64_t k = 0; k < count && open > 0; ++k) {
-      const scalar_t* p = scratch.data() + k * stride;
-      const Ellipse el = ellipse(p, log_alpha_min);
-      if (el.empty) continue;
-      int64_t ya, yb, xa, xb;
-      ellipse_rows(el, y0, y1, ya, yb);
-      for (int64_t y = ya; y < yb; ++y) {
-        ellipse_cols(el, y, x0, x1, xa, xb);
-        for (int64_t x = xa; x < xb; ++x) {
-          const int64_t i = (y - y0) * ts + (x - x0);
-          if (done[i]) continue;
-          scalar_t dx, dy;
-          const scalar_t e = log_alpha(p, scalar_t(x) + scalar_t(0.5), scalar_t(y) + scalar_t(0.5), dx, dy);
-          if (e < cutoff) continue;
-          const scalar_t raw = std::exp(e);
-          if (raw <= alpha_min) continue;
-          const scalar_t alpha = std::min(raw, alpha_max);
-          const scalar_t t_after = T[i] * (scalar_t(1) - alpha);
-          if (t_after <= t_min) {
-            done[i] = 1;
-            --open;
-            continue;
-          }
-          const scalar_t w = alpha * T[i];
-          for (int64_t d = 0; d < dim; ++d) acc[i * dim + d] += w * p[kParams + d];
-          T[i] = t_after;
-          used[i] = static_cast<int32_t>(k + 1);
-        }
-      }
-    }
-    for (int64_t y = y0; y < y1; ++y) {
-      for (int64_t x = x0; x < x1; ++x) {
-        const int64_t i = (y - y0) * ts + (x - x0), pix = image * hw + y * grid.width + x;
-        for (int64_t d = 0; d < dim; ++d) fg[(image * dim + d) * hw + y * grid.width + x] = acc[i * dim + d];
-        trans[pix] = T[i];
-        last[pix] = used[i];
+  for_each_item(int64_t(tiles.size()), [] { return ForwardState<scalar_t>(); }, [&](int64_t i, ForwardState<scalar_t>& s) {
+    const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.data(), dim, s.scratch);
+    forward_tile<scalar_t, TS>(v, dim, rules, s);
+    for (int64_t r = 0; r < v.rows; ++r) {
+      const int64_t pix = v.image * hw + (v.y0 + r) * grid.width + v.x0;
+      std::copy_n(s.T.data() + r * TS, v.cols, trans + pix);
+      std::copy_n(s.last.data() + r * TS, v.cols, last + pix);
+      for (int64_t d = 0; d < dim; ++d) {
+        std::copy_n(s.acc.data() + d * TS * TS + r * TS, v.cols, fg + (v.image * dim + d) * hw + pix - v.image * hw);
       }
     }
   });
 }
 
+// Backward over one row of a tile for Gaussian k, back to front: undoes its compositing in T and behind
+// and adds its per-lane gradient sums: sum [6 + D][TS] (mean x, mean y, conic a, b, c, log opacity,
+// colour). q = <dL/dfg, colour> per lane, g = dL/dfg [D][P] at the row.
+template <typename scalar_t, int TS>
+inline void backward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const Rules& rules, int64_t dim,
+                         const scalar_t* color, const scalar_t* RESTRICT px, const Index<scalar_t>* RESTRICT stop,
+                         const scalar_t* RESTRICT g, int64_t g_stride, scalar_t* RESTRICT T, scalar_t* RESTRICT behind,
+                         scalar_t* RESTRICT q, scalar_t* RESTRICT w, scalar_t* RESTRICT sum) {
+  const scalar_t alpha_min = rules.alpha_min, alpha_max = rules.alpha_max;
+  std::fill_n(q, TS, scalar_t(0));
+  for (int64_t d = 0; d < dim; ++d) add_scaled<scalar_t, TS>(q, g + d * g_stride, color[d]);
+  for (int l = 0; l < TS; ++l) {  // masks as scalar_t 0/1, as in forward_row
+    const scalar_t dx = gr.mx - px[l];
+    const scalar_t raw = gr.raw_alpha(dx);
+    const scalar_t alpha = raw < alpha_max ? raw : alpha_max;
+    const scalar_t one_minus = scalar_t(1) - alpha;
+    const scalar_t use = k < stop[l] ? (raw > alpha_min ? scalar_t(1) : scalar_t(0)) : scalar_t(0);
+    const scalar_t t_behind = T[l], t_front = t_behind / one_minus;  // T in front of this Gaussian
+    const scalar_t weight = use != scalar_t(0) ? alpha * t_front : scalar_t(0), tail = behind[l];
+    const scalar_t grad_alpha = q[l] * t_front - tail / one_minus;
+    w[l] = weight;
+    behind[l] = use != scalar_t(0) ? tail + q[l] * weight : tail;
+    T[l] = use != scalar_t(0) ? t_front : t_behind;
+    // d alpha / d log(alpha) = alpha, except where clamped (alpha does not depend on the parameters).
+    const scalar_t free = raw < alpha_max ? use : scalar_t(0);
+    const scalar_t grad_log = free != scalar_t(0) ? grad_alpha * alpha : scalar_t(0);
+    sum[0 * TS + l] -= grad_log * (gr.a * dx + gr.bdy);
+    sum[1 * TS + l] -= grad_log * (gr.b * dx + gr.c * gr.dy);
+    sum[2 * TS + l] -= grad_log * scalar_t(0.5) * dx * dx;
+    sum[3 * TS + l] -= grad_log * dx * gr.dy;
+    sum[4 * TS + l] -= grad_log * scalar_t(0.5) * gr.dy * gr.dy;
+    sum[5 * TS + l] += grad_log;
+  }
+  for (int64_t d = 0; d < dim; ++d) add_product<scalar_t, TS>(sum + (kParams + d) * TS, g + d * g_stride, w);
+}
+
+// x [rows][stride]: x[j][0] = sum of x[j][0 .. 2H) (overwritten), by halves: vector adds in a fixed order
+// (the compiler may not reorder a plain float loop, which would be 2H dependent scalar adds).
+template <typename scalar_t, int H>
+inline void fold_lanes(scalar_t* RESTRICT x, int64_t rows, int64_t stride) {
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int l = 0; l < H; ++l) x[j * stride + l] += x[j * stride + l + H];
+  }
+  if constexpr (H > 1) fold_lanes<scalar_t, H / 2>(x, rows, stride);
+}
+
+// Per-thread state of the backward: per pixel dL/dfg [D][ts^2], T behind the current Gaussian, last
+// composited + 1, and behind = sum over the composited Gaussians j behind the current one of q_j w_j plus
+// T_final dL/dT_final (q = <dL/dfg, colour>); per lane gradient sums [6 + D][ts] of the current Gaussian.
 template <typename scalar_t>
+struct BackwardState {
+  std::vector<scalar_t> scratch, g, T, behind, sums;
+  std::vector<Index<scalar_t>> stop;
+};
+
+// Gradient [6 + D] of the tile's k-th Gaussian (rows it reaches where some pixel composited it) into out.
+template <typename scalar_t, int TS>
+void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, const Rules& rules,
+                       const int32_t* row_stop, BackwardState<scalar_t>& s, scalar_t* out) {
+  constexpr int P = TS * TS;
+  const scalar_t* p = v.gauss + k * (kParams + dim);
+  int64_t ra, rb;
+  ellipse_rows(ellipse(p, rules.log_alpha_min), v.y0, v.rows, ra, rb);
+  std::fill(s.sums.begin(), s.sums.end(), scalar_t(0));
+  scalar_t px[TS], q[TS], w[TS];
+  for (int l = 0; l < TS; ++l) px[l] = scalar_t(v.x0 + l) + scalar_t(0.5);
+  for (int64_t r = ra; r < rb; ++r) {
+    if (row_stop[r] <= k) continue;
+    const RowGaussian<scalar_t> gr(p, scalar_t(v.y0 + r) + scalar_t(0.5));
+    backward_row<scalar_t, TS>(gr, Index<scalar_t>(k), rules, dim, p + kParams, px, s.stop.data() + r * TS,
+                               s.g.data() + r * TS, P, s.T.data() + r * TS, s.behind.data() + r * TS, q, w,
+                               s.sums.data());
+  }
+  fold_lanes<scalar_t, TS / 2>(s.sums.data(), kParams + dim, TS);
+  for (int64_t j = 0; j < kParams + dim; ++j) out[j] = s.sums[j * TS];
+}
+
+template <typename scalar_t, int TS>
+void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, const int32_t* slot_dest,
+                   BackwardState<scalar_t>& s, scalar_t* slot_grads) {
+  const int64_t stride = kParams + dim;
+  int32_t row_stop[TS] = {};
+  for (int64_t r = 0; r < v.rows; ++r) row_stop[r] = *std::max_element(s.stop.begin() + r * TS, s.stop.begin() + (r + 1) * TS);
+  const int64_t max_stop = *std::max_element(row_stop, row_stop + TS);
+  for (int64_t k = v.count - 1; k >= 0; --k) {
+    scalar_t* out = slot_grads + int64_t(slot_dest[v.begin + k]) * stride;
+    if (k >= max_stop) {
+      std::fill(out, out + stride, scalar_t(0));
+      continue;
+    }
+    backward_gaussian<scalar_t, TS>(v, k, dim, rules, row_stop, s, out);
+  }
+}
+
+template <typename scalar_t, int TS>
 void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
-                   const at::Tensor& slot_t, const Grid& grid, const Rules& rules,
-                   const at::Tensor& trans_t, const at::Tensor& last_t, const at::Tensor& grad_fg_t,
-                   const at::Tensor& grad_trans_t, at::Tensor& grad_params_t, at::Tensor& grad_colors_t) {
+                   const at::Tensor& slot_t, const at::Tensor& slot_dest_t, const at::Tensor& gauss_offsets_t,
+                   const Grid& grid, const Rules& rules, const at::Tensor& trans_t, const at::Tensor& last_t,
+                   const at::Tensor& grad_fg_t, const at::Tensor& grad_trans_t, at::Tensor& grad_params_t,
+                   at::Tensor& grad_colors_t) {
   const scalar_t* params = params_t.data_ptr<scalar_t>();
   const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
-  const int64_t* slot_gauss = slot_t.data_ptr<int64_t>();
+  const int32_t* slot_gauss = slot_t.data_ptr<int32_t>();
+  const int32_t* slot_dest = slot_dest_t.data_ptr<int32_t>();
   const scalar_t* trans = trans_t.data_ptr<scalar_t>();
   const int32_t* last = last_t.data_ptr<int32_t>();
   const scalar_t* grad_fg = grad_fg_t.data_ptr<scalar_t>();
   const scalar_t* grad_trans = grad_trans_t.data_ptr<scalar_t>();
-  const int64_t dim = colors_t.size(1), stride = kParams + dim;
-  const int64_t hw = grid.height * grid.width, num_tiles = offsets_t.size(0) - 1, ts = grid.tile_size;
-  const int64_t num_slots = slot_t.size(0);
-  const scalar_t alpha_min = rules.alpha_min, alpha_max = rules.alpha_max;
-  const double log_alpha_min = std::log(rules.alpha_min);
-  const scalar_t cutoff = log_alpha_min - 1e-3;
-  // Per-slot gradients [S, 6 + D]: each slot belongs to one tile, so one thread writes it.
-  std::vector<scalar_t> slot_grads(num_slots * stride, scalar_t(0));
-
-  for_each_tile<scalar_t>(num_tiles, [&](int64_t t, std::vector<scalar_t>& scratch) {
-    const int64_t image = t % grid.num_images, local = t / grid.num_images;
-    const int64_t x0 = (local % grid.tiles_x) * ts, y0 = (local / grid.tiles_x) * ts;
-    const int64_t x1 = std::min(x0 + ts, grid.width), y1 = std::min(y0 + ts, grid.height);
-    const int64_t begin = offsets[t];
-    gather_tile(params, colors, slot_gauss, begin, offsets[t + 1], dim, scratch);
-    scalar_t* tile_grads = slot_grads.data() + begin * stride;
-    // Per pixel: dL/dfg, T behind the current Gaussian, last used + 1, and behind = sum over the
-    // composited Gaussians j behind the current one of q_j w_j, plus T_final dL/dT_final.
-    std::vector<scalar_t> g(ts * ts * dim, scalar_t(0)), T(ts * ts, scalar_t(1)), behind(ts * ts, scalar_t(0));
-    std::vector<int32_t> stop(ts * ts, 0);
-    int32_t max_stop = 0;
-    for (int64_t y = y0; y < y1; ++y) {
-      for (int64_t x = x0; x < x1; ++x) {
-        const int64_t i = (y - y0) * ts + (x - x0), pix = image * hw + y * grid.width + x;
-        for (int64_t d = 0; d < dim; ++d) g[i * dim + d] = grad_fg[(image * dim + d) * hw + y * grid.width + x];
-        T[i] = trans[pix];
-        behind[i] = grad_trans[pix] * trans[pix];
-        stop[i] = last[pix];
-        max_stop = std::max(max_stop, stop[i]);
+  const int64_t dim = colors_t.size(1), stride = kParams + dim, hw = grid.height * grid.width;
+  constexpr int P = TS * TS;
+  // Per-slot gradients [S, 6 + D] in Gaussian-major order (slot_dest): every slot is written once.
+  std::vector<scalar_t> slot_grads(slot_t.size(0) * stride);
+  const auto tiles = busiest_first(offsets, grid.num_tiles());
+  const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
+  auto make_state = [&] {
+    BackwardState<scalar_t> s;
+    s.sums.resize(stride * TS);
+    return s;
+  };
+  for_each_item(int64_t(tiles.size()), make_state, [&](int64_t i, BackwardState<scalar_t>& s) {
+    const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.data(), dim, s.scratch);
+    s.g.assign(P * dim, scalar_t(0));
+    s.T.assign(P, scalar_t(1));
+    s.behind.assign(P, scalar_t(0));
+    s.stop.assign(P, 0);
+    for (int64_t r = 0; r < v.rows; ++r) {
+      const int64_t pix = v.image * hw + (v.y0 + r) * grid.width + v.x0;
+      for (int64_t l = 0; l < v.cols; ++l) {
+        s.T[r * TS + l] = trans[pix + l];
+        s.behind[r * TS + l] = grad_trans[pix + l] * trans[pix + l];
+        s.stop[r * TS + l] = last[pix + l];
+      }
+      for (int64_t d = 0; d < dim; ++d) {
+        std::copy_n(grad_fg + (v.image * dim + d) * hw + pix - v.image * hw, v.cols, s.g.data() + d * P + r * TS);
       }
     }
-    for (int64_t k = max_stop - 1; k >= 0; --k) {
-      const scalar_t* p = scratch.data() + k * stride;
-      scalar_t* out = tile_grads + k * stride;
-      const Ellipse el = ellipse(p, log_alpha_min);
-      if (el.empty) continue;
-      int64_t ya, yb, xa, xb;
-      ellipse_rows(el, y0, y1, ya, yb);
-      for (int64_t y = ya; y < yb; ++y) {
-        ellipse_cols(el, y, x0, x1, xa, xb);
-        for (int64_t x = xa; x < xb; ++x) {
-          const int64_t i = (y - y0) * ts + (x - x0);
-          if (k >= stop[i]) continue;
-          scalar_t dx, dy;
-          const scalar_t e = log_alpha(p, scalar_t(x) + scalar_t(0.5), scalar_t(y) + scalar_t(0.5), dx, dy);
-          if (e < cutoff) continue;
-          const scalar_t raw = std::exp(e);
-          if (raw <= alpha_min) continue;
-          const scalar_t alpha = std::min(raw, alpha_max);
-          const scalar_t one_minus = scalar_t(1) - alpha;
-          T[i] /= one_minus;  // transmittance in front of this Gaussian
-          const scalar_t w = alpha * T[i];
-          scalar_t q = 0;
-          for (int64_t d = 0; d < dim; ++d) {
-            q += g[i * dim + d] * p[kParams + d];
-            out[kParams + d] += g[i * dim + d] * w;
-          }
-          const scalar_t grad_alpha = q * T[i] - behind[i] / one_minus;
-          behind[i] += q * w;
-          if (raw >= alpha_max) continue;  // clamped: alpha does not depend on the parameters
-          const scalar_t grad_log = grad_alpha * alpha;  // d alpha / d log(alpha) = alpha
-          out[0] -= grad_log * (p[2] * dx + p[3] * dy);
-          out[1] -= grad_log * (p[3] * dx + p[4] * dy);
-          out[2] -= grad_log * scalar_t(0.5) * dx * dx;
-          out[3] -= grad_log * dx * dy;
-          out[4] -= grad_log * scalar_t(0.5) * dy * dy;
-          out[5] += grad_log;
-        }
-      }
-    }
+    backward_tile<scalar_t, TS>(v, dim, rules, slot_dest, s, slot_grads.data());
   });
 
-  // Sum the slots of each Gaussian in slot order; columns are independent, so split them over threads.
+  // Each Gaussian's slot gradients, summed in tile order.
   scalar_t* grad_params = grad_params_t.data_ptr<scalar_t>();
   scalar_t* grad_colors = grad_colors_t.data_ptr<scalar_t>();
-  std::atomic<int64_t> next{0};
-  run_workers(stride, [&](int64_t) {
-    for (int64_t col = next++; col < stride; col = next++) {
-      scalar_t* dst = col < kParams ? grad_params + col : grad_colors + (col - kParams);
-      const int64_t dst_stride = col < kParams ? kParams : dim;
-      for (int64_t s = 0; s < num_slots; ++s) dst[slot_gauss[s] * dst_stride] += slot_grads[s * stride + col];
+  const int64_t* gauss_offsets = gauss_offsets_t.data_ptr<int64_t>();
+  const int64_t m = params_t.size(0), block = 4096;
+  for_each_item((m + block - 1) / block, [] { return 0; }, [&](int64_t blk, int) {
+    for (int64_t g = blk * block; g < std::min(m, (blk + 1) * block); ++g) {
+      for (int64_t e = gauss_offsets[g]; e < gauss_offsets[g + 1]; ++e) {
+        const scalar_t* rec = slot_grads.data() + e * stride;
+        for (int j = 0; j < kParams; ++j) grad_params[g * kParams + j] += rec[j];
+        for (int64_t d = 0; d < dim; ++d) grad_colors[g * dim + d] += rec[kParams + d];
+      }
     }
   });
 }
 
-void check_inputs(const at::Tensor& params, const at::Tensor& colors, const at::Tensor& offsets,
-                  const at::Tensor& slot_gauss, const Grid& grid) {
+// ---- entry points -------------------------------------------------------------------------------
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Calls body(Type<scalar_t>, Int<TS>) for params' dtype and the grid's tile size (C++17 generic lambdas).
+template <typename Body>
+void dispatch(const at::Tensor& params, const Grid& grid, const Body& body) {
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "rasterize_cpu", [&] {
+    switch (grid.tile_size) {
+      case 4: body(Type<scalar_t>(), Int<4>()); break;
+      case 8: body(Type<scalar_t>(), Int<8>()); break;
+      case 16: body(Type<scalar_t>(), Int<16>()); break;
+      default: body(Type<scalar_t>(), Int<32>()); break;
+    }
+  });
+}
+
+void check_gaussians(const at::Tensor& params, const at::Tensor& colors, const Grid& grid) {
   TORCH_CHECK(params.device().is_cpu() && colors.device().is_cpu(), "rasterize_cpu: CPU tensors only");
   TORCH_CHECK(params.dim() == 2 && params.size(1) == kParams && params.is_contiguous(), "params must be [M, 6] contiguous");
   TORCH_CHECK(colors.dim() == 2 && colors.size(0) == params.size(0) && colors.is_contiguous(), "colors must be [M, D] contiguous");
   TORCH_CHECK(colors.scalar_type() == params.scalar_type(), "params and colors must share a dtype");
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && slot_gauss.scalar_type() == at::kLong, "offsets, slot_gauss: int64");
-  TORCH_CHECK(offsets.is_contiguous() && slot_gauss.is_contiguous(), "offsets, slot_gauss must be contiguous");
-  const int64_t tiles_y = (grid.height + grid.tile_size - 1) / grid.tile_size;
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == grid.num_images * grid.tiles_x * tiles_y + 1,
-              "offsets must be [num_tiles + 1]");
-  TORCH_CHECK(params.size(0) % grid.num_images == 0, "params rows must be a multiple of num_images");
+  TORCH_CHECK(params.size(0) < std::numeric_limits<int32_t>::max(), "rasterize_cpu: more than 2^31 Gaussians");
+  TORCH_CHECK(grid.num_images > 0 ? params.size(0) % grid.num_images == 0 : params.size(0) == 0,
+              "params rows must be a multiple of num_images");
+}
+
+void check_bins(const at::Tensor& offsets, const at::Tensor& slot_gauss, const Grid& grid) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1 &&
+                  offsets.size(0) == grid.num_tiles() + 1, "offsets must be int64 [num_tiles + 1] contiguous");
+  TORCH_CHECK(slot_gauss.scalar_type() == at::kInt && slot_gauss.is_contiguous(), "slot_gauss must be int32 contiguous");
+}
+
+std::vector<at::Tensor> bin_tiles(const at::Tensor& params, const at::Tensor& depths, const at::Tensor& radii,
+                                  int64_t num_images, int64_t height, int64_t width, int64_t tile_size,
+                                  double alpha_min) {
+  const Grid grid = make_grid(num_images, height, width, tile_size);
+  check_gaussians(params, params.new_empty({params.size(0), 0}), grid);
+  TORCH_CHECK(depths.sizes() == at::IntArrayRef({params.size(0)}) && depths.is_contiguous() &&
+                  depths.scalar_type() == params.scalar_type(), "depths must be [M] contiguous, the params' dtype");
+  TORCH_CHECK(radii.sizes() == at::IntArrayRef({params.size(0), 2}) && radii.is_contiguous() &&
+                  radii.scalar_type() == at::kInt, "radii must be int32 [M, 2] contiguous");
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "bin_tiles", [&] { out = bin_impl<scalar_t>(params, depths, radii, grid, alpha_min); });
+  return out;
 }
 
 std::vector<at::Tensor> composite_forward(const at::Tensor& params, const at::Tensor& colors, const at::Tensor& offsets,
                                           const at::Tensor& slot_gauss, int64_t num_images, int64_t height,
-                                          int64_t width, int64_t tile_size, int64_t tiles_x, double alpha_min,
-                                          double alpha_max, double t_min) {
-  const Grid grid{num_images, height, width, tile_size, tiles_x};
-  check_inputs(params, colors, offsets, slot_gauss, grid);
+                                          int64_t width, int64_t tile_size, double alpha_min, double alpha_max,
+                                          double t_min) {
+  const Grid grid = make_grid(num_images, height, width, tile_size);
+  check_gaussians(params, colors, grid);
+  check_bins(offsets, slot_gauss, grid);
   auto fg = at::zeros({num_images, colors.size(1), height, width}, colors.options());
   auto trans = at::ones({num_images, 1, height, width}, colors.options());
   auto last = at::zeros({num_images, height, width}, colors.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "composite_forward", [&] {
-    forward_impl<scalar_t>(params, colors, offsets, slot_gauss, grid, Rules{alpha_min, alpha_max, t_min}, fg, trans, last);
+  const Rules rules{alpha_min, alpha_max, t_min};
+  dispatch(params, grid, [&](auto type, auto ts) {
+    forward_impl<typename decltype(type)::type, decltype(ts)::value>(params, colors, offsets, slot_gauss, grid, rules, fg, trans, last);
   });
   return {fg, trans, last};
 }
 
 std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::Tensor& colors,
                                            const at::Tensor& offsets, const at::Tensor& slot_gauss,
+                                           const at::Tensor& slot_dest, const at::Tensor& gauss_offsets,
                                            const at::Tensor& trans, const at::Tensor& last, const at::Tensor& grad_fg,
                                            const at::Tensor& grad_trans, int64_t num_images, int64_t height,
-                                           int64_t width, int64_t tile_size, int64_t tiles_x, double alpha_min,
-                                           double alpha_max, double t_min) {
-  const Grid grid{num_images, height, width, tile_size, tiles_x};
-  check_inputs(params, colors, offsets, slot_gauss, grid);
+                                           int64_t width, int64_t tile_size, double alpha_min, double alpha_max,
+                                           double t_min) {
+  const Grid grid = make_grid(num_images, height, width, tile_size);
+  check_gaussians(params, colors, grid);
+  check_bins(offsets, slot_gauss, grid);
+  TORCH_CHECK(slot_dest.sizes() == slot_gauss.sizes() && slot_dest.scalar_type() == at::kInt && slot_dest.is_contiguous(),
+              "slot_dest must be int32 like slot_gauss");
+  TORCH_CHECK(gauss_offsets.sizes() == at::IntArrayRef({params.size(0) + 1}) && gauss_offsets.scalar_type() == at::kLong &&
+                  gauss_offsets.is_contiguous(), "gauss_offsets must be int64 [M + 1]");
   TORCH_CHECK(grad_fg.sizes() == at::IntArrayRef({num_images, colors.size(1), height, width}) && grad_fg.is_contiguous(),
               "grad_fg must be [I, D, H, W] contiguous");
-  TORCH_CHECK(grad_trans.sizes() == trans.sizes() && grad_trans.is_contiguous() && trans.is_contiguous(),
-              "grad_trans must be [I, 1, H, W] contiguous");
-  TORCH_CHECK(grad_fg.scalar_type() == params.scalar_type() && grad_trans.scalar_type() == params.scalar_type(),
-              "gradients must share the params' dtype");
-  TORCH_CHECK(last.scalar_type() == at::kInt && last.is_contiguous(), "last must be int32 contiguous");
+  TORCH_CHECK(trans.sizes() == at::IntArrayRef({num_images, 1, height, width}) && trans.is_contiguous() &&
+                  grad_trans.sizes() == trans.sizes() && grad_trans.is_contiguous(),
+              "trans and grad_trans must be [I, 1, H, W] contiguous");
+  TORCH_CHECK(grad_fg.scalar_type() == params.scalar_type() && grad_trans.scalar_type() == params.scalar_type() &&
+                  trans.scalar_type() == params.scalar_type(), "trans and the gradients must share the params' dtype");
+  TORCH_CHECK(last.sizes() == at::IntArrayRef({num_images, height, width}) && last.scalar_type() == at::kInt &&
+                  last.is_contiguous(), "last must be int32 [I, H, W] contiguous");
   auto grad_params = at::zeros_like(params);
   auto grad_colors = at::zeros_like(colors);
-  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "composite_backward", [&] {
-    backward_impl<scalar_t>(params, colors, offsets, slot_gauss, grid, Rules{alpha_min, alpha_max, t_min}, trans, last,
-                            grad_fg, grad_trans, grad_params, grad_colors);
+  const Rules rules{alpha_min, alpha_max, t_min};
+  dispatch(params, grid, [&](auto type, auto ts) {
+    backward_impl<typename decltype(type)::type, decltype(ts)::value>(params, colors, offsets, slot_gauss, slot_dest, gauss_offsets, grid, rules, trans,
+                                last, grad_fg, grad_trans, grad_params, grad_colors);
   });
   return {grad_params, grad_colors};
 }
@@ -356,6 +805,7 @@ std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::T
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bin_tiles", &bin_tiles, "depth-sorted tile lists -> (offsets, slot_gauss, slot_dest, gauss_offsets)");
   m.def("composite_forward", &composite_forward, "tile compositing forward -> (fg, trans, last)");
   m.def("composite_backward", &composite_backward, "tile compositing backward -> (grad_params, grad_colors)");
 }
