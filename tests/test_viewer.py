@@ -102,7 +102,8 @@ def write_sequence(out: Path, frames: dict[int, Gaussians], samples: dict[int, P
             Sidecar(ply=f"{stem}.ply", units="model" if frame in units else "input", units_note="",
                     similarity_user_to_model=to_model.to_dict(), similarity_model_to_user=to_model.inverse().to_dict(),
                     world_up=[0.0, 0.0, 1.0], sample=str(samples[frame]), camera_file="", input_views=[],
-                    heldout_views=[], resolution=64, mask_source="alpha", checkpoint={}, device="cpu",
+                    heldout_views=[], resolution=64, input_resolution=64, mask_source="alpha", method="model",
+                    checkpoint={}, device="cpu",
                     min_opacity=0.0, refine={}, counts={"written": gaussians.num}, previews=[],
                     timings_s={}).write(out / f"{stem}.json")
         entries.append({"frame": frame, "ply": f"{stem}.ply", "sidecar": f"{stem}.json",
