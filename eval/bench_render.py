@@ -135,10 +135,10 @@ def _leaves(g: Gaussians) -> Gaussians:
     return Gaussians(**{k: v.detach().clone().requires_grad_(True) for k, v in vars(g).items()})
 
 
-def _taichi_splatting(peers: str, g: Gaussians, cams: Cameras, size: int):
-    """fn(leaves) -> images [V, H, W, 3] rendering with taichi-splatting from the folder `peers`, view by view
-    (its renderer takes one camera), on taichi's CPU backend with torch's thread count."""
-    sys.path.insert(0, peers)
+def _taichi_splatting(g: Gaussians, cams: Cameras, size: int):
+    """fn(leaves) -> images [V, H, W, 3] rendering with taichi-splatting (importable from the peers folder
+    `_measure` puts on the child's PYTHONPATH), view by view (its renderer takes one camera), on taichi's CPU
+    backend with torch's thread count."""
     import taichi
     taichi.init(arch=taichi.cpu, cpu_max_num_threads=torch.get_num_threads(), log_level=taichi.WARN)
     try:
@@ -160,12 +160,12 @@ def _taichi_splatting(peers: str, g: Gaussians, cams: Cameras, size: int):
     return fn
 
 
-def _measure_here(case: str, method: str, backward: bool, repeats: int, rows: int, peers: str = "") -> dict:
+def _measure_here(case: str, method: str, backward: bool, repeats: int, rows: int) -> dict:
     """Best wall time (s) over repeats and peak RSS growth (MiB) of this process."""
     size = SIZES[case]
     g, cams = pixel_aligned_scene(size)
     if method == "taichi-splatting":
-        fn = _taichi_splatting(peers, g, cams, size)
+        fn = _taichi_splatting(g, cams, size)
     elif method in ("torch", "cpp"):
         if method == "cpp":
             render_cpp.extension()  # compile (or load from the cache) outside the timed region
@@ -189,10 +189,14 @@ def _measure_here(case: str, method: str, backward: bool, repeats: int, rows: in
 
 
 def _measure(case: str, method: str, backward: bool, repeats: int, rows: int, peers: str = "") -> dict:
-    """Run one measurement in a fresh Python process so its peak memory is its own."""
+    """Run one measurement in a fresh Python process so its peak memory is its own; `peers` (a pip --target
+    folder) goes first on that process's PYTHONPATH."""
     cmd = [sys.executable, "-m", "mouserecon.eval.bench_render", "--_child",
-           json.dumps([case, method, backward, repeats, rows, peers])]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+           json.dumps([case, method, backward, repeats, rows])]
+    env = dict(os.environ)
+    if peers:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (peers, env.get("PYTHONPATH")) if p)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

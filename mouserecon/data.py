@@ -361,12 +361,12 @@ def foreground_center(cameras: Cameras, masks: Tensor, source: str | Path = "<sa
         raise SampleError(f"{source}: cannot place the mouse in 3D from its masks ({err})") from None
 
 
-def crop_to_foreground(sample: Sample, resolution: int, margin: float, center: Tensor, up: Tensor | None = None,
+def crop_to_foreground(sample: Sample, resolution: int, margin: float, center: Tensor, up: Tensor,
                        jitter: float = 0.0) -> Sample:
     """Aim every view at the mouse: a perspective crop of `resolution` px around its foreground.
 
     Each view becomes a pinhole camera at the same centre looking at `center` ([3], the sample's frame:
-    `foreground_center`), level with the world `up` ([3]; default the camera file's), with a square image whose
+    `foreground_center`), level with the world `up` ([3], e.g. `CameraFile.up()`), with a square image whose
     focal length makes the view's mask (> 0.5) fit with `margin` of its half-extent on each side and whose
     principal point is the image centre. So the crops' optical axes meet at the mouse, as in a rig aimed at
     it, wherever the mouse is in the frame (a window of the frame keeps the rig's axes, which meet where the
@@ -381,7 +381,6 @@ def crop_to_foreground(sample: Sample, resolution: int, margin: float, center: T
     if margin < 0 or jitter < 0:
         raise ValueError(f"margin and jitter must be >= 0, got {margin}, {jitter}")
     assert center.shape == (3,), f"center must be [3], got {tuple(center.shape)}"
-    up = read_camera_file(sample.path).up() if up is None else up
     views = [_aimed_crop(sample, v, resolution, margin, center.double(), torch.as_tensor(up, dtype=torch.float64),
                          jitter) for v in range(sample.num_views)]
     images, masks, depths, c2w, intrinsics = (list(part) for part in zip(*views))
@@ -580,17 +579,17 @@ class MouseDataset(Dataset):
 
     def load(self, index: int, augment: bool) -> Sample:
         """Sample `index`; augment=False leaves out the random crop jitter (validation)."""
+        camera_file = read_camera_file(self.sample_dirs[index])  # parsed once: images, up axis
         if self.crop is None:
-            sample = load_sample(self.sample_dirs[index], self.resolution, self.views, self.white_threshold,
-                                 self.depth)
+            sample = load_sample(camera_file, self.resolution, self.views, self.white_threshold, self.depth)
             center = self._center(sample) if self.normalize else None
         else:  # 2V views: the V crops, then the V whole frames
-            full = load_sample(self.sample_dirs[index], None, self.views, self.white_threshold, self.depth)
+            full = load_sample(camera_file, None, self.views, self.white_threshold, self.depth)
             center = self._center(full)
-            crops = crop_to_foreground(full, self.resolution, self.crop, center,
+            crops = crop_to_foreground(full, self.resolution, self.crop, center, camera_file.up(),
                                        jitter=self.crop_jitter if augment else 0.0)
             sample = Sample.cat([crops, resize_sample(full, self.resolution)])
-        return normalize_sample(sample, self.fit_views, center)[0] if self.normalize else sample
+        return normalize_sample(sample, self.fit_views, center, camera_file.up())[0] if self.normalize else sample
 
     def _center(self, sample: Sample) -> Tensor:
         """The mouse's centre from the fit views' masks (`foreground_center`), as `pipeline.prepare` finds it

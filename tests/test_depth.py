@@ -102,7 +102,8 @@ def mouse(tmp_path_factory):
 def test_depth_follows_crops_and_matches_a_fresh_trace(mouse):
     full = load_sample(mouse, depth=True)
     torch.testing.assert_close(full.depths[:, 0], torch.from_numpy(np.load(mouse / DEPTH_FILE)["depth"]))
-    crop = crop_to_foreground(full, resolution=48, margin=0.1, center=foreground_center(full.cameras, full.masks))
+    crop = crop_to_foreground(full, resolution=48, margin=0.1, center=foreground_center(full.cameras, full.masks),
+                              up=torch.tensor([0.0, 0.0, 1.0]))
     params, _, _ = draw_mouse(7, "rig")
     traced = render_depth(build_mouse(params), crop.cameras)  # [V, h, w], the cropped cameras' own rays
     both = (crop.depths[:, 0] > 0) & (traced > 0)
