@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pytorch_msssim
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mouserecon.lpips_weights import build_lpips
@@ -147,6 +146,15 @@ def _gaussian_window(settings: SsimSettings, device, dtype) -> Tensor:
     return (g / g.sum()).to(device=device, dtype=dtype)  # [win]
 
 
+def _valid_filter_matrix(window: Tensor, n: int) -> Tensor:
+    """The "valid" 1-D filter by `window` [k] of a length-n signal as a matrix [n - k + 1, n] (row j holds the
+    window at columns j..j + k - 1): on the CPU a matmul is several times faster than a 3-group conv2d."""
+    k = window.numel()
+    columns = torch.arange(n - k + 1, device=window.device)[:, None] + torch.arange(k, device=window.device)
+    matrix = torch.zeros(n - k + 1, n, device=window.device, dtype=window.dtype)
+    return matrix.scatter_(1, columns, window.expand(n - k + 1, k))
+
+
 def _check_ssim_size(images: Tensor, settings: SsimSettings) -> None:
     h, w = images.shape[-2:]
     if min(h, w) < settings.win_size:
@@ -164,10 +172,10 @@ def ssim_map(pred: Tensor, gt: Tensor, settings: SsimSettings = SSIM) -> Tensor:
     batch = pred.shape[:-3]
     x, y = pred.reshape(-1, 3, h, w), gt.reshape(-1, 3, h, w)  # [n, 3, H, W]
     g = _gaussian_window(settings, x.device, x.dtype)
-    rows, cols = g.view(1, 1, -1, 1).expand(3, 1, -1, 1), g.view(1, 1, 1, -1).expand(3, 1, 1, -1)
+    rows, cols = _valid_filter_matrix(g, h), _valid_filter_matrix(g, w)  # [h', H], [w', W]
 
-    def blur(t: Tensor) -> Tensor:  # separable "valid" Gaussian filter, per channel
-        return F.conv2d(F.conv2d(t, rows, groups=3), cols, groups=3)
+    def blur(t: Tensor) -> Tensor:  # separable "valid" Gaussian filter, per channel, as two matmuls
+        return rows @ t @ cols.T
 
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
