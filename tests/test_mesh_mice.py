@@ -1,7 +1,7 @@
-"""Mesh mice (eval/mesh_mice.py): the rasteriser against closed forms (a sphere's silhouette area and
-nearest depth, a tilted plane's perspective depth, exact sample counts of triangles), skinning against
-hand-computed poses, written samples against the projection of their mesh, and (when the MAMMAL_mouse
-data is here) the real mesh fitted to the labelled frames."""
+"""Mesh mice (eval/mesh_mice.py, eval/mammal.py): the rasteriser against closed forms (a sphere's silhouette
+area and nearest depth, a tilted plane's perspective depth, exact sample counts of triangles), skinning
+against hand-computed poses, written samples against the projection of their mesh, and (when the
+MAMMAL_mouse data is here) the real mesh fitted to the labelled frames."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.data import load_sample
+from mouserecon.eval import mammal
 from mouserecon.eval import mesh_mice as mm
 from mouserecon.normalize import Similarity
 from mouserecon.synth.trace import Light
@@ -140,30 +141,30 @@ def test_vertices_behind_the_camera_are_an_error():
 # ---- skinning ---------------------------------------------------------------------------------
 
 
-def _chain() -> mm.SkinnedMesh:
+def _chain() -> mammal.SkinnedMesh:
     """Joints root (0, 0, 0) -> elbow (1, 0, 0) -> wrist (2, 0, 0); vertices a = (2, 0, 0) on the elbow,
     b = (1.5, 0, 0) half root half elbow, c = (3, 0, 0) on the wrist."""
     vertices = torch.tensor([[2.0, 0, 0], [1.5, 0, 0], [3.0, 0, 0]], dtype=torch.float64)
     weights = torch.tensor([[0.0, 1, 0], [0.5, 0.5, 0], [0, 0, 1]], dtype=torch.float64)
     joints = torch.tensor([[0.0, 0, 0], [1, 0, 0], [2, 0, 0]], dtype=torch.float64)
-    return mm.SkinnedMesh(vertices, torch.tensor([[0, 1, 2]]), weights, joints, torch.tensor([-1, 0, 1]),
+    return mammal.SkinnedMesh(vertices, torch.tensor([[0, 1, 2]]), weights, joints, torch.tensor([-1, 0, 1]),
                           ("root", "elbow", "wrist"))
 
 
 def test_skinning_a_90_degree_turn_by_hand():
     chain = _chain()
     rest = torch.eye(3, dtype=torch.float64).repeat(3, 1, 1)
-    vertices, joints = mm.skin(chain, rest)
+    vertices, joints = mammal.skin(chain, rest)
     torch.testing.assert_close(vertices, chain.vertices)
     turn = rest.clone()
-    turn[1] = mm.euler(90.0, 0.0)  # the elbow turns +90 deg about +z: (x, y) -> (-y, x) about (1, 0)
-    vertices, joints = mm.skin(chain, turn)
+    turn[1] = mammal.euler(90.0, 0.0)  # the elbow turns +90 deg about +z: (x, y) -> (-y, x) about (1, 0)
+    vertices, joints = mammal.skin(chain, turn)
     torch.testing.assert_close(vertices, torch.tensor([[1.0, 1, 0], [1.25, 0.25, 0], [1, 2, 0]], dtype=torch.float64))
     torch.testing.assert_close(joints, torch.tensor([[0.0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.float64))
     # And the root too: everything turns once more about the origin; b blends the root's image of it, (0, 1.5),
     # with the elbow's, the turned (1, 0.5) = (-0.5, 1).
-    turn[0] = mm.euler(90.0, 0.0)
-    vertices, joints = mm.skin(chain, turn)
+    turn[0] = mammal.euler(90.0, 0.0)
+    vertices, joints = mammal.skin(chain, turn)
     torch.testing.assert_close(vertices, torch.tensor([[-1.0, 1, 0], [-0.25, 1.25, 0], [-2, 1, 0]],
                                                       dtype=torch.float64))
     torch.testing.assert_close(joints[2], torch.tensor([-1.0, 1, 0], dtype=torch.float64))
@@ -172,11 +173,12 @@ def test_skinning_a_90_degree_turn_by_hand():
 def test_rotation_conventions():
     # euler: yaw turns the snout (-y) to the mouse's left (+x); pitch raises it; axis_angle and rot_z agree.
     snout = torch.tensor([0.0, -1.0, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(mm.euler(90.0, 0.0) @ snout, torch.tensor([1.0, 0, 0], dtype=torch.float64))
-    torch.testing.assert_close(mm.euler(0.0, 90.0) @ snout, torch.tensor([0.0, 0, 1], dtype=torch.float64))
+    torch.testing.assert_close(mammal.euler(90.0, 0.0) @ snout, torch.tensor([1.0, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(mammal.euler(0.0, 90.0) @ snout, torch.tensor([0.0, 0, 1], dtype=torch.float64))
     angle = torch.tensor(0.7, dtype=torch.float64)
-    torch.testing.assert_close(mm.axis_angle(torch.tensor([0.0, 0.0, 0.7], dtype=torch.float64)), mm.rot_z(angle))
-    random = mm.axis_angle(torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    torch.testing.assert_close(mammal.axis_angle(torch.tensor([0.0, 0.0, 0.7], dtype=torch.float64)),
+                               mammal.rot_z(angle))
+    random = mammal.axis_angle(torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     torch.testing.assert_close(random @ random.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(5, 3, 3))
     torch.testing.assert_close(torch.linalg.det(random), torch.ones(5, dtype=torch.float64))
 
@@ -190,13 +192,13 @@ def test_classify_by_the_rules():
     for name, xyz in (("Tail(base)", (0, 0, 5)), ("SpineM", (30, 0, 20)), ("SpineF", (50, 0, 20)),
                       ("Snout", (75, 0, 10)), ("ForepawL", (60, 10, 1)), ("ForepawR", (60, -10, 1))):
         at(name, xyz)
-    assert mm.classify(k, names) == "walk"
+    assert mammal.classify(k, names) == "walk"
     at("Snout", (50, 25, 10))  # the head turned 90 deg to the left
-    assert mm.classify(k, names) == "turn"
+    assert mammal.classify(k, names) == "turn"
     at("ForepawR", (52, 20, 10))  # a forepaw at the snout
-    assert mm.classify(k, names) == "groom"
+    assert mammal.classify(k, names) == "groom"
     at("Snout", (55, 0, 80))
-    assert mm.classify(k, names) == "rear"
+    assert mammal.classify(k, names) == "rear"
 
 
 # ---- samples ----------------------------------------------------------------------------------
@@ -273,29 +275,29 @@ def _fake_mammal(root: Path, faces: str = "0 1 2\n") -> Path:
 
 
 def test_load_mammal_reads_a_checkout_and_names_a_bad_table(tmp_path):
-    mesh = mm.load_mammal(_fake_mammal(tmp_path / "good"))
+    mesh = mammal.load_mammal(_fake_mammal(tmp_path / "good"))
     assert mesh.vertices.shape == (3, 3) and mesh.names == ("root", "bone") and len(mesh.keypoints) == 22
     torch.testing.assert_close(mesh.weights, torch.tensor([[1.0, 0], [0.5, 0.5], [0, 1]], dtype=torch.float64))
-    with pytest.raises(mm.MeshMiceError, match="faces_vert.txt indexes vertices"):
-        mm.load_mammal(_fake_mammal(tmp_path / "bad", faces="0 1 5\n"))
-    with pytest.raises(mm.MeshMiceError, match="not a MAMMAL_mouse checkout"):
-        mm.load_mammal(tmp_path)
+    with pytest.raises(mammal.MeshMiceError, match="faces_vert.txt indexes vertices"):
+        mammal.load_mammal(_fake_mammal(tmp_path / "bad", faces="0 1 5\n"))
+    with pytest.raises(mammal.MeshMiceError, match="not a MAMMAL_mouse checkout"):
+        mammal.load_mammal(tmp_path)
 
 
 @pytest.mark.slow
 def test_the_real_mammal_mesh_fits_the_labels_and_makes_samples(shared_dir, tmp_path):
-    if not (MAMMAL / "HEAD").is_file() and not (MAMMAL / mm.MAMMAL_FILES[0]).is_file():
+    if not (MAMMAL / "HEAD").is_file() and not (MAMMAL / mammal.MAMMAL_FILES[0]).is_file():
         pytest.skip(f"MAMMAL_mouse data not found at {MAMMAL} (set MOUSERECON_MAMMAL to a checkout or its git repo)")
-    mesh = mm.load_mammal(MAMMAL)
+    mesh = mammal.load_mammal(MAMMAL)
     assert (len(mesh.vertices), len(mesh.faces), len(mesh.joints)) == (14522, 28800, 140)
     rig = mm.load_rig(shared_dir / "data" / "markerless_mouse_1_rig", "real")
-    families = [mm.classify(k, rig.names) for k in rig.labels]
+    families = [mammal.classify(k, rig.names) for k in rig.labels]
     picked = [families.index(f) for f in ("walk", "turn", "rear", "groom")]
-    poses = mm.fit_labeled_poses(mesh, rig.labels[picked], rig.frames[picked], rig.names)
+    poses = mammal.fit_labeled_poses(mesh, rig.labels[picked], rig.frames[picked], rig.names)
     assert [p.family for p in poses] == ["walk", "turn", "rear", "groom"]
     assert all(p.rmse_mm < 8.0 for p in poses) and 110.0 < poses[0].scale_mm < 145.0
-    rear, _ = mm.skin(mesh, poses[2].rotations)
-    body = mesh.weights[:, mesh.index(mm.TAIL)].sum(1) < 0.5
+    rear, _ = mammal.skin(mesh, poses[2].rotations)
+    body = mesh.weights[:, mesh.index(mammal.TAIL)].sum(1) < 0.5
     world = mm.place(rear * poses[2].scale_mm, body, 30.0, np.array([50.0, 60.0]))
     assert world[:, 2].min() == pytest.approx(0.0, abs=1e-9) and world[:, 2].max() > 60.0  # up on its hind legs
     folder = mm.generate_sample(mesh, poses, rig, tmp_path / "sample", seed=0, family="rear", resolution=48)
