@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageSequence
 
 log = logging.getLogger("make_quickstart")
 
-SCALE = 3  # previews are at the model's 64 px
+TILE = 192  # px: previews are at the model's resolution (64 or 128 px), enlarged to about this
 GAP = 12
 LABEL = 22
 
@@ -47,12 +47,14 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
 
+    frames = list(ImageSequence.Iterator(Image.open(args.previews / "turntable.gif")))
+    scale = max(1, round(TILE / frames[0].height))  # a turntable frame is one render at the model's resolution
+
     def big(image: Image.Image) -> Image.Image:
-        return image.convert("RGB").resize((image.width * SCALE, image.height * SCALE), Image.NEAREST)
+        return image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
 
     inputs = big(Image.open(args.previews / "inputs.png"))
     heldout = big(Image.open(args.previews / "heldout.png"))
-    frames = list(ImageSequence.Iterator(Image.open(args.previews / "turntable.gif")))
     turntable = [big(frames[i * len(frames) // 4]) for i in range(4)]
     tiles = Image.new("RGB", (turntable[0].width * 2, turntable[0].height * 2), "white")
     for k, frame in enumerate(turntable):
