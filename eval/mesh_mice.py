@@ -26,8 +26,8 @@ the whole mouse inside its frame and the cameras pass `validate_cameras`:
   with `DEFAULT_CROP_MARGIN` of its longer side on each side, resized to `resolution`: principal point
   shifted, focal scaled, axes unchanged. Our camera files need the principal point inside the image, which
   a window far from the frame centre misses, so this mode only keeps positions near where the rig looks.
-  `--crop perspective`: `prepare`'s crop model (each camera turned about its centre to look at the mouse,
-  principal point at the image centre), valid anywhere.
+  `--crop perspective`: `synth.rig.perspective_crops`, like `prepare`'s crops (each camera turned about
+  its centre to look at the mouse, principal point at the image centre), valid anywhere.
 - `facelift`: the FaceLift-fork "M5" cameras (frame x' = s (x_mm - c), fx = fy = 549 at 512 px), whole
   frames resized to `resolution`; the mouse is mapped by the same similarity, fitted from the two camera
   files' centres and recorded as `normalization` (x_model = s R x_mm + t, R = I).
@@ -54,10 +54,11 @@ from mouserecon.data import DEPTH_FILE, load_sample
 from mouserecon.errors import MouseReconError
 from mouserecon.eval.mammal import (FAMILIES, TAIL, LabeledPose, MeshMiceError, SkinnedMesh, draw_pose,
                                     fit_labeled_poses, load_mammal, rot_z, skin)
-from mouserecon.normalize import Similarity, rotation_between
+from mouserecon.normalize import Similarity
 from mouserecon.options import DEFAULT_CROP_MARGIN
 from mouserecon.progress import progress
 from mouserecon.synth.generate import save_depth
+from mouserecon.synth.rig import perspective_crops
 from mouserecon.synth.trace import Light, one_thread, shade
 
 log = logging.getLogger(__name__)
@@ -376,23 +377,6 @@ def window_crops(cameras: Cameras, vertices: Tensor, resolution: int, margin: fl
     return Cameras.stack(views), windows
 
 
-def perspective_crops(cameras: Cameras, vertices: Tensor, resolution: int, margin: float) -> Cameras:
-    """`prepare`'s crop model: each view [V] turned about its centre (smallest rotation) to look at the
-    vertices' box centre, focal length such that the projected vertices fit with `margin` of their
-    half-extent on each side, principal point at the image centre -> Cameras [V] at resolution."""
-    centre = (vertices.amin(0) + vertices.amax(0)) / 2
-    c2w = cameras.c2w.double().clone()
-    focal = []
-    for v in range(len(cameras)):
-        c2w[v, :3, :3] = rotation_between(c2w[v, :3, 2], centre - c2w[v, :3, 3]) @ c2w[v, :3, :3]
-        local = (vertices - c2w[v, :3, 3]) @ c2w[v, :3, :3]  # [N, 3] camera coordinates
-        extent = (local[:, :2] / local[:, 2:]).abs().max()
-        focal.append(0.5 * resolution / (float(extent) * (1.0 + 2.0 * margin)))
-    half = resolution / 2
-    intrinsics = torch.tensor([[f, f, half, half] for f in focal])
-    return Cameras(c2w.float(), intrinsics, resolution, resolution)
-
-
 def frame_views(vertices: Tensor, cameras: Cameras, crop: str, resolution: int,
                 margin: float) -> tuple[Cameras, list | None] | None:
     """The sample's cameras for a mouse at vertices [N, 3] (the rig's frame) seen by cameras [V] (rig views
@@ -407,7 +391,9 @@ def frame_views(vertices: Tensor, cameras: Cameras, crop: str, resolution: int,
     if crop == "window":
         out, windows = window_crops(cameras, vertices, resolution, margin)
     elif crop == "perspective":
-        out = perspective_crops(cameras, vertices, resolution, margin)
+        centre = (vertices.amin(0) + vertices.amax(0)) / 2  # `prepare`'s crop model, aimed at the mesh's box centre
+        out = perspective_crops(cameras, vertices.double(), centre.double().numpy(), margin,
+                                np.zeros((len(cameras), 2)), resolution)
     else:  # "frame": whole frames
         out = cameras.resize(resolution, resolution)
     try:  # among others: each principal point inside its image, every view sees where the others look

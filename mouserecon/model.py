@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import queue
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -186,8 +185,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, chunk: int = CPU_ATTENTIO
 
 
 def _on_threads(jobs: list[Callable[[], None]]) -> None:
-    """Run `jobs` on torch.get_num_threads() Python threads (this one included), whose torch ops are
-    single-threaded, taking the next job as each finishes. One coarse split instead of a fork-join
+    """Run `jobs` on torch.get_num_threads() Python threads, whose torch ops are single-threaded, each
+    taking the next job as it finishes one. One coarse split instead of a fork-join
     inside every small op, which stalls whenever another process holds one of the cores (a shared
     CPU); torch ops release the GIL. While it runs, torch's thread count is 1 process-wide (new
     threads take their count from it), so torch work on other Python threads runs single-threaded."""
@@ -196,28 +195,16 @@ def _on_threads(jobs: list[Callable[[], None]]) -> None:
         for job in jobs:
             job()
         return
-    pending: queue.SimpleQueue = queue.SimpleQueue()
-    for job in jobs:
-        pending.put(job)
-    modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # thread-local: carried over
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # thread-local: carried over
 
-    def drain() -> None:
-        with torch.set_grad_enabled(modes[0]), torch.inference_mode(modes[1]):
-            while True:
-                try:
-                    job = pending.get_nowait()
-                except queue.Empty:
-                    return
-                job()
+    def run(job: Callable[[], None]) -> None:
+        with torch.set_grad_enabled(grad), torch.inference_mode(inference):
+            job()
 
-    helpers = min(threads, len(jobs)) - 1
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(helpers) as pool:
-            running = [pool.submit(drain) for _ in range(helpers)]
-            drain()
-            for helper in running:
-                helper.result()
+        with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+            list(pool.map(run, jobs))  # re-raises a job's exception
     finally:
         torch.set_num_threads(threads)
 

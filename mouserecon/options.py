@@ -19,8 +19,8 @@ DEFAULT_INPUT_VIEWS = 5  # Exp C: 5 input views per sample
 DEFAULT_MIN_OPACITY = 0.005  # prune Gaussians below this opacity (about 1/255: invisible when rendered)
 TURNTABLE_FORMATS = ("gif", "mp4")
 BASELINES = ("flat", "hull")
-METHODS = ("model", "hull")
-SYNTH_VARIETIES = ("rig", "wide", "broad")  # synth.generate.VARIETIES  # reconstruct: a GS-LRM, or the visual hull of the input masks
+METHODS = ("model", "hull")  # reconstruct: a GS-LRM, or the visual hull of the input masks
+SYNTH_VARIETIES = ("rig", "wide", "broad")  # synth: what synth.generate draws (its module docstring)
 LPIPS_CHOICES = ("alex", "vgg", "none")
 MASK_SOURCES = ("alpha", "near_white")
 

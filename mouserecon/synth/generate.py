@@ -37,6 +37,7 @@ import torch
 from mouserecon.cameras import Cameras, load_opencv_cameras, save_opencv_cameras
 from mouserecon.data import DEPTH_FILE
 from mouserecon.normalize import Similarity, normalize_cameras
+from mouserecon.options import SYNTH_VARIETIES
 from mouserecon.progress import progress
 from mouserecon.synth.mouse import MouseParams, build_mouse, sample_broad_params, sample_params
 from mouserecon.synth.rig import REAL_RIG, Framing, FramingConfig, RigConfig, sample_framed_rig, sample_rig
@@ -46,7 +47,7 @@ from mouserecon.synth.trace import Light, TraceConfig, render_depth, render_rgba
 log = logging.getLogger(__name__)
 
 UNITS = ("mm", "model")  # "model": normalised to the model's rig, the word every command uses
-VARIETIES = ("rig", "wide", "broad")
+VARIETIES = SYNTH_VARIETIES
 
 # variety="wide": ranges beyond the real rig and the coat table, for training models that must
 # not learn the generator's look (cameras nearer/farther and wider/narrower, coats re-tinted,

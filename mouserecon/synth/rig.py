@@ -258,7 +258,8 @@ def window_crops(cameras: Cameras, lo: np.ndarray, hi: np.ndarray, margin: float
 
 def perspective_crops(cameras: Cameras, outline: torch.Tensor, target: np.ndarray, margin: float,
                       shifts: np.ndarray, resolution: int) -> Cameras:
-    """`prepare`'s crop of cameras [V]: each turned about its centre (smallest rotation) to look at target [3],
+    """Perspective crops of cameras [V] like `prepare`'s (`data.crop_to_foreground`, which also keeps them level
+    with world up): each turned about its centre by the smallest rotation to look at target [3],
     square `resolution` px, fx = fy chosen so that the points outline [N, 3] fit with `margin` of the
     half-extent per side, the principal point at the middle moved by shifts [V, 2] (in [-1, 1]) x the slack."""
     c2ws, intrinsics = [], []
