@@ -2,8 +2,9 @@
 
 A point on the mouse projects onto the foreground of every input view (the visual-hull condition).
 `project_to_masks` tests points against masks; `visual_hull_gaussians` (baselines) carves a voxel
-grid with it, and `carve` drops the Gaussians of a reconstruction whose centre fails it, which
-refinement does before its first step and after its last (`refine.refine`).
+grid with it, `carve` drops the Gaussians of a reconstruction whose centre fails it, which
+refinement does before its first step and after its last (`refine.refine`), and `hull_depths` moves
+points along their rays into the hull (a `hull_depth` model's pixel Gaussians, `model.ModelConfig`).
 
 Why before refinement: a pixel-aligned model leaves most of its Gaussians off the silhouettes (the
 demo model: 18,900 of 20,482, nearly transparent, away from the mouse); the image losses barely
@@ -14,6 +15,7 @@ are dilated by `dilation_px` so that calibration error and Gaussians on the rim 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -54,3 +56,30 @@ def carve(gaussians: Gaussians, masks: Tensor, cameras: Cameras, dilation: int |
         dilation = dilation_px(*masks.shape[-2:])
     on_foreground, _, _ = project_to_masks(gaussians.means, masks.to(gaussians.means), cameras, dilation)
     return gaussians.select(on_foreground.all(0))
+
+
+HULL_DEPTH_SAMPLES = 192  # points tested along each ray's depth range
+HULL_DEPTH_DILATION = 1  # px; the masks' dilation for the hull test
+
+
+def hull_depths(origins: Tensor, dirs: Tensor, depths: Tensor, span: float, masks: Tensor, cameras: Cameras,
+                chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Move each ray's point into the visual hull of masks [V, 1, H, W] / cameras [V]: rays origins, unit
+    dirs [R, 3], depths [R] (the point origin + depth dir) -> new depths [R] and inside [R] (whether the ray
+    meets the hull within depth +- span; rays that do not keep their depth). A point already in the hull
+    stays; one outside moves to the nearest of HULL_DEPTH_SAMPLES depths in [depth - span, depth + span]
+    inside it. The hull contains the true surface point of a foreground ray, so the move never takes a
+    point farther from it when the ray crosses the hull once."""
+    steps = torch.linspace(-span, span, HULL_DEPTH_SAMPLES, device=depths.device, dtype=depths.dtype)
+    out, met = depths.clone(), torch.zeros_like(depths, dtype=torch.bool)
+    for start in range(0, len(depths), chunk):
+        o, d, t = origins[start:start + chunk], dirs[start:start + chunk], depths[start:start + chunk]
+        ts = torch.cat([t[:, None], t[:, None] + steps], 1)  # [r, 1 + S], the point itself first
+        points = o[:, None] + ts[..., None] * d[:, None]  # [r, 1 + S, 3]
+        inside, _, _ = project_to_masks(points.reshape(-1, 3), masks, cameras, HULL_DEPTH_DILATION)
+        inside = inside.all(0).reshape(ts.shape)
+        distance = torch.where(inside, (ts - t[:, None]).abs(), torch.full_like(ts, float("inf")))
+        best = distance.argmin(1)
+        out[start:start + chunk] = torch.where(inside.any(1), ts.gather(1, best[:, None])[:, 0], t)
+        met[start:start + chunk] = inside.any(1)
+    return out, met

@@ -34,12 +34,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mouserecon.cameras import Cameras
+from mouserecon.carve import MASK_THRESHOLD, hull_depths
 from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
 
 LN_EPS = 1e-5
 SCALE_BIAS, SCALE_MAX = 2.3, -1.2  # log_scales = (s - 2.3).clamp(max=-1.2)
 OPACITY_BIAS = 2.0  # opacity_logits = o - 2
 DEPTH_RANGE = 1.8  # pixel depth = (2 sigmoid(.) - 1) * 1.8 + t0
+BACKGROUND_LOGIT = -30.0  # hull_depth: a background pixel's Gaussian (opacity 1e-13, below any render cut-off)
 # Queries per step of the CPU bf16 attention: one head's [128, n] bf16 scores (5.2 MB at n = 20k
 # tokens, per thread) stay in the last-level cache from q k^T through the softmax to p v. Of 32,
 # 64, 128 and 256 on the 2-core EPYC, 128 and 256 were fastest; 32 pays per-op overheads.
@@ -70,6 +72,12 @@ class ModelConfig:
     # resized; a number = each view cropped to a square around its foreground with this margin
     # (`data.crop_to_foreground`). reconstruct and eval prepare the input views the same way.
     input_crop: float | None = None
+    # Not in FaceLift: the input masks as a geometric prior (`forward`'s masks). A foreground pixel's
+    # Gaussian is moved along its ray into the visual hull of the input masks (`carve.hull_depths`), a
+    # background pixel's is made invisible (opacity logit BACKGROUND_LOGIT). Why: on real mouse shapes a
+    # pixel-aligned model's depths are wrong, so its views' Gaussians land in offset copies of the mouse
+    # (issue 18); the hull contains the surface point each foreground ray sees.
+    hull_depth: bool = False
     grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -265,9 +273,13 @@ class GSLRM(nn.Module):
                 nn.init.ones_(module.weight)
         nn.init.trunc_normal_(self.gaussian_tokens, std=0.02)
 
-    def forward(self, images: Tensor, cameras: Cameras) -> Gaussians:
+    def forward(self, images: Tensor, cameras: Cameras, masks: Tensor | None = None) -> Gaussians:
+        """masks [b, v, 1, h, w] of the inputs: needed (and used) only by a `hull_depth` model."""
         c, p = self.config, self.config.patch_size
         _check_inputs(images, cameras)
+        if c.hull_depth and (masks is None or masks.shape[:2] != images.shape[:2] or masks.shape[2:] != (1, *images.shape[3:])):
+            raise ValueError(f"a hull_depth model needs input masks [b, v, 1, h, w] like its images "
+                             f"{tuple(images.shape)}, got {None if masks is None else tuple(masks.shape)}")
         b, v, _, h, w = images.shape
         assert h % p == 0 and w % p == 0, f"image size {w}x{h} is not a multiple of the patch size {p}"
         origins, dirs = cameras.rays()  # [b, v, h, w, 3] each
@@ -300,6 +312,9 @@ class GSLRM(nn.Module):
         origins, dirs = patch_major(origins, p), patch_major(dirs, p)  # [b, v*h*w, 3] each
         t0 = (-origins * dirs).sum(-1, keepdim=True)  # [b, v*h*w, 1]
         depth = (2 * torch.sigmoid(xyz[:, c.n_gaussians:].mean(-1, keepdim=True)) - 1) * DEPTH_RANGE + t0
+        opacity = opacity[..., 0] - OPACITY_BIAS  # [b, n]
+        if c.hull_depth:
+            depth, opacity = _into_hull(depth, opacity, origins, dirs, masks, cameras, p)
         xyz_pix = origins + depth * dirs  # [b, v*h*w, 3]
         if c.clip_xyz:
             xyz_pix = xyz_pix.clamp(-1.0, 1.0)
@@ -308,11 +323,30 @@ class GSLRM(nn.Module):
             sh=sh,  # [b, n, K, 3]
             log_scales=(scales - c.scale_bias).clamp(max=SCALE_MAX),  # [b, n, 3]
             quats=quats,  # [b, n, 4] wxyz, unnormalised
-            opacity_logits=opacity[..., 0] - OPACITY_BIAS,  # [b, n]
+            opacity_logits=opacity,  # [b, n]
         )
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.parameters())
+
+
+def _into_hull(depth: Tensor, opacity: Tensor, origins: Tensor, dirs: Tensor, masks: Tensor, cameras: Cameras,
+               p: int) -> tuple[Tensor, Tensor]:
+    """`ModelConfig.hull_depth`: pixel depths [b, v*h*w, 1] and all opacity logits [b, n] (token Gaussians
+    first), rays [b, v*h*w, 3] patch-major, input masks [b, v, 1, h, w] and cameras [b, v]. The gradient
+    passes straight through a move (d placed / d predicted = 1): the network learns where inside the hull
+    the surface is from the renders of Gaussians the hull placed, not only from those already inside."""
+    foreground = patch_major(masks.permute(0, 1, 3, 4, 2), p)[..., 0] >= MASK_THRESHOLD  # [b, v*h*w]
+    placed = depth.detach().clone()
+    with torch.no_grad():
+        for i in range(len(depth)):
+            rays = foreground[i].nonzero()[:, 0]
+            placed[i, rays, 0] = hull_depths(origins[i, rays].float(), dirs[i, rays].float(),
+                                             placed[i, rays, 0].float(), DEPTH_RANGE, masks[i].float(),
+                                             cameras[i])[0].to(depth.dtype)
+    depth = depth + (placed - depth.detach())
+    background = F.pad(~foreground, (opacity.shape[1] - foreground.shape[1], 0))  # token Gaussians: not pixels
+    return depth, opacity.masked_fill(background, BACKGROUND_LOGIT)
 
 
 def forward_flops(config: ModelConfig, views: int, height: int, width: int) -> int:

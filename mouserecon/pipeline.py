@@ -16,7 +16,8 @@ re-implement none of them:
    mouse from the full-resolution image (`data.crop_to_foreground`), as in training.
 2. A `Predictor` maps a Scene to a `Prediction`: Gaussians in the model frame or the user's, finite
    (non-finite ones dropped and counted). `CheckpointPredictor` runs a GS-LRM once (no grad; bf16
-   autocast on CUDA); `HullPredictor` carves the visual hull of the input masks; `FlatPredictor` is no
+   autocast on CUDA) on the input images, cameras and masks (a `hull_depth` model places its foreground
+   pixels' Gaussians in the masks' visual hull; its background pixels' are left out); `HullPredictor` carves the visual hull of the input masks; `FlatPredictor` is no
    Gaussians at all (the flat background); eval adds a predictor that reads .ply files.
 3. `refine_scene`: refinement against the whole input frames (preceded by the crops a crop model saw),
    carved with the whole input frames' silhouettes (`refine.refine`).
@@ -43,7 +44,7 @@ from mouserecon.data import (Sample, crop_to_foreground, foreground_center, load
                              resize_sample)
 from mouserecon.gaussians import Gaussians
 from mouserecon.metrics import foreground_iou, psnr, ssim
-from mouserecon.model import GSLRM
+from mouserecon.model import BACKGROUND_LOGIT, GSLRM
 from mouserecon.normalize import Similarity, normalize_cameras
 from mouserecon.options import DEFAULT_INPUT_VIEWS, ViewsError
 from mouserecon.progress import progress
@@ -217,13 +218,16 @@ class CheckpointPredictor(Predictor):
         assert len(shapes) == 1, f"a batch needs one input count and resolution, got {sorted(shapes)}"
         images = torch.stack([s.inputs.images for s in scenes]).to(device)  # [B, I, 3, R, R]
         cameras = Cameras.stack([s.inputs.cameras for s in scenes]).to(device)  # [B, I]
+        masks = torch.stack([s.inputs.masks for s in scenes]).to(device)  # [B, I, 1, R, R]
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            batch = self.model(images, cameras).to(torch.float32)  # [B, n]
+            batch = self.model(images, cameras, masks).to(torch.float32)  # [B, n]
         predictions = []
         for b, scene in enumerate(scenes):
             gaussians = batch[b]
             r = scene.inputs.cameras.height
             assert gaussians.num == self.model.config.n_gaussians + scene.num_inputs * r * r, gaussians.num
+            if self.model.config.hull_depth:  # the background pixels' Gaussians are invisible: leave them out
+                gaussians = gaussians.select(gaussians.opacity_logits > BACKGROUND_LOGIT)
             predictions.append(_finite(gaussians, "model", scene.sample.sample_id))
         return predictions
 

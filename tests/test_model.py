@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mouserecon.cameras import Cameras
 from mouserecon.checkpoints import load_checkpoint
-from mouserecon.model import (GSLRM, PRESETS, ModelConfig, _on_threads, attention, chunked_attention, forward_flops,
-                              posed_images)
+from mouserecon.carve import HULL_DEPTH_DILATION, project_to_masks
+from mouserecon.model import (BACKGROUND_LOGIT, GSLRM, PRESETS, ModelConfig, _on_threads, attention, chunked_attention,
+                              forward_flops, patch_major, posed_images)
 
 ATOL = RTOL = 1e-5  # the golden README's recommendation (fp32 op-order noise is ~2e-6)
 
@@ -224,6 +225,46 @@ def test_pixel_color_skip_adds_each_pixels_own_colour():
         expected = (images[0, vi, :, row, col] - 0.5) / 0.28209479177387814  # rgb -> SH DC
         torch.testing.assert_close(delta[0, 2 + k, 0], expected, atol=1e-5, rtol=1e-5)
     assert not PRESETS["facelift"].pixel_color_skip and PRESETS["demo"].pixel_color_skip
+
+
+def test_hull_depth_places_foreground_pixels_in_the_masks_hull_and_hides_the_background():
+    g = torch.Generator().manual_seed(6)
+    plain = _perturbed(GSLRM(PRESETS["tiny"]), g)
+    hulled = GSLRM(replace(PRESETS["tiny"], hull_depth=True)).eval()
+    hulled.load_state_dict(plain.state_dict())
+    b, v, h, w, ng = 1, 4, 32, 32, PRESETS["tiny"].n_gaussians
+    images = torch.rand(b, v, 3, h, w, generator=g)
+    cameras = _orbit_cameras(b, v, h, w, g)
+    origins, dirs = cameras.rays()  # [b, v, h, w, 3]
+    along = (origins * dirs).sum(-1)
+    masks = (along**2 - (origins**2).sum(-1) + 0.6**2 > 0).float()[:, :, None]  # a sphere of radius 0.6
+    with pytest.raises(ValueError, match="needs input masks"):
+        hulled(images, cameras)
+    with torch.no_grad():
+        a, c = plain(images, cameras, masks), hulled(images, cameras, masks)
+    foreground = patch_major(masks.permute(0, 1, 3, 4, 2), 8)[0, :, 0] > 0.5  # [v*h*w], the Gaussians' order
+    torch.testing.assert_close(c.means[0, :ng], a.means[0, :ng])  # token Gaussians untouched
+    torch.testing.assert_close(c.opacity_logits[0, :ng], a.opacity_logits[0, :ng])
+    assert (c.opacity_logits[0, ng:][~foreground] == BACKGROUND_LOGIT).all()
+    torch.testing.assert_close(c.opacity_logits[0, ng:][foreground], a.opacity_logits[0, ng:][foreground])
+    torch.testing.assert_close(c.means[0, ng:][~foreground], a.means[0, ng:][~foreground])
+    # Every foreground pixel's Gaussian is on its own ray, inside the hull; those the network already put
+    # there stay where it put them.
+    ray_o, ray_d = (patch_major(x, 8)[0][foreground] for x in (origins, dirs))
+    offset = c.means[0, ng:][foreground] - ray_o
+    torch.testing.assert_close(torch.linalg.cross(offset, ray_d, dim=-1), torch.zeros_like(offset), atol=1e-5, rtol=0)
+    inside = lambda m: project_to_masks(m, masks[0], cameras[0], HULL_DEPTH_DILATION)[0].all(0)
+    assert inside(c.means[0, ng:][foreground]).all()
+    kept = inside(a.means[0, ng:][foreground])
+    assert kept.any() and (~kept).any(), "the test needs pixels both inside and outside the hull"
+    torch.testing.assert_close(c.means[0, ng:][foreground][kept], a.means[0, ng:][foreground][kept])
+    # The gradient passes straight through a move: a loss linear in the depths (the positions along their
+    # rays) has the same gradient in both models.
+    for model in (plain, hulled):
+        model.zero_grad()
+        (model(images, cameras, masks).means[0, ng:][foreground] * ray_d).sum().backward()
+    assert plain.pixel_head.weight.grad.abs().max() > 0
+    torch.testing.assert_close(hulled.pixel_head.weight.grad, plain.pixel_head.weight.grad)
 
 
 def test_scale_bias_shifts_log_scales_below_the_clamp():

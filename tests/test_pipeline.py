@@ -144,11 +144,15 @@ def test_eval_scores_exactly_the_gaussians_reconstruct_writes(which, mm_sample, 
                          out=tmp_path / "report"))
     (scored,) = rendered
     ply = load_ply(written.ply_path)
-    assert scored.num == ply.num == written.num_predicted > 2 + 5 * resolution**2 - 1
+    model, _ = load_checkpoint(checkpoint)
+    predictor = CheckpointPredictor(model)
+    # One Gaussian per input pixel (a hull_depth model: per foreground input pixel) + the token Gaussians.
+    seen = prepare(sample, inputs, heldout, resolution, predictor.crop, predictor.input_resolution).inputs
+    pixels = int((seen.masks >= 0.5).sum()) if model.config.hull_depth else seen.masks.numel()
+    assert scored.num == ply.num == written.num_predicted == model.config.n_gaussians + pixels
     for name in ("means", "sh", "log_scales", "quats", "opacity_logits"):
         assert torch.equal(getattr(scored, name), getattr(ply, name)), name
-    model, _ = load_checkpoint(checkpoint)
-    assert (CheckpointPredictor(model).crop is None) == (which == "tiny")
+    assert (predictor.crop is None) == (which == "tiny")
 
 
 # ---- a 1-view model (the shipped `baseline` recipe) -------------------------------------------------

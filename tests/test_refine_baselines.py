@@ -9,7 +9,7 @@ import torch
 
 from mouserecon.baselines import visual_hull_gaussians
 from mouserecon.cameras import Cameras, look_at
-from mouserecon.carve import carve, dilation_px
+from mouserecon.carve import HULL_DEPTH_DILATION, HULL_DEPTH_SAMPLES, carve, dilation_px, hull_depths, project_to_masks
 from mouserecon.metrics import psnr
 from mouserecon.gaussians import Gaussians
 from mouserecon.refine import RefineError, refine
@@ -65,6 +65,35 @@ def test_visual_hull_of_a_sphere_is_conservative_tight_and_coloured_by_projectio
     out = render(hull, cameras, SIZE, SIZE)
     covered = (out.alphas > 0.5) & (masks > 0.5)
     assert covered.sum() / (masks > 0.5).sum() > 0.97
+
+
+def test_hull_depths_move_foreground_points_into_the_hull_never_farther_from_the_surface():
+    cameras, radius, span = ring_cameras(6), 0.5, 1.8
+    _, masks = sphere_views(cameras, radius)
+    origins, dirs = (x[0].reshape(-1, 3) for x in cameras[:1].rays())
+    hit = masks[0, 0].reshape(-1) > 0.5
+    o, d = origins[hit], dirs[hit]
+    b = (o * d).sum(-1)
+    t_surface = -b - (b**2 - (o**2).sum(-1) + radius**2).sqrt()  # the sphere point each ray sees
+    g = torch.Generator().manual_seed(0)
+    depths = -b + (torch.rand(len(o), generator=g) * 2 - 1) * 1.5  # around the point nearest the origin
+    new, met = hull_depths(o, d, depths, span, masks, cameras, chunk=100)
+    assert met.all()
+    inside = lambda t: project_to_masks(o + t[:, None] * d, masks, cameras, HULL_DEPTH_DILATION)[0].all(0)
+    was_inside = inside(depths)
+    assert was_inside.any() and (~was_inside).any(), "the test needs points both inside and outside"
+    assert inside(new).all()
+    assert torch.equal(new[was_inside], depths[was_inside])  # a point already in the hull stays
+    # Along a ray the hull of a sphere is one interval holding the surface point: moving into it brings a
+    # point no farther from that point, up to the sampling step.
+    step = 2 * span / (HULL_DEPTH_SAMPLES - 1)
+    assert ((new - t_surface).abs() <= (depths - t_surface).abs() + step + 1e-5).all()
+    assert (new[~was_inside] - t_surface[~was_inside]).abs().mean() < 0.5 * (depths - t_surface)[~was_inside].abs().mean()
+    # A ray that misses the hull keeps its depth.
+    corner = origins[:1], dirs[:1], torch.tensor([2.7])
+    assert not hit[0]
+    missed, corner_met = hull_depths(*corner, span, masks, cameras)
+    assert not corner_met.any() and torch.equal(missed, corner[2])
 
 
 def test_visual_hull_of_empty_masks_is_empty():

@@ -24,6 +24,7 @@ from mouserecon.losses import LossSection
 class ModelSection:
     preset: str = "facelift"  # a preset of mouserecon.model; overridden by --pretrained's own config
     grad_checkpoint: bool = True  # per-block activation checkpointing (used on CUDA only)
+    hull_depth: bool | None = None  # ModelConfig.hull_depth; None = the pretrained model's (False from scratch)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def step_batch(model, batch, recipe: Recipe, losses: Losses, device: torch.devic
     cameras = batch.cameras.to(device)  # [b, v]
     inputs, targets = list(d.input_views), target_indices(d)
     with _autocast(recipe, device):
-        gaussians = model(images[:, inputs], cameras[:, inputs])
+        gaussians = model(images[:, inputs], cameras[:, inputs], masks[:, inputs])
     gaussians = gaussians.to(torch.float32)
     want_depth = recipe.loss.depth > 0
     out = render(gaussians, cameras[:, targets], images.shape[-2], images.shape[-1], render_depth=want_depth)
@@ -134,8 +134,10 @@ def _build_model(opts: FinetuneOptions, recipe: Recipe, device) -> GSLRM:
         log.info("starting from scratch: preset %s at %d px", recipe.model.preset, recipe.data.resolution)
     # The model records what it is trained to see (reconstruct and eval feed it exactly that): its inputs'
     # side (data.resolution, also for a pretrained model trained at another) and crop margin.
+    hull_depth = model.config.hull_depth if recipe.model.hull_depth is None else recipe.model.hull_depth
     model.config = replace(model.config, grad_checkpoint=recipe.model.grad_checkpoint and device.type == "cuda",
-                           input_crop=recipe.data.input_crop, image_size=recipe.data.resolution)
+                           input_crop=recipe.data.input_crop, image_size=recipe.data.resolution,
+                           hull_depth=hull_depth)
     return model.to(device)
 
 
