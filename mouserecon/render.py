@@ -3,8 +3,9 @@
 - "gsplat": `gsplat.rasterization` (CUDA only, classic mode), imported lazily; our cameras are
   converted here (viewmats = w2c, Ks from intrinsics), the only place that knows gsplat's API.
 - "torch": `mouserecon.render_torch`, pure PyTorch, differentiable, runs on the CPU.
-- "cpp": the torch backend's projection and colours with the compositing compiled in C++
-  (`mouserecon.render_cpp`, built at first use), CPU only, many times faster.
+- "cpp": the torch backend's maths with the projection (when the cameras need no gradient) and the
+  compositing compiled in C++ (`mouserecon.render_cpp`, built at first use), the torch backend's SH
+  colours; CPU only, many times faster.
 - "auto": gsplat for CUDA tensors; on the CPU cpp, or torch (after one logged warning) when the
   C++ extension cannot be built.
 
@@ -97,11 +98,13 @@ def render(
 
 
 def _render_tiles(g: Gaussians, cams: Cameras, height: int, width: int, bg: Tensor, render_depth: bool, composite):
-    """The torch and cpp backends: render_torch projection and colours, then `composite`."""
+    """The torch and cpp backends: projection (render_cpp's when `composite` is render_cpp.composite,
+    else render_torch's), render_torch colours, then `composite`."""
     num_batch, num_views = cams.c2w.shape[:2]
     n = g.num
     opacities = g.opacities  # [B, N]
-    proj = render_torch.project_gaussians(
+    project = render_cpp.project_gaussians if composite is render_cpp.composite else render_torch.project_gaussians
+    proj = project(
         g.means, g.quats, g.scales, cams.w2c, cams.intrinsics, width, height, opacities.detach()
     )  # [B, V, N, ...]
     colors = render_torch.sh_colors(g.sh, g.means, cams.centers).expand(num_batch, num_views, n, 3)

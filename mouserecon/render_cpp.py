@@ -1,13 +1,14 @@
 """Compiled CPU rasterizer for the "cpp" backend of `mouserecon.render`.
 
-Projection and SH colours are those of `mouserecon.render_torch` (plain autograd); tile binning, the
-per-pixel compositing and its backward run in C++ (`csrc/rasterize_cpu.cpp`, shipped as package data),
-with the same rules and constants as `render_torch.composite`. Binning keeps a Gaussian only on the
+The EWA projection (`project_gaussians`: `render_torch.project_gaussians`' maths, with a hand-derived
+backward), tile binning, the per-pixel compositing and its backward run in C++ (`csrc/rasterize_cpu.cpp`,
+shipped as package data), with the same rules and constants as `render_torch`; SH colours are
+`render_torch.sh_colors` (plain autograd). Binning keeps a Gaussian only on the
 tiles of its bounding box that its alpha > 1/255 ellipse reaches, in per-tile depth-sorted lists;
 each Gaussian then visits the rows of the tile its ellipse reaches, all pixels of a row at once in
 vector registers. The forward saves the final transmittance and the position of the last composited
-Gaussian per pixel, and the backward walks back from there (the 3DGS scheme). Results are
-deterministic and independent of the number of threads (`torch.get_num_threads()` of them are used).
+Gaussian per pixel, and the backward walks back from there (the 3DGS scheme). Results (projection
+included) are deterministic and independent of the number of threads (`torch.get_num_threads()` of them are used).
 
 The extension is compiled at first use with `torch.utils.cpp_extension.load` (needs a C++ compiler
 and ninja; about a minute on a 2-core machine) into TORCH_EXTENSIONS_DIR, or torch's default cache
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -218,3 +220,76 @@ def composite(
     params = torch.cat([means2d, conics, log_opacities[..., None]], -1).reshape(num_images * n, 6)
     bins = bin_tiles(params, depths.reshape(num_images * n), radii.reshape(num_images * n, 2), grid)
     return _CompositeCpp.apply(params, colors.reshape(num_images * n, colors.shape[-1]), bins, grid)
+
+
+def _projection_rules() -> tuple[float, float, float]:
+    return render_torch.NEAR_PLANE, render_torch.FAR_PLANE, render_torch.EPS2D
+
+
+class _ProjectCpp(torch.autograd.Function):
+    """means [B, N, 3], quats [B, N, 4], scales [B, N, 3], w2c [B, V, 4, 4], intrinsics [B, V, 4], opacities
+    [B, N] or None -> means2d [B, V, N, 2], covars2d [B, V, N, 2, 2], conics [B, V, N, 3], depths [B, V, N],
+    radii [B, V, N, 2] int32 (not differentiable). Differentiable w.r.t. means, quats, scales only (once: no
+    double backward); the backward recomputes the projection's intermediates from the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, means: Tensor, quats: Tensor, scales: Tensor, w2c: Tensor, intrinsics: Tensor,
+                opacities: Tensor | None, width: int, height: int):
+        means2d, covars2d, conics, depths, radii = extension().project_forward(
+            means, quats, scales, w2c, intrinsics, opacities, width, height, *_projection_rules(),
+            render_torch.EXTEND, render_torch.ALPHA_MIN,
+        )
+        ctx.size = (width, height)
+        ctx.save_for_backward(means, quats, scales, w2c, intrinsics)
+        ctx.mark_non_differentiable(radii)
+        return means2d, covars2d, conics, depths, radii
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: create_graph=True raises, never silently
+    def backward(ctx, grad_means2d: Tensor, grad_covars2d: Tensor, grad_conics: Tensor, grad_depths: Tensor, _grad_radii):
+        means, quats, scales, w2c, intrinsics = ctx.saved_tensors
+        grads = (grad_means2d, grad_covars2d, grad_conics, grad_depths)
+        grad_means, grad_quats, grad_scales = extension().project_backward(
+            means, quats, scales, w2c, intrinsics, *(g.contiguous() for g in grads), *ctx.size, *_projection_rules(),
+        )
+        return grad_means, grad_quats, grad_scales, None, None, None, None, None
+
+
+def project_gaussians(
+    means: Tensor,  # [..., N, 3] world
+    quats: Tensor,  # [..., N, 4] wxyz, unnormalised
+    scales: Tensor,  # [..., N, 3]
+    w2c: Tensor,  # [..., V, 4, 4] world-to-camera, OpenCV axes
+    intrinsics: Tensor,  # [..., V, 4] fx, fy, cx, cy in px
+    width: int,
+    height: int,
+    opacities: Tensor | None = None,  # [..., N]; tightens radii and culls opacity < 1/255
+) -> render_torch.Projection:
+    """`render_torch.project_gaussians` in C++: the same outputs (`render_torch.Projection`, leading dims
+    [..., V, N]) from the same maths, with an analytic backward.
+
+    CPU tensors of one floating dtype. Differentiable w.r.t. means, quats and scales (all five float
+    outputs, covars2d included); opacities only set the radii (no gradient, as in render_torch). If w2c or
+    intrinsics require grad, this calls `render_torch.project_gaussians` instead (plain autograd, which
+    also differentiates the cameras).
+    """
+    batch = means.shape[:-2]
+    assert means.shape[-1] == 3 and quats.shape == (*means.shape[:-1], 4), (means.shape, quats.shape)
+    assert scales.shape == means.shape and w2c.shape[-2:] == (4, 4), (scales.shape, w2c.shape)
+    assert w2c.shape[:-3] == batch and intrinsics.shape == (*w2c.shape[:-2], 4), (w2c.shape, intrinsics.shape)
+    assert opacities is None or opacities.shape == means.shape[:-1], (opacities.shape, means.shape)
+    if w2c.requires_grad or intrinsics.requires_grad:
+        return render_torch.project_gaussians(means, quats, scales, w2c, intrinsics, width, height, opacities)
+    tensors = [means, quats, scales, w2c, intrinsics] + ([] if opacities is None else [opacities])
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"the cpp backend projects CPU tensors only, got {[str(t.device) for t in tensors]}")
+    if any(t.dtype != means.dtype for t in tensors) or not means.is_floating_point():
+        raise ValueError(f"project_gaussians: inputs must share one floating dtype, got {[t.dtype for t in tensors]}")
+    n, num_views, num_batch = means.shape[-2], w2c.shape[-3], math.prod(batch)
+    flat = lambda t, *shape: t.reshape(num_batch, *shape).contiguous()  # noqa: E731  [..., *shape] -> [B, *shape]
+    outputs = _ProjectCpp.apply(
+        flat(means, n, 3), flat(quats, n, 4), flat(scales, n, 3), flat(w2c, num_views, 4, 4),
+        flat(intrinsics, num_views, 4), None if opacities is None else flat(opacities.detach(), n), width, height,
+    )
+    means2d, covars2d, conics, depths, radii = (t.reshape(*batch, *t.shape[1:]) for t in outputs)
+    return render_torch.Projection(means2d, covars2d, conics, depths, radii)

@@ -127,8 +127,8 @@ def test_composite_gradients_with_early_stop_and_clamp(built):
 
 
 def test_deterministic_across_runs_and_thread_counts(built):
-    """render() twice: bit-identical. The compositing alone is also independent of the thread count
-    (the projection is not: torch's own reductions split by threads)."""
+    """render() twice: bit-identical. The compositing alone is also independent of the thread count (so
+    is the C++ projection: test_projection_and_render_deterministic_across_thread_counts)."""
     cams = make_cameras(3, dtype=torch.float32)
     g = Gaussians(**{k: v.float() for k, v in vars(random_gaussians(400, degree=1, scale=0.1)).items()})
     weights = torch.rand(3, 5, 29, 37)
@@ -386,3 +386,181 @@ def test_compile_flags_drop_what_the_compiler_rejects(tmp_path):
     fake.chmod(0o755)
     assert render_cpp.compile_flags(str(fake)) == ("-O3", *render_cpp.OPTIONAL_FLAGS)
     assert render_cpp.compile_flags(str(tmp_path / "no-such-compiler")) == ("-O3",)
+
+
+# ---- projection (render_cpp.project_gaussians against render_torch.project_gaussians) ---------------------
+
+
+def projection_scene(n: int = 150, dtype=torch.float64, seed: int = 0):
+    """Batched inputs of `project_gaussians`: means, quats, scales [B=2, M, ...], opacities [2, M], cameras
+    [2, V=3] (37 x 29 px). Besides random Gaussians near the origin, each batch has, in its camera 0's frame:
+    Gaussians behind the camera and inside the near plane (culled), in front but far outside the 1.3x field
+    of view on every side (x/z, y/z clamped in the Jacobian), nearly degenerate (scales down to 1e-7) and
+    huge ones; quaternions of norms 0.05 .. 20; opacities straddling 1/255 (on Gaussians near the origin,
+    in every view). Drawn from a generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64, generator=gen)
+    cams = Cameras.stack([make_cameras(3), make_cameras(3)]).to(dtype)
+    means, quats, scales = [], [], []
+    local = torch.tensor([[0.0, 0.0, -0.5], [0.1, 0.1, -2.0], [0.0, 0.0, 0.005], [0.01, 0.0, 0.0],  # culled
+                          [3.0, 0.0, 1.0], [-3.0, 0.2, 1.0], [0.1, 2.5, 1.0], [0.2, -2.5, 1.2], [5.0, 5.0, 0.5],  # clamped
+                          [-0.62, 0.0, 1.5], [0.3, 0.2, 0.05]], dtype=torch.float64)  # straddling, close
+    for b in range(2):
+        c2w = cams.c2w[b, 0].double()
+        extra = local @ c2w[:3, :3].T + c2w[:3, 3]
+        m = torch.cat([0.8 * (torch.rand(n, 3, **f64) * 2 - 1), extra])
+        m[:8] = 0.05 * torch.randn(8, 3, **f64)
+        k = len(m)
+        s = torch.exp(math.log(0.06) + 0.8 * torch.randn(k, 3, **f64))
+        s[8:18, 0] = 1e-7  # nearly degenerate: flat and
+        s[13:18, 1] = 1e-6  # needle-like Gaussians
+        s[18:23] = 3.0  # huge
+        q = torch.randn(k, 4, **f64) * torch.logspace(math.log10(0.05), math.log10(20.0), k, dtype=torch.float64)[:, None]
+        means.append(m), quats.append(q), scales.append(s)
+    means, quats, scales = (torch.stack(t).to(dtype) for t in (means, quats, scales))
+    opacities = torch.sigmoid(3 * torch.randn(means.shape[:2], **f64))
+    opacities[:, :8] = torch.tensor([0.0, 1e-4, 1 / 255 * (1 - 1e-9), 1 / 255, 1 / 255 * (1 + 1e-9), 0.5, 0.999, 1.0])
+    return means, quats, scales, opacities.to(dtype), cams
+
+
+def project_both(means, quats, scales, opacities, cams, grads=None):
+    """{"cpp"|"torch": (Projection, {name: gradient})}: both projections and, given upstream gradients
+    (a Projection of them, radii ignored), the gradients of means, quats, scales."""
+    out = {}
+    for name, fn in (("cpp", render_cpp.project_gaussians), ("torch", render_torch.project_gaussians)):
+        leaves = [t.clone().requires_grad_(grads is not None) for t in (means, quats, scales)]
+        proj = fn(*leaves, cams.w2c, cams.intrinsics, cams.width, cams.height, opacities)
+        result = {}
+        if grads is not None:
+            fields = ("means2d", "covars2d", "conics", "depths")
+            sum(((getattr(proj, f) * getattr(grads, f)).sum() for f in fields), torch.zeros(())).backward()
+            result = dict(zip(("means", "quats", "scales"), (t.grad for t in leaves)))
+        out[name] = (proj, result)
+    return out
+
+
+@pytest.mark.parametrize("opacity_aware", [False, True])
+def test_projection_forward_matches_torch(built, opacity_aware):
+    """float64, batched: every output equals render_torch's, radii exactly (both the 3.33-sigma and the
+    opacity-aware boxes); the scene exercises the near/far cull, the field-of-view clamp and opacity culling."""
+    means, quats, scales, opacities, cams = projection_scene()
+    out = project_both(means, quats, scales, opacities if opacity_aware else None, cams)
+    (ours, _), (ref, _) = out["cpp"], out["torch"]
+    for field in ("means2d", "covars2d", "conics", "depths"):
+        mine, theirs = getattr(ours, field), getattr(ref, field)
+        assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, field
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12, msg=field)
+    assert ours.radii.dtype == torch.int32 and torch.equal(ours.radii, ref.radii)
+    # The hard cases are there: culled by depth, clamped (projected beyond 1.3x the field of view), drawn.
+    assert (ref.depths <= render_torch.NEAR_PLANE).any() and (ref.radii > 0).all(-1).any()
+    assert ((ref.means2d[..., 0] < -0.15 * cams.width) & (ref.depths > render_torch.NEAR_PLANE)).any()
+    assert ((ref.means2d[..., 1] > 1.15 * cams.height) & (ref.depths > render_torch.NEAR_PLANE)).any()
+    if opacity_aware:  # opacity < 1/255 culls; just above, the box is tiny (1 px) but kept
+        assert ref.radii[:, :, :3].eq(0).all() and ref.radii[:, :, 4].eq(1).all()
+        assert not torch.equal(ref.radii, render_torch.project_gaussians(
+            means, quats, scales, cams.w2c, cams.intrinsics, cams.width, cams.height).radii)
+
+
+def test_projection_unbatched_float32_and_empty(built):
+    """Unbatched [N] with cameras [V] and float32 (close to torch: different rounding order); N = 0."""
+    means, quats, scales, opacities, cams = projection_scene(dtype=torch.float32)
+    out = project_both(means[0], quats[0], scales[0], opacities[0], cams[0])
+    (ours, _), (ref, _) = out["cpp"], out["torch"]
+    assert ours.means2d.shape == (3, len(means[0]), 2) and ours.means2d.dtype == torch.float32
+    for field in ("means2d", "covars2d", "conics", "depths"):
+        torch.testing.assert_close(getattr(ours, field), getattr(ref, field), rtol=1e-4, atol=1e-4, msg=field)
+    assert (ours.radii != ref.radii).sum() <= 2  # a ceil() may land on the other side of an integer
+    empty = render_cpp.project_gaussians(means[:, :0], quats[:, :0], scales[:, :0], cams.w2c, cams.intrinsics, 37, 29)
+    assert empty.means2d.shape == (2, 3, 0, 2) and empty.radii.shape == (2, 3, 0, 2)
+
+
+def test_projection_gradients_match_autograd(built):
+    """Random upstream gradients on means2d, covars2d, conics, depths (float64): the analytic backward's
+    gradients of means, quats, scales equal torch autograd's through render_torch, culled and clamped
+    Gaussians included (the scene of test_projection_forward_matches_torch)."""
+    means, quats, scales, opacities, cams = projection_scene()
+    shape = (*cams.w2c.shape[:2], means.shape[1])
+    grads = render_torch.Projection(torch.randn(*shape, 2, dtype=torch.float64), torch.randn(*shape, 2, 2, dtype=torch.float64),
+                                    torch.randn(*shape, 3, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64), None)
+    out = project_both(means, quats, scales, opacities, cams, grads)
+    for name, ref in out["torch"][1].items():
+        torch.testing.assert_close(out["cpp"][1][name], ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item(), msg=name)
+
+
+def test_projection_gradients_at_clamp_ties_and_zero_quaternion(built):
+    """An identity camera with means exactly on the clamp limits of x/z and y/z (torch.minimum/maximum give
+    half the gradient at a tie), just inside and outside them, a zero quaternion (normalize's eps) and one
+    with depth exactly at the near plane: gradients equal autograd's."""
+    width, height = 16, 12
+    intr = torch.tensor([[20.0, 18.0, 8.0, 5.5]], dtype=torch.float64)
+    cams = Cameras(torch.eye(4, dtype=torch.float64)[None], intr, width, height)
+    lo_x, hi_x = -(0.15 * width + 8.0) / 20.0, (1.15 * width - 8.0) / 20.0
+    lo_y, hi_y = -(0.15 * height + 5.5) / 18.0, (1.15 * height - 5.5) / 18.0
+    means = torch.tensor([[lo_x, 0.1, 1.0], [hi_x, 0.1, 1.0], [0.1, lo_y, 1.0], [0.1, hi_y, 1.0], [lo_x, hi_y, 1.0],
+                          [lo_x * 1.001, 0.0, 1.0], [hi_x * 0.999, 0.0, 1.0], [0.0, 0.0, render_torch.NEAR_PLANE],
+                          [0.2, -0.1, 2.0]], dtype=torch.float64)
+    n = len(means)
+    quats = torch.randn(n, 4, dtype=torch.float64)
+    quats[-1] = 0.0
+    scales = 0.05 + 0.1 * torch.rand(n, 3, dtype=torch.float64)
+    grads = render_torch.Projection(torch.randn(1, n, 2, dtype=torch.float64), torch.randn(1, n, 2, 2, dtype=torch.float64),
+                                    torch.randn(1, n, 3, dtype=torch.float64), torch.randn(1, n, dtype=torch.float64), None)
+    out = project_both(means, quats, scales, None, cams, grads)
+    for name, ref in out["torch"][1].items():
+        torch.testing.assert_close(out["cpp"][1][name], ref, rtol=1e-12, atol=1e-12 * ref.abs().max().item(), msg=name)
+    torch.testing.assert_close(out["cpp"][0].conics, out["torch"][0].conics, rtol=1e-12, atol=1e-12)
+
+
+def test_projection_gradcheck(built):
+    """torch.autograd.gradcheck of every float output w.r.t. means, quats, scales (float64, two views, one
+    Gaussian clamped in the Jacobian, one behind the camera)."""
+    cams = make_cameras(2)
+    g = add_off_scene(random_gaussians(5), cams)
+
+    def project(means, quats, scales):
+        p = render_cpp.project_gaussians(means, quats, scales, cams.w2c, cams.intrinsics, cams.width, cams.height)
+        return p.means2d, p.covars2d, p.conics, p.depths
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (g.means, g.quats, g.scales))
+    assert torch.autograd.gradcheck(project, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_projection_falls_back_to_torch_for_camera_gradients(built):
+    """With w2c or intrinsics requiring grad, project_gaussians is render_torch's: cameras get gradients."""
+    means, quats, scales, opacities, cams = projection_scene(n=20)
+    w2c, intr = cams.w2c.clone().requires_grad_(True), cams.intrinsics.clone().requires_grad_(True)
+    ours = render_cpp.project_gaussians(means, quats, scales, w2c, intr, 37, 29, opacities)
+    ref = render_torch.project_gaussians(means, quats, scales, cams.w2c, cams.intrinsics, 37, 29, opacities)
+    assert torch.equal(ours.conics.detach(), ref.conics) and torch.equal(ours.radii, ref.radii)
+    (ours.means2d.sum() + ours.conics.sum()).backward()
+    assert w2c.grad.abs().max() > 0 and intr.grad.abs().max() > 0
+
+
+def test_projection_and_render_deterministic_across_thread_counts(built):
+    """The C++ projection and render(..., backend="cpp") (forward and gradients) are bit-identical with 1
+    and 2 threads (several projection work items per batch)."""
+    means, quats, scales, opacities, cams = projection_scene(n=2500, dtype=torch.float32)
+    shape = (*cams.w2c.shape[:2], means.shape[1])
+    grads = render_torch.Projection(torch.randn(*shape, 2), torch.randn(*shape, 2, 2), torch.randn(*shape, 3),
+                                    torch.randn(*shape), None)
+    g = Gaussians(**{k: v.float() for k, v in vars(random_gaussians(300, degree=1, scale=0.1)).items()})
+    views = make_cameras(3, dtype=torch.float32)
+    weights = torch.rand(3, 5, 29, 37)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for num_threads in (1, max(2, threads)):
+            torch.set_num_threads(num_threads)
+            leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales)]
+            proj = render_cpp.project_gaussians(*leaves, cams.w2c, cams.intrinsics, 37, 29, opacities)
+            fields = ("means2d", "covars2d", "conics", "depths")
+            sum((getattr(proj, f) * getattr(grads, f)).sum() for f in fields).backward()
+            run = [getattr(proj, f).detach() for f in (*fields, "radii")] + [t.grad for t in leaves]
+            leaves = Gaussians(**{k: v.clone().requires_grad_(True) for k, v in vars(g).items()})
+            out = render(leaves, views, 29, 37, backend="cpp", render_depth=True)
+            stacked = torch.cat([out.images, out.alphas, out.depths], 1)
+            (stacked * weights).sum().backward()
+            runs.append(run + [stacked.detach()] + [v.grad for v in vars(leaves).values()])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

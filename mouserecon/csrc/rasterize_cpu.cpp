@@ -1,5 +1,5 @@
-// CPU tile rasterizer of projected 3D Gaussians: binning, compositing forward and backward
-// (mouserecon.render_cpp).
+// CPU rasterizer of 3D Gaussians (mouserecon.render_cpp): EWA projection forward and backward (see
+// "projection" below), tile binning, compositing forward and backward.
 //
 // Same rules as mouserecon/render_torch.py (gsplat 1.5.3 classic mode): per pixel (centre at +0.5),
 // front to back through its tile's depth-sorted list, alpha = min(alpha_max, exp(log_opacity - sigma))
@@ -700,6 +700,260 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
   });
 }
 
+// ---- projection ---------------------------------------------------------------------------------
+
+// EWA projection of 3D Gaussians (render_torch.project_gaussians, the same operations in the same order,
+// in scalar_t) and its hand-derived backward. Per view: camera point p = R mean + t; 1/z (1 where the
+// depth is outside (near, far), so culled entries stay finite); the perspective Jacobian's rows
+// J W = (fx/z (w0 - ux w2), fy/z (w1 - uy w2)) with ux, uy = x/z, y/z clamped to 1.3x the field of view;
+// half-covariance rows h = (J W) (R_q diag(s)); covariance (a, b, c) = (|hx|^2 + eps, hx.hy, |hy|^2 + eps);
+// conic = (c, -b, a) / det (1/det -> 1 where det <= 0); means2d = (fx x/z + cx, fy y/z + cy); depth z.
+// The backward recomputes these from the inputs. Work is split by blocks of Gaussians: a block's
+// outputs, and its Gaussians' gradient sums over the views (in view order), are one thread's.
+
+struct ProjectRules {
+  double near_plane, far_plane, eps2d, extend, alpha_min;
+};
+
+constexpr double kNormEps = 1e-12;  // F.normalize's default eps (quaternion normalisation)
+constexpr int64_t kProjectBlock = 1024;  // Gaussians per work item
+
+// One view: w2c rotation (row-major) and translation, intrinsics, the clamp range of x/z and y/z.
+template <typename scalar_t>
+struct ProjCamera {
+  scalar_t R[9], t[3], fx, fy, cx, cy, lo_x, hi_x, lo_y, hi_y;
+  ProjCamera(const scalar_t* w2c, const scalar_t* intr, int64_t width, int64_t height) {
+    for (int i = 0; i < 3; ++i) {
+      for (int j = 0; j < 3; ++j) R[3 * i + j] = w2c[4 * i + j];
+      t[i] = w2c[4 * i + 3];
+    }
+    fx = intr[0], fy = intr[1], cx = intr[2], cy = intr[3];
+    // lim = (0.15 W + cx) / fx, (1.15 W - cx) / fx: the Python scalar is rounded to scalar_t first, as torch does.
+    lo_x = -((scalar_t(0.15 * double(width)) + cx) / fx), hi_x = (scalar_t(1.15 * double(width)) - cx) / fx;
+    lo_y = -((scalar_t(0.15 * double(height)) + cy) / fy), hi_y = (scalar_t(1.15 * double(height)) - cy) / fy;
+  }
+};
+
+// torch.minimum(torch.maximum(v, lo), hi) (NaN propagates) and its derivative (torch's: 1/2 at a tie).
+template <typename scalar_t>
+inline scalar_t clamp_fov(scalar_t v, scalar_t lo, scalar_t hi) {
+  const scalar_t m = v < lo ? lo : v;
+  return m > hi ? hi : m;
+}
+template <typename scalar_t>
+inline scalar_t clamp_fov_grad(scalar_t v, scalar_t lo, scalar_t hi) {
+  const scalar_t m = v < lo ? lo : v;
+  const scalar_t dm = v > lo ? scalar_t(1) : (v == lo ? scalar_t(0.5) : scalar_t(0));
+  return dm * (m < hi ? scalar_t(1) : (m == hi ? scalar_t(0.5) : scalar_t(0)));
+}
+
+// One Gaussian's view-independent part: normalised quaternion q / max(|q|, eps), its rotation and
+// M = rotation diag(scale) (row-major), as gaussians.quat_to_rotmat and render_torch compute them.
+template <typename scalar_t>
+struct ProjShape {
+  scalar_t norm, denom, q[4], rot[9], M[9];
+  ProjShape(const scalar_t* quat, const scalar_t* scale) {
+    norm = std::sqrt(quat[0] * quat[0] + quat[1] * quat[1] + quat[2] * quat[2] + quat[3] * quat[3]);
+    denom = norm < scalar_t(kNormEps) ? scalar_t(kNormEps) : norm;
+    for (int i = 0; i < 4; ++i) q[i] = quat[i] / denom;
+    const scalar_t w = q[0], x = q[1], y = q[2], z = q[3];
+    const scalar_t r[9] = {1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                           2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                           2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)};
+    for (int i = 0; i < 9; ++i) rot[i] = r[i], M[i] = r[i] * scale[i % 3];
+  }
+};
+
+// One Gaussian in one view: the forward's intermediates.
+template <typename scalar_t>
+struct ProjView {
+  scalar_t x, y, z, iz, ux, uy, rx[3], ry[3], hx[3], hy[3], a, b, c, det, inv_det;
+  bool in_depth;
+  ProjView(const ProjCamera<scalar_t>& cam, const scalar_t* mean, const ProjShape<scalar_t>& sh, const ProjectRules& pr) {
+    const scalar_t* R = cam.R;
+    x = R[0] * mean[0] + R[1] * mean[1] + R[2] * mean[2] + cam.t[0];
+    y = R[3] * mean[0] + R[4] * mean[1] + R[5] * mean[2] + cam.t[1];
+    z = R[6] * mean[0] + R[7] * mean[1] + R[8] * mean[2] + cam.t[2];
+    in_depth = z > scalar_t(pr.near_plane) && z < scalar_t(pr.far_plane);
+    iz = scalar_t(1) / (in_depth ? z : scalar_t(1));
+    ux = clamp_fov(x * iz, cam.lo_x, cam.hi_x);
+    uy = clamp_fov(y * iz, cam.lo_y, cam.hi_y);
+    const scalar_t kx = cam.fx * iz, ky = cam.fy * iz;
+    for (int i = 0; i < 3; ++i) {
+      rx[i] = kx * (R[i] - ux * R[6 + i]);
+      ry[i] = ky * (R[3 + i] - uy * R[6 + i]);
+    }
+    for (int j = 0; j < 3; ++j) {
+      hx[j] = rx[0] * sh.M[j] + rx[1] * sh.M[3 + j] + rx[2] * sh.M[6 + j];
+      hy[j] = ry[0] * sh.M[j] + ry[1] * sh.M[3 + j] + ry[2] * sh.M[6 + j];
+    }
+    const scalar_t eps = scalar_t(pr.eps2d);
+    a = (hx[0] * hx[0] + hx[1] * hx[1] + hx[2] * hx[2]) + eps;
+    b = hx[0] * hy[0] + hx[1] * hy[1] + hx[2] * hy[2];
+    c = (hy[0] * hy[0] + hy[1] * hy[1] + hy[2] * hy[2]) + eps;
+    det = a * c - b * b;
+    inv_det = scalar_t(1) / (det > 0 ? det : scalar_t(1));
+  }
+};
+
+// float -> int32 as torch's .int() gives it on x86-64: values it cannot represent (and NaN) become INT32_MIN.
+template <typename scalar_t>
+inline int32_t to_int32(scalar_t v) {
+  return v < scalar_t(2147483648.0) && v >= scalar_t(-2147483648.0) ? static_cast<int32_t>(v)
+                                                                      : std::numeric_limits<int32_t>::min();
+}
+
+template <typename scalar_t>
+void project_forward_impl(const at::Tensor& means_t, const at::Tensor& quats_t, const at::Tensor& scales_t,
+                          const at::Tensor& w2c_t, const at::Tensor& intr_t, const scalar_t* opacities, int64_t width,
+                          int64_t height, const ProjectRules& pr, at::Tensor& means2d_t, at::Tensor& covars_t,
+                          at::Tensor& conics_t, at::Tensor& depths_t, at::Tensor& radii_t) {
+  const int64_t nb = means_t.size(0), n = means_t.size(1), nv = w2c_t.size(1);
+  const scalar_t* means = means_t.data_ptr<scalar_t>();
+  const scalar_t* quats = quats_t.data_ptr<scalar_t>();
+  const scalar_t* scales = scales_t.data_ptr<scalar_t>();
+  const scalar_t* w2c = w2c_t.data_ptr<scalar_t>();
+  const scalar_t* intr = intr_t.data_ptr<scalar_t>();
+  scalar_t* means2d = means2d_t.data_ptr<scalar_t>();
+  scalar_t* covars = covars_t.data_ptr<scalar_t>();
+  scalar_t* conics = conics_t.data_ptr<scalar_t>();
+  scalar_t* depths = depths_t.data_ptr<scalar_t>();
+  int32_t* radii = radii_t.data_ptr<int32_t>();
+  std::vector<ProjCamera<scalar_t>> cams;
+  for (int64_t bv = 0; bv < nb * nv; ++bv) cams.emplace_back(w2c + 16 * bv, intr + 4 * bv, width, height);
+  const scalar_t alpha_min = scalar_t(pr.alpha_min), extend0 = scalar_t(pr.extend);
+  const scalar_t w_px = scalar_t(width), h_px = scalar_t(height);
+  const int64_t blocks = (n + kProjectBlock - 1) / kProjectBlock;
+  for_each_item(nb * blocks, [] { return 0; }, [&](int64_t item, int) {
+    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock, end = std::min(n, begin + kProjectBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = bi * n + i;
+      const ProjShape<scalar_t> sh(quats + 4 * g, scales + 3 * g);
+      // Opacity-aware extent: min(3.33, sqrt(2 ln(max(opacity, 1/255) * 255))), culled below 1/255.
+      bool opaque = true;
+      scalar_t extend = extend0;
+      if (opacities != nullptr) {
+        const scalar_t op = opacities[g];
+        opaque = op >= alpha_min;
+        const scalar_t e = std::sqrt(scalar_t(2) * std::log((op < alpha_min ? alpha_min : op) / alpha_min));
+        extend = e < extend ? e : extend;
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        const ProjCamera<scalar_t>& cam = cams[bi * nv + v];
+        const ProjView<scalar_t> pv(cam, means + 3 * g, sh, pr);
+        const int64_t o = (bi * nv + v) * n + i;  // [B, V, N] entry
+        const scalar_t mx = cam.fx * pv.x * pv.iz + cam.cx, my = cam.fy * pv.y * pv.iz + cam.cy;
+        means2d[2 * o] = mx, means2d[2 * o + 1] = my;
+        covars[4 * o] = pv.a, covars[4 * o + 1] = pv.b, covars[4 * o + 2] = pv.b, covars[4 * o + 3] = pv.c;
+        conics[3 * o] = pv.c * pv.inv_det, conics[3 * o + 1] = -pv.b * pv.inv_det, conics[3 * o + 2] = pv.a * pv.inv_det;
+        depths[o] = pv.z;
+        const scalar_t rad_x = std::ceil(extend * std::sqrt(pv.a)), rad_y = std::ceil(extend * std::sqrt(pv.c));
+        const bool inside = mx + rad_x > 0 && my + rad_y > 0 && mx - rad_x < w_px && my - rad_y < h_px;
+        const bool keep = pv.in_depth && pv.det > 0 && opaque && inside;
+        radii[2 * o] = keep ? to_int32(rad_x) : 0;
+        radii[2 * o + 1] = keep ? to_int32(rad_y) : 0;
+      }
+    }
+  });
+}
+
+// Gradients of the means, quats, scales from those of means2d [B,V,N,2], covars2d [B,V,N,2,2] (the four
+// entries), conics [B,V,N,3], depths [B,V,N], by the chain rule through the forward above, in reverse.
+template <typename scalar_t>
+void project_backward_impl(const at::Tensor& means_t, const at::Tensor& quats_t, const at::Tensor& scales_t,
+                           const at::Tensor& w2c_t, const at::Tensor& intr_t, int64_t width, int64_t height,
+                           const ProjectRules& pr, const at::Tensor& g_means2d_t, const at::Tensor& g_covars_t,
+                           const at::Tensor& g_conics_t, const at::Tensor& g_depths_t, at::Tensor& g_means_t,
+                           at::Tensor& g_quats_t, at::Tensor& g_scales_t) {
+  const int64_t nb = means_t.size(0), n = means_t.size(1), nv = w2c_t.size(1);
+  const scalar_t* means = means_t.data_ptr<scalar_t>();
+  const scalar_t* quats = quats_t.data_ptr<scalar_t>();
+  const scalar_t* scales = scales_t.data_ptr<scalar_t>();
+  const scalar_t* w2c = w2c_t.data_ptr<scalar_t>();
+  const scalar_t* intr = intr_t.data_ptr<scalar_t>();
+  const scalar_t* g_means2d = g_means2d_t.data_ptr<scalar_t>();
+  const scalar_t* g_covars = g_covars_t.data_ptr<scalar_t>();
+  const scalar_t* g_conics = g_conics_t.data_ptr<scalar_t>();
+  const scalar_t* g_depths = g_depths_t.data_ptr<scalar_t>();
+  scalar_t* g_means = g_means_t.data_ptr<scalar_t>();
+  scalar_t* g_quats = g_quats_t.data_ptr<scalar_t>();
+  scalar_t* g_scales = g_scales_t.data_ptr<scalar_t>();
+  std::vector<ProjCamera<scalar_t>> cams;
+  for (int64_t bv = 0; bv < nb * nv; ++bv) cams.emplace_back(w2c + 16 * bv, intr + 4 * bv, width, height);
+  const int64_t blocks = (n + kProjectBlock - 1) / kProjectBlock;
+  for_each_item(nb * blocks, [] { return 0; }, [&](int64_t item, int) {
+    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock, end = std::min(n, begin + kProjectBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = bi * n + i;
+      const ProjShape<scalar_t> sh(quats + 4 * g, scales + 3 * g);
+      scalar_t gM[9] = {}, gmean[3] = {};  // sums over the views
+      for (int64_t v = 0; v < nv; ++v) {
+        const ProjCamera<scalar_t>& cam = cams[bi * nv + v];
+        const scalar_t* R = cam.R;
+        const ProjView<scalar_t> pv(cam, means + 3 * g, sh, pr);
+        const int64_t o = (bi * nv + v) * n + i;
+        // Covariance entries: directly (covars2d) and through the conic.
+        scalar_t ga = g_covars[4 * o], gb = g_covars[4 * o + 1] + g_covars[4 * o + 2], gc = g_covars[4 * o + 3];
+        const scalar_t g0 = g_conics[3 * o], g1 = g_conics[3 * o + 1], g2 = g_conics[3 * o + 2];
+        ga += g2 * pv.inv_det, gb -= g1 * pv.inv_det, gc += g0 * pv.inv_det;
+        if (pv.det > 0) {  // inv_det = 1 / det; elsewhere it is the constant 1
+          const scalar_t g_det = -(g0 * pv.c - g1 * pv.b + g2 * pv.a) * pv.inv_det * pv.inv_det;
+          ga += g_det * pv.c, gc += g_det * pv.a, gb -= scalar_t(2) * pv.b * g_det;
+        }
+        // h rows, then J W rows and M = R_q diag(s).
+        scalar_t ghx[3], ghy[3], grx[3], gry[3];
+        for (int j = 0; j < 3; ++j) {
+          ghx[j] = scalar_t(2) * ga * pv.hx[j] + gb * pv.hy[j];
+          ghy[j] = scalar_t(2) * gc * pv.hy[j] + gb * pv.hx[j];
+        }
+        for (int r = 0; r < 3; ++r) {
+          grx[r] = ghx[0] * sh.M[3 * r] + ghx[1] * sh.M[3 * r + 1] + ghx[2] * sh.M[3 * r + 2];
+          gry[r] = ghy[0] * sh.M[3 * r] + ghy[1] * sh.M[3 * r + 1] + ghy[2] * sh.M[3 * r + 2];
+          for (int j = 0; j < 3; ++j) gM[3 * r + j] += pv.rx[r] * ghx[j] + pv.ry[r] * ghy[j];
+        }
+        // rx = kx (w0 - ux w2), kx = fx / z (and y alike).
+        scalar_t gkx = 0, gky = 0, gux = 0, guy = 0;
+        for (int r = 0; r < 3; ++r) {
+          gkx += grx[r] * (R[r] - pv.ux * R[6 + r]);
+          gky += gry[r] * (R[3 + r] - pv.uy * R[6 + r]);
+          gux += grx[r] * R[6 + r];
+          guy += gry[r] * R[6 + r];
+        }
+        gux *= -cam.fx * pv.iz, guy *= -cam.fy * pv.iz;
+        scalar_t giz = cam.fx * gkx + cam.fy * gky;
+        // Clamped x/z, y/z (no gradient through a clamped coordinate), then means2d = f x/z + c.
+        const scalar_t grx_z = gux * clamp_fov_grad(pv.x * pv.iz, cam.lo_x, cam.hi_x);
+        const scalar_t gry_z = guy * clamp_fov_grad(pv.y * pv.iz, cam.lo_y, cam.hi_y);
+        const scalar_t gmx = g_means2d[2 * o], gmy = g_means2d[2 * o + 1];
+        const scalar_t gx = grx_z * pv.iz + gmx * cam.fx * pv.iz;
+        const scalar_t gy = gry_z * pv.iz + gmy * cam.fy * pv.iz;
+        giz += grx_z * pv.x + gry_z * pv.y + gmx * cam.fx * pv.x + gmy * cam.fy * pv.y;
+        const scalar_t gz = g_depths[o] + (pv.in_depth ? -giz * pv.iz * pv.iz : scalar_t(0));
+        // p = R mean + t.
+        for (int j = 0; j < 3; ++j) gmean[j] += R[j] * gx + R[3 + j] * gy + R[6 + j] * gz;
+      }
+      for (int j = 0; j < 3; ++j) g_means[3 * g + j] = gmean[j];
+      // M = rot diag(s): scales, then the rotation's entries, then the unit quaternion (wxyz).
+      scalar_t G[9];
+      for (int j = 0; j < 3; ++j) {
+        g_scales[3 * g + j] = gM[j] * sh.rot[j] + gM[3 + j] * sh.rot[3 + j] + gM[6 + j] * sh.rot[6 + j];
+      }
+      for (int e = 0; e < 9; ++e) G[e] = gM[e] * scales[3 * g + e % 3];
+      const scalar_t w = sh.q[0], x = sh.q[1], y = sh.q[2], z = sh.q[3];
+      const scalar_t gq[4] = {
+          2 * (-z * G[1] + y * G[2] + z * G[3] - x * G[5] - y * G[6] + x * G[7]),
+          2 * (y * G[1] + z * G[2] + y * G[3] - 2 * x * G[4] - w * G[5] + z * G[6] + w * G[7] - 2 * x * G[8]),
+          2 * (-2 * y * G[0] + x * G[1] + w * G[2] + x * G[3] + z * G[5] - w * G[6] + z * G[7] - 2 * y * G[8]),
+          2 * (-2 * z * G[0] - w * G[1] + x * G[2] + w * G[3] - 2 * z * G[4] + y * G[5] + x * G[6] + y * G[7])};
+      // q / max(|q|, eps): the norm carries gradient where it is not clamped (and is not 0).
+      const scalar_t* q = quats + 4 * g;
+      const scalar_t dot = q[0] * gq[0] + q[1] * gq[1] + q[2] * gq[2] + q[3] * gq[3];
+      const scalar_t radial = sh.norm >= scalar_t(kNormEps) ? dot / (sh.denom * sh.denom * sh.norm) : scalar_t(0);
+      for (int k = 0; k < 4; ++k) g_quats[4 * g + k] = gq[k] / sh.denom - radial * q[k];
+    }
+  });
+}
+
 // ---- entry points -------------------------------------------------------------------------------
 
 template <typename T>
@@ -802,10 +1056,81 @@ std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::T
   return {grad_params, grad_colors};
 }
 
+// Shapes of the projection's inputs: means [B, N, 3], quats [B, N, 4], scales [B, N, 3], w2c [B, V, 4, 4],
+// intrinsics [B, V, 4], all contiguous CPU tensors of one floating dtype.
+void check_projection_inputs(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                             const at::Tensor& w2c, const at::Tensor& intrinsics) {
+  for (const at::Tensor* t : {&means, &quats, &scales, &w2c, &intrinsics}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == means.scalar_type(),
+                "project: inputs must be contiguous CPU tensors of one dtype");
+  }
+  TORCH_CHECK(means.dim() == 3 && means.size(2) == 3, "project: means must be [B, N, 3]");
+  const int64_t nb = means.size(0), n = means.size(1);
+  TORCH_CHECK(quats.sizes() == at::IntArrayRef({nb, n, 4}) && scales.sizes() == means.sizes(),
+              "project: quats must be [B, N, 4] and scales [B, N, 3]");
+  TORCH_CHECK(w2c.dim() == 4 && w2c.size(0) == nb && w2c.size(2) == 4 && w2c.size(3) == 4,
+              "project: w2c must be [B, V, 4, 4]");
+  TORCH_CHECK(intrinsics.sizes() == at::IntArrayRef({nb, w2c.size(1), 4}), "project: intrinsics must be [B, V, 4]");
+}
+
+std::vector<at::Tensor> project_forward(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                        const at::Tensor& w2c, const at::Tensor& intrinsics,
+                                        const c10::optional<at::Tensor>& opacities, int64_t width, int64_t height,
+                                        double near_plane, double far_plane, double eps2d, double extend,
+                                        double alpha_min) {
+  check_projection_inputs(means, quats, scales, w2c, intrinsics);
+  const int64_t nb = means.size(0), n = means.size(1), nv = w2c.size(1);
+  if (opacities.has_value()) {
+    TORCH_CHECK(opacities->sizes() == at::IntArrayRef({nb, n}) && opacities->is_contiguous() &&
+                    opacities->device().is_cpu() && opacities->scalar_type() == means.scalar_type(),
+                "project: opacities must be [B, N] contiguous, the means' dtype");
+  }
+  auto means2d = at::empty({nb, nv, n, 2}, means.options());
+  auto covars = at::empty({nb, nv, n, 2, 2}, means.options());
+  auto conics = at::empty({nb, nv, n, 3}, means.options());
+  auto depths = at::empty({nb, nv, n}, means.options());
+  auto radii = at::empty({nb, nv, n, 2}, means.options().dtype(at::kInt));
+  const ProjectRules pr{near_plane, far_plane, eps2d, extend, alpha_min};
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "project_forward", [&] {
+    const scalar_t* opac = opacities.has_value() ? opacities->data_ptr<scalar_t>() : nullptr;
+    project_forward_impl<scalar_t>(means, quats, scales, w2c, intrinsics, opac, width, height, pr, means2d, covars,
+                                   conics, depths, radii);
+  });
+  return {means2d, covars, conics, depths, radii};
+}
+
+std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                         const at::Tensor& w2c, const at::Tensor& intrinsics,
+                                         const at::Tensor& grad_means2d, const at::Tensor& grad_covars2d,
+                                         const at::Tensor& grad_conics, const at::Tensor& grad_depths, int64_t width,
+                                         int64_t height, double near_plane, double far_plane, double eps2d) {
+  check_projection_inputs(means, quats, scales, w2c, intrinsics);
+  const int64_t nb = means.size(0), n = means.size(1), nv = w2c.size(1);
+  const std::vector<std::pair<const at::Tensor*, std::vector<int64_t>>> grads = {
+      {&grad_means2d, {nb, nv, n, 2}}, {&grad_covars2d, {nb, nv, n, 2, 2}}, {&grad_conics, {nb, nv, n, 3}},
+      {&grad_depths, {nb, nv, n}}};
+  for (const auto& [t, shape] : grads) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(shape) && t->is_contiguous() && t->device().is_cpu() &&
+                    t->scalar_type() == means.scalar_type(),
+                "project_backward: gradients must be contiguous [B, V, N, ...] of the means' dtype, got ", t->sizes());
+  }
+  auto grad_means = at::empty_like(means);
+  auto grad_quats = at::empty_like(quats);
+  auto grad_scales = at::empty_like(scales);
+  const ProjectRules pr{near_plane, far_plane, eps2d, 0.0, 0.0};
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "project_backward", [&] {
+    project_backward_impl<scalar_t>(means, quats, scales, w2c, intrinsics, width, height, pr, grad_means2d,
+                                    grad_covars2d, grad_conics, grad_depths, grad_means, grad_quats, grad_scales);
+  });
+  return {grad_means, grad_quats, grad_scales};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bin_tiles", &bin_tiles, "depth-sorted tile lists -> (offsets, slot_gauss, slot_dest, gauss_offsets)");
   m.def("composite_forward", &composite_forward, "tile compositing forward -> (fg, trans, last)");
   m.def("composite_backward", &composite_backward, "tile compositing backward -> (grad_params, grad_colors)");
+  m.def("project_forward", &project_forward, "EWA projection -> (means2d, covars2d, conics, depths, radii)");
+  m.def("project_backward", &project_backward, "EWA projection backward -> (grad_means, grad_quats, grad_scales)");
 }
