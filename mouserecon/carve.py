@@ -69,7 +69,7 @@ def hull_depths(origins: Tensor, dirs: Tensor, depths: Tensor, span: float, mask
     meets the hull within depth +- span; rays that do not keep their depth). A point already in the hull
     stays; one outside moves to the nearest of HULL_DEPTH_SAMPLES depths in [depth - span, depth + span]
     inside it. The hull contains the true surface point of a foreground ray, so the move never takes a
-    point farther from it when the ray crosses the hull once."""
+    point farther from it (up to the sampling step) when the ray crosses the hull once."""
     steps = torch.linspace(-span, span, HULL_DEPTH_SAMPLES, device=depths.device, dtype=depths.dtype)
     out, met = depths.clone(), torch.zeros_like(depths, dtype=torch.bool)
     for start in range(0, len(depths), chunk):

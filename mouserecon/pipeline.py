@@ -17,8 +17,9 @@ re-implement none of them:
 2. A `Predictor` maps a Scene to a `Prediction`: Gaussians in the model frame or the user's, finite
    (non-finite ones dropped and counted). `CheckpointPredictor` runs a GS-LRM once (no grad; bf16
    autocast on CUDA) on the input images, cameras and masks (a `hull_depth` model places its foreground
-   pixels' Gaussians in the masks' visual hull; its background pixels' are left out); `HullPredictor` carves the visual hull of the input masks; `FlatPredictor` is no
-   Gaussians at all (the flat background); eval adds a predictor that reads .ply files.
+   pixels' Gaussians in the masks' visual hull; its background pixels' are left out); `HullPredictor`
+   carves the visual hull of the input masks; `FlatPredictor` is no Gaussians at all (the flat
+   background); eval adds a predictor that reads .ply files.
 3. `refine_scene`: refinement against the whole input frames (preceded by the crops a crop model saw),
    carved with the whole input frames' silhouettes (`refine.refine`).
 4. `render_views`: images clamped to [0, 1] and alphas, in batches sized for the device, with a
