@@ -106,19 +106,20 @@ def test_gradients_match_finite_differences(built):
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def test_composite_gradients_with_early_stop_and_clamp(built):
+@pytest.mark.parametrize("channels", [3, 4, 1, 5])  # 3 and 4 are compiled for; 1 and 5 take the general path
+def test_composite_gradients_with_early_stop_and_clamp(built, channels):
     """Screen-space gradcheck with opacities up to 0.9975 (clamp) and stacked Gaussians (early stop)."""
     n = 12
     means2d = torch.rand(1, n, 2, dtype=torch.float64) * torch.tensor([9.0, 7.0], dtype=torch.float64)
     conics = torch.tensor([0.4, 0.05, 0.3], dtype=torch.float64).expand(1, n, 3)
     logits = torch.linspace(-0.5, 6.0, n, dtype=torch.float64)[None]
-    colors = torch.rand(1, n, 3, dtype=torch.float64)
+    colors = torch.rand(1, n, channels, dtype=torch.float64)
     depths = torch.rand(1, n, dtype=torch.float64) + 1
     radii = torch.full((1, n, 2), 6, dtype=torch.int32)
 
     def run(m, c, lo, col):
         fg, trans = render_cpp.composite(m, c, lo, col, depths, radii, 9, 7, tile_size=4)
-        return (fg * torch.arange(3, dtype=torch.float64)[None, :, None, None]).sum() + (trans**2).sum()
+        return (fg * torch.arange(1, channels + 1, dtype=torch.float64)[None, :, None, None]).sum() + (trans**2).sum()
 
     inputs = tuple(t.clone().requires_grad_(True) for t in (means2d, conics, torch.nn.functional.logsigmoid(logits), colors))
     fg, trans = render_cpp.composite(*inputs, depths, radii, 9, 7)

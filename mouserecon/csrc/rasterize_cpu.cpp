@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <thread>
 #include <type_traits>
@@ -436,6 +437,35 @@ struct RowGaussian {
   scalar_t raw_alpha(scalar_t dx) const { return exp_vec(log_opac - (scalar_t(0.5) * a * dx * dx + bdy * dx + qy)); }
 };
 
+// A fixed number D (<= 4) of colour channels, as scalars (an array indexed in a lane loop stops GCC
+// from vectorising it), applied to lane l of [D][P] arrays: y[d * P + l] += a c[d], and <x[. * P + l], c>.
+template <typename scalar_t, int D, int P>
+struct Colors {
+  static_assert(D <= 4, "Colors holds at most 4 channels");
+  scalar_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+  explicit Colors(const scalar_t* c) {
+    if constexpr (D > 0) c0 = c[0];
+    if constexpr (D > 1) c1 = c[1];
+    if constexpr (D > 2) c2 = c[2];
+    if constexpr (D > 3) c3 = c[3];
+  }
+  void add_scaled(scalar_t* RESTRICT y, int l, scalar_t a) const {
+    if constexpr (D > 0) y[l] += a * c0;
+    if constexpr (D > 1) y[P + l] += a * c1;
+    if constexpr (D > 2) y[2 * P + l] += a * c2;
+    if constexpr (D > 3) y[3 * P + l] += a * c3;
+  }
+  // <x[d * P + l], c> over d.
+  scalar_t dot(const scalar_t* RESTRICT x, int l) const {
+    scalar_t sum = 0;
+    if constexpr (D > 0) sum += x[l] * c0;
+    if constexpr (D > 1) sum += x[P + l] * c1;
+    if constexpr (D > 2) sum += x[2 * P + l] * c2;
+    if constexpr (D > 3) sum += x[3 * P + l] * c3;
+    return sum;
+  }
+};
+
 // y += a x and y += x1 x2 over TS lanes (own functions so that the restrict pointers let them vectorise).
 template <typename scalar_t, int TS>
 inline void add_scaled(scalar_t* RESTRICT y, const scalar_t* RESTRICT x, scalar_t a) {
@@ -446,12 +476,17 @@ inline void add_product(scalar_t* RESTRICT y, const scalar_t* RESTRICT x1, const
   for (int l = 0; l < TS; ++l) y[l] += x1[l] * x2[l];
 }
 
-// Forward over one row of a tile for Gaussian k: composites it into the pixels still open, stops those it
-// would bring to T <= t_min. w = its weights alpha T (0 where not composited). Returns the number stopped.
-template <typename scalar_t, int TS>
+// Forward over one row of a tile for Gaussian k: composites it into the pixels still open (colour sums acc
+// [dim][TS * TS] at the row), stops those it would bring to T <= t_min. Returns the number stopped. With a
+// fixed colour count D the colours are added in the lane loop itself; with D = 0 (dim at run time) the
+// weights alpha T (0 where not composited) go through w, and are added per colour after it.
+template <typename scalar_t, int TS, int D>
 inline int forward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const Rules& rules, const scalar_t* RESTRICT px,
-                       scalar_t* RESTRICT T, scalar_t* RESTRICT done, Index<scalar_t>* RESTRICT last, scalar_t* RESTRICT w) {
+                       const scalar_t* RESTRICT color, int64_t dim, scalar_t* RESTRICT T, scalar_t* RESTRICT done,
+                       Index<scalar_t>* RESTRICT last, scalar_t* RESTRICT acc, scalar_t* RESTRICT w) {
+  constexpr int P = TS * TS;
   const scalar_t alpha_min = rules.alpha_min, alpha_max = rules.alpha_max, t_min = rules.t_min;
+  const Colors<scalar_t, D, P> col(color);
   // Masks are scalar_t 0/1 and sums integer: with bools, or a float sum (added lane by lane, in order),
   // GCC leaves the loop scalar for AVX2; this form vectorises for AVX2, AVX-512 and NEON alike.
   Index<scalar_t> stops = 0;
@@ -463,11 +498,19 @@ inline int forward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const
     const scalar_t live = raw > alpha_min ? open : scalar_t(0);
     const scalar_t stop = t_after <= t_min ? live : scalar_t(0);
     const scalar_t use = live - stop;
-    w[l] = use != scalar_t(0) ? alpha * t_before : scalar_t(0);
+    const scalar_t weight = use * (alpha * t_before);  // use is 0 or 1 (a select here stops GCC vectorising)
+    if constexpr (D > 0) {
+      col.add_scaled(acc, l, weight);
+    } else {
+      w[l] = weight;
+    }
     T[l] = use != scalar_t(0) ? t_after : t_before;
     last[l] = use != scalar_t(0) ? k + 1 : last[l];
     done[l] += stop;
     stops += stop != scalar_t(0) ? 1 : 0;
+  }
+  if constexpr (D == 0) {
+    for (int64_t d = 0; d < dim; ++d) add_scaled<scalar_t, TS>(acc + d * P, w, color[d]);
   }
   return int(stops);
 }
@@ -480,9 +523,10 @@ struct ForwardState {
   std::vector<Index<scalar_t>> last;
 };
 
-template <typename scalar_t, int TS>
+template <typename scalar_t, int TS, int D>
 void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, ForwardState<scalar_t>& s) {
   constexpr int P = TS * TS;
+  if constexpr (D > 0) dim = D;
   const int64_t stride = kParams + dim;
   s.T.assign(P, scalar_t(1));
   s.acc.assign(P * dim, scalar_t(0));
@@ -504,18 +548,16 @@ void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, 
     for (int64_t r = ra; r < rb; ++r) {
       if (row_open[r] == 0) continue;
       const RowGaussian<scalar_t> gr(p, scalar_t(v.y0 + r) + scalar_t(0.5));
-      const int stops = forward_row<scalar_t, TS>(gr, Index<scalar_t>(k), rules, px, s.T.data() + r * TS,
-                                                  s.done.data() + r * TS, s.last.data() + r * TS, w);
-      for (int64_t d = 0; d < dim; ++d) {  // w = 0 adds 0 (colours are finite)
-        add_scaled<scalar_t, TS>(s.acc.data() + d * P + r * TS, w, p[kParams + d]);
-      }
+      const int stops = forward_row<scalar_t, TS, D>(gr, Index<scalar_t>(k), rules, px, p + kParams, dim,
+                                                     s.T.data() + r * TS, s.done.data() + r * TS,
+                                                     s.last.data() + r * TS, s.acc.data() + r * TS, w);
       row_open[r] -= stops;
       open -= stops;
     }
   }
 }
 
-template <typename scalar_t, int TS>
+template <typename scalar_t, int TS, int D>
 void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
                   const at::Tensor& slot_t, const Grid& grid, const Rules& rules, at::Tensor& fg_t,
                   at::Tensor& trans_t, at::Tensor& last_t) {
@@ -532,7 +574,7 @@ void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const 
 
   for_each_item(int64_t(tiles.size()), [] { return ForwardState<scalar_t>(); }, [&](int64_t i, ForwardState<scalar_t>& s) {
     const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.data(), dim, s.scratch);
-    forward_tile<scalar_t, TS>(v, dim, rules, s);
+    forward_tile<scalar_t, TS, D>(v, dim, rules, s);
     for (int64_t r = 0; r < v.rows; ++r) {
       const int64_t pix = v.image * hw + (v.y0 + r) * grid.width + v.x0;
       std::copy_n(s.T.data() + r * TS, v.cols, trans + pix);
@@ -546,26 +588,41 @@ void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const 
 
 // Backward over one row of a tile for Gaussian k, back to front: undoes its compositing in T and behind
 // and adds its per-lane gradient sums: sum [6 + D][TS] (mean x, mean y, conic a, b, c, log opacity,
-// colour). q = <dL/dfg, colour> per lane, g = dL/dfg [D][P] at the row.
-template <typename scalar_t, int TS>
+// colour). q = <dL/dfg, colour> per lane, g = dL/dfg [dim][TS * TS] at the row. As in forward_row, a fixed
+// colour count D keeps the colour terms in the lane loop; D = 0 computes q and adds them around it.
+template <typename scalar_t, int TS, int D>
 inline void backward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const Rules& rules, int64_t dim,
-                         const scalar_t* color, const scalar_t* RESTRICT px, const Index<scalar_t>* RESTRICT stop,
-                         const scalar_t* RESTRICT g, int64_t g_stride, scalar_t* RESTRICT T, scalar_t* RESTRICT behind,
+                         const scalar_t* RESTRICT color, const scalar_t* RESTRICT px, const Index<scalar_t>* RESTRICT stop,
+                         const scalar_t* RESTRICT g, scalar_t* RESTRICT T, scalar_t* RESTRICT behind,
                          scalar_t* RESTRICT q, scalar_t* RESTRICT w, scalar_t* RESTRICT sum) {
+  constexpr int P = TS * TS;
   const scalar_t alpha_min = rules.alpha_min, alpha_max = rules.alpha_max;
-  std::fill_n(q, TS, scalar_t(0));
-  for (int64_t d = 0; d < dim; ++d) add_scaled<scalar_t, TS>(q, g + d * g_stride, color[d]);
+  const Colors<scalar_t, D, P> col(color);
+  if constexpr (D == 0) {
+    std::fill_n(q, TS, scalar_t(0));
+    for (int64_t d = 0; d < dim; ++d) add_scaled<scalar_t, TS>(q, g + d * P, color[d]);
+  }
   for (int l = 0; l < TS; ++l) {  // masks as scalar_t 0/1, as in forward_row
+    scalar_t ql;
+    if constexpr (D > 0) {
+      ql = col.dot(g, l);
+    } else {
+      ql = q[l];
+    }
     const scalar_t dx = gr.mx - px[l];
     const scalar_t raw = gr.raw_alpha(dx);
     const scalar_t alpha = raw < alpha_max ? raw : alpha_max;
-    const scalar_t one_minus = scalar_t(1) - alpha;
+    const scalar_t inv_one_minus = scalar_t(1) / (scalar_t(1) - alpha);  // one division, used twice
     const scalar_t use = k < stop[l] ? (raw > alpha_min ? scalar_t(1) : scalar_t(0)) : scalar_t(0);
-    const scalar_t t_behind = T[l], t_front = t_behind / one_minus;  // T in front of this Gaussian
+    const scalar_t t_behind = T[l], t_front = t_behind * inv_one_minus;  // T in front of this Gaussian
     const scalar_t weight = use != scalar_t(0) ? alpha * t_front : scalar_t(0), tail = behind[l];
-    const scalar_t grad_alpha = q[l] * t_front - tail / one_minus;
-    w[l] = weight;
-    behind[l] = use != scalar_t(0) ? tail + q[l] * weight : tail;
+    const scalar_t grad_alpha = ql * t_front - tail * inv_one_minus;
+    if constexpr (D > 0) {
+      for (int d = 0; d < D; ++d) sum[(kParams + d) * TS + l] += g[d * P + l] * weight;
+    } else {
+      w[l] = weight;
+    }
+    behind[l] = use != scalar_t(0) ? tail + ql * weight : tail;
     T[l] = use != scalar_t(0) ? t_front : t_behind;
     // d alpha / d log(alpha) = alpha, except where clamped (alpha does not depend on the parameters).
     const scalar_t free = raw < alpha_max ? use : scalar_t(0);
@@ -577,7 +634,9 @@ inline void backward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, con
     sum[4 * TS + l] -= grad_log * scalar_t(0.5) * gr.dy * gr.dy;
     sum[5 * TS + l] += grad_log;
   }
-  for (int64_t d = 0; d < dim; ++d) add_product<scalar_t, TS>(sum + (kParams + d) * TS, g + d * g_stride, w);
+  if constexpr (D == 0) {
+    for (int64_t d = 0; d < dim; ++d) add_product<scalar_t, TS>(sum + (kParams + d) * TS, g + d * P, w);
+  }
 }
 
 // x [rows][stride]: x[j][0] = sum of x[j][0 .. 2H) (overwritten), by halves: vector adds in a fixed order
@@ -600,7 +659,7 @@ struct BackwardState {
 };
 
 // Gradient [6 + D] of the tile's k-th Gaussian (rows it reaches where some pixel composited it) into out.
-template <typename scalar_t, int TS>
+template <typename scalar_t, int TS, int D>
 void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, const Rules& rules,
                        const int32_t* row_stop, BackwardState<scalar_t>& s, scalar_t* out) {
   constexpr int P = TS * TS;
@@ -613,15 +672,15 @@ void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, cons
   for (int64_t r = ra; r < rb; ++r) {
     if (row_stop[r] <= k) continue;
     const RowGaussian<scalar_t> gr(p, scalar_t(v.y0 + r) + scalar_t(0.5));
-    backward_row<scalar_t, TS>(gr, Index<scalar_t>(k), rules, dim, p + kParams, px, s.stop.data() + r * TS,
-                               s.g.data() + r * TS, P, s.T.data() + r * TS, s.behind.data() + r * TS, q, w,
-                               s.sums.data());
+    backward_row<scalar_t, TS, D>(gr, Index<scalar_t>(k), rules, dim, p + kParams, px, s.stop.data() + r * TS,
+                                  s.g.data() + r * TS, s.T.data() + r * TS, s.behind.data() + r * TS, q, w,
+                                  s.sums.data());
   }
   fold_lanes<scalar_t, TS / 2>(s.sums.data(), kParams + dim, TS);
   for (int64_t j = 0; j < kParams + dim; ++j) out[j] = s.sums[j * TS];
 }
 
-template <typename scalar_t, int TS>
+template <typename scalar_t, int TS, int D>
 void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, const int32_t* slot_dest,
                    BackwardState<scalar_t>& s, scalar_t* slot_grads) {
   const int64_t stride = kParams + dim;
@@ -634,11 +693,11 @@ void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules,
       std::fill(out, out + stride, scalar_t(0));
       continue;
     }
-    backward_gaussian<scalar_t, TS>(v, k, dim, rules, row_stop, s, out);
+    backward_gaussian<scalar_t, TS, D>(v, k, dim, rules, row_stop, s, out);
   }
 }
 
-template <typename scalar_t, int TS>
+template <typename scalar_t, int TS, int D>
 void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
                    const at::Tensor& slot_t, const at::Tensor& slot_dest_t, const at::Tensor& gauss_offsets_t,
                    const Grid& grid, const Rules& rules, const at::Tensor& trans_t, const at::Tensor& last_t,
@@ -655,8 +714,9 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
   const scalar_t* grad_trans = grad_trans_t.data_ptr<scalar_t>();
   const int64_t dim = colors_t.size(1), stride = kParams + dim, hw = grid.height * grid.width;
   constexpr int P = TS * TS;
-  // Per-slot gradients [S, 6 + D] in Gaussian-major order (slot_dest): every slot is written once.
-  std::vector<scalar_t> slot_grads(slot_t.size(0) * stride);
+  // Per-slot gradients [S, 6 + D] in Gaussian-major order (slot_dest): every slot is written once, so
+  // the buffer is left uninitialised (zeroing it cost more than some tiles).
+  std::unique_ptr<scalar_t[]> slot_grads(new scalar_t[slot_t.size(0) * stride]);
   const auto tiles = busiest_first(offsets, grid.num_tiles());
   const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
   auto make_state = [&] {
@@ -681,7 +741,7 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
         std::copy_n(grad_fg + (v.image * dim + d) * hw + pix - v.image * hw, v.cols, s.g.data() + d * P + r * TS);
       }
     }
-    backward_tile<scalar_t, TS>(v, dim, rules, slot_dest, s, slot_grads.data());
+    backward_tile<scalar_t, TS, D>(v, dim, rules, slot_dest, s, slot_grads.get());
   });
 
   // Each Gaussian's slot gradients, summed in tile order.
@@ -692,7 +752,7 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
   for_each_item((m + block - 1) / block, [] { return 0; }, [&](int64_t blk, int) {
     for (int64_t g = blk * block; g < std::min(m, (blk + 1) * block); ++g) {
       for (int64_t e = gauss_offsets[g]; e < gauss_offsets[g + 1]; ++e) {
-        const scalar_t* rec = slot_grads.data() + e * stride;
+        const scalar_t* rec = slot_grads.get() + e * stride;
         for (int j = 0; j < kParams; ++j) grad_params[g * kParams + j] += rec[j];
         for (int64_t d = 0; d < dim; ++d) grad_colors[g * dim + d] += rec[kParams + d];
       }
@@ -963,15 +1023,23 @@ struct Type {
 template <int N>
 using Int = std::integral_constant<int, N>;
 
-// Calls body(Type<scalar_t>, Int<TS>) for params' dtype and the grid's tile size (C++17 generic lambdas).
+// Calls body(Type<scalar_t>, Int<TS>, Int<D>) for params' dtype, the grid's tile size and the colour count
+// (D = 3: RGB, 4: RGB + depth, fixed at compile time; 0: any other, read at run time) (C++17 generic lambdas).
 template <typename Body>
-void dispatch(const at::Tensor& params, const Grid& grid, const Body& body) {
+void dispatch(const at::Tensor& params, const Grid& grid, int64_t dim, const Body& body) {
+  auto with_dim = [&](auto type, auto ts) {
+    switch (dim) {
+      case 3: body(type, ts, Int<3>()); break;
+      case 4: body(type, ts, Int<4>()); break;
+      default: body(type, ts, Int<0>()); break;
+    }
+  };
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "rasterize_cpu", [&] {
     switch (grid.tile_size) {
-      case 4: body(Type<scalar_t>(), Int<4>()); break;
-      case 8: body(Type<scalar_t>(), Int<8>()); break;
-      case 16: body(Type<scalar_t>(), Int<16>()); break;
-      default: body(Type<scalar_t>(), Int<32>()); break;
+      case 4: with_dim(Type<scalar_t>(), Int<4>()); break;
+      case 8: with_dim(Type<scalar_t>(), Int<8>()); break;
+      case 16: with_dim(Type<scalar_t>(), Int<16>()); break;
+      default: with_dim(Type<scalar_t>(), Int<32>()); break;
     }
   });
 }
@@ -1017,8 +1085,10 @@ std::vector<at::Tensor> composite_forward(const at::Tensor& params, const at::Te
   auto trans = at::ones({num_images, 1, height, width}, colors.options());
   auto last = at::zeros({num_images, height, width}, colors.options().dtype(at::kInt));
   const Rules rules{alpha_min, alpha_max, t_min};
-  dispatch(params, grid, [&](auto type, auto ts) {
-    forward_impl<typename decltype(type)::type, decltype(ts)::value>(params, colors, offsets, slot_gauss, grid, rules, fg, trans, last);
+  dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
+    forward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets,
+                                                                                          slot_gauss, grid, rules, fg,
+                                                                                          trans, last);
   });
   return {fg, trans, last};
 }
@@ -1049,8 +1119,8 @@ std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::T
   auto grad_params = at::zeros_like(params);
   auto grad_colors = at::zeros_like(colors);
   const Rules rules{alpha_min, alpha_max, t_min};
-  dispatch(params, grid, [&](auto type, auto ts) {
-    backward_impl<typename decltype(type)::type, decltype(ts)::value>(params, colors, offsets, slot_gauss, slot_dest, gauss_offsets, grid, rules, trans,
+  dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
+    backward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, slot_dest, gauss_offsets, grid, rules, trans,
                                 last, grad_fg, grad_trans, grad_params, grad_colors);
   });
   return {grad_params, grad_colors};
