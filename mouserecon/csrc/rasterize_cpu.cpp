@@ -174,18 +174,20 @@ inline bool reaches_box(const Ellipse& el, double cx0, double cx1, double cy0, d
   return best <= el.L;
 }
 
-// Rows [first, stop) of a tile's rows [0, rows) (pixel centres y0 + r + 0.5) that the ellipse reaches.
-inline void ellipse_rows(const Ellipse& el, int64_t y0, int64_t rows, int64_t& first, int64_t& stop) {
-  first = 0, stop = rows;
+// Rows (vertical) or columns [first, stop) of a tile's [0, count), pixel centres origin + i + 0.5, that the
+// ellipse reaches: within its half extent sqrt(2 L Sigma_yy) (rows) or sqrt(2 L Sigma_xx) of its centre.
+inline void ellipse_span(const Ellipse& el, bool vertical, int64_t origin, int64_t count, int64_t& first, int64_t& stop) {
+  first = 0, stop = count;
   if (el.empty) {
     stop = 0;
     return;
   }
   if (el.degenerate) return;
-  const double half = std::sqrt(2.0 * el.L * el.a / (el.a * el.c - el.b * el.b));  // sqrt(2 L Sigma_yy)
-  const double lo = el.my - half - 0.5 - double(y0), hi = el.my + half - 0.5 - double(y0);
+  const double centre = vertical ? el.my : el.mx;
+  const double half = std::sqrt(2.0 * el.L * (vertical ? el.a : el.c) / (el.a * el.c - el.b * el.b));
+  const double lo = centre - half - 0.5 - double(origin), hi = centre + half - 0.5 - double(origin);
   first = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(std::max(lo, -1.0))));
-  stop = std::min<int64_t>(rows, static_cast<int64_t>(std::floor(std::min(hi, double(rows)))) + 1);
+  stop = std::min<int64_t>(count, static_cast<int64_t>(std::floor(std::min(hi, double(count)))) + 1);
 }
 
 // ---- binning ------------------------------------------------------------------------------------
@@ -476,11 +478,11 @@ inline void add_product(scalar_t* RESTRICT y, const scalar_t* RESTRICT x1, const
   for (int l = 0; l < TS; ++l) y[l] += x1[l] * x2[l];
 }
 
-// Forward over one row of a tile for Gaussian k: composites it into the pixels still open (colour sums acc
-// [dim][TS * TS] at the row), stops those it would bring to T <= t_min. Returns the number stopped. With a
-// fixed colour count D the colours are added in the lane loop itself; with D = 0 (dim at run time) the
-// weights alpha T (0 where not composited) go through w, and are added per colour after it.
-template <typename scalar_t, int TS, int D>
+// Forward over W lanes of one row of a TS x TS tile for Gaussian k: composites it into the pixels still open
+// (colour sums acc [dim][TS * TS] at the row's first lane), stops those it would bring to T <= t_min. Returns
+// the number stopped. With a fixed colour count D the colours are added in the lane loop itself; with D = 0
+// (dim at run time) the weights alpha T (0 where not composited) go through w, and are added after it.
+template <typename scalar_t, int W, int TS, int D>
 inline int forward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const Rules& rules, const scalar_t* RESTRICT px,
                        const scalar_t* RESTRICT color, int64_t dim, scalar_t* RESTRICT T, scalar_t* RESTRICT done,
                        Index<scalar_t>* RESTRICT last, scalar_t* RESTRICT acc, scalar_t* RESTRICT w) {
@@ -490,7 +492,7 @@ inline int forward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const
   // Masks are scalar_t 0/1 and sums integer: with bools, or a float sum (added lane by lane, in order),
   // GCC leaves the loop scalar for AVX2; this form vectorises for AVX2, AVX-512 and NEON alike.
   Index<scalar_t> stops = 0;
-  for (int l = 0; l < TS; ++l) {
+  for (int l = 0; l < W; ++l) {
     const scalar_t raw = gr.raw_alpha(gr.mx - px[l]);
     const scalar_t alpha = raw < alpha_max ? raw : alpha_max;
     const scalar_t t_before = T[l], t_after = t_before * (scalar_t(1) - alpha);
@@ -510,9 +512,21 @@ inline int forward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const
     stops += stop != scalar_t(0) ? 1 : 0;
   }
   if constexpr (D == 0) {
-    for (int64_t d = 0; d < dim; ++d) add_scaled<scalar_t, TS>(acc + d * P, w, color[d]);
+    for (int64_t d = 0; d < dim; ++d) add_scaled<scalar_t, W>(acc + d * P, w, color[d]);
   }
   return int(stops);
+}
+
+// Lanes a Gaussian needs in a row: its columns [ca, cb) of the tile. The pixels it does not reach are left
+// as they are by the lane loops (alpha <= alpha_min), so a Gaussian whose columns fit in half a tile
+// (most are a few pixels wide) runs them on the half-width window of lanes [o, o + TS / 2) that holds
+// them, o = narrow_lanes(ca, cb); -1: the whole row (tiles of 4 always take it).
+template <int TS>
+constexpr int Half = TS >= 8 ? TS / 2 : TS;
+template <int TS>
+inline int64_t narrow_lanes(int64_t ca, int64_t cb) {
+  if (TS < 8 || cb - ca > TS / 2) return -1;
+  return std::min<int64_t>(ca, TS - TS / 2);
 }
 
 // Per-thread state of the forward: per pixel (row-major, ts x ts) transmittance, colour sums [D][ts^2],
@@ -543,14 +557,22 @@ void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, 
 
   for (int64_t k = 0; k < v.count && open > 0; ++k) {
     const scalar_t* p = v.gauss + k * stride;
-    int64_t ra, rb;
-    ellipse_rows(ellipse(p, rules.log_alpha_min), v.y0, v.rows, ra, rb);
+    const Ellipse el = ellipse(p, rules.log_alpha_min);
+    int64_t ra, rb, ca, cb;
+    ellipse_span(el, true, v.y0, v.rows, ra, rb);
+    ellipse_span(el, false, v.x0, v.cols, ca, cb);
+    const int64_t o = narrow_lanes<TS>(ca, cb);
     for (int64_t r = ra; r < rb; ++r) {
       if (row_open[r] == 0) continue;
       const RowGaussian<scalar_t> gr(p, scalar_t(v.y0 + r) + scalar_t(0.5));
-      const int stops = forward_row<scalar_t, TS, D>(gr, Index<scalar_t>(k), rules, px, p + kParams, dim,
-                                                     s.T.data() + r * TS, s.done.data() + r * TS,
-                                                     s.last.data() + r * TS, s.acc.data() + r * TS, w);
+      const int64_t at = r * TS + std::max<int64_t>(o, 0);
+      const Index<scalar_t> kk(k);
+      const int stops = o < 0 ? forward_row<scalar_t, TS, TS, D>(gr, kk, rules, px, p + kParams, dim, s.T.data() + at,
+                                                                 s.done.data() + at, s.last.data() + at,
+                                                                 s.acc.data() + at, w)
+                              : forward_row<scalar_t, Half<TS>, TS, D>(gr, kk, rules, px + o, p + kParams, dim,
+                                                                       s.T.data() + at, s.done.data() + at,
+                                                                       s.last.data() + at, s.acc.data() + at, w);
       row_open[r] -= stops;
       open -= stops;
     }
@@ -586,11 +608,12 @@ void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const 
   });
 }
 
-// Backward over one row of a tile for Gaussian k, back to front: undoes its compositing in T and behind
-// and adds its per-lane gradient sums: sum [6 + D][TS] (mean x, mean y, conic a, b, c, log opacity,
-// colour). q = <dL/dfg, colour> per lane, g = dL/dfg [dim][TS * TS] at the row. As in forward_row, a fixed
-// colour count D keeps the colour terms in the lane loop; D = 0 computes q and adds them around it.
-template <typename scalar_t, int TS, int D>
+// Backward over W lanes of one row of a TS x TS tile for Gaussian k, back to front: undoes its compositing
+// in T and behind and adds its per-lane gradient sums: sum [6 + D][TS] (mean x, mean y, conic a, b, c, log
+// opacity, colour) at the first lane. q = <dL/dfg, colour> per lane, g = dL/dfg [dim][TS * TS] at the row.
+// As in forward_row, a fixed colour count D keeps the colour terms in the lane loop; D = 0 computes q and
+// adds them around it.
+template <typename scalar_t, int W, int TS, int D>
 inline void backward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, const Rules& rules, int64_t dim,
                          const scalar_t* RESTRICT color, const scalar_t* RESTRICT px, const Index<scalar_t>* RESTRICT stop,
                          const scalar_t* RESTRICT g, scalar_t* RESTRICT T, scalar_t* RESTRICT behind,
@@ -599,10 +622,10 @@ inline void backward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, con
   const scalar_t alpha_min = rules.alpha_min, alpha_max = rules.alpha_max;
   const Colors<scalar_t, D, P> col(color);
   if constexpr (D == 0) {
-    std::fill_n(q, TS, scalar_t(0));
-    for (int64_t d = 0; d < dim; ++d) add_scaled<scalar_t, TS>(q, g + d * P, color[d]);
+    std::fill_n(q, W, scalar_t(0));
+    for (int64_t d = 0; d < dim; ++d) add_scaled<scalar_t, W>(q, g + d * P, color[d]);
   }
-  for (int l = 0; l < TS; ++l) {  // masks as scalar_t 0/1, as in forward_row
+  for (int l = 0; l < W; ++l) {  // masks as scalar_t 0/1, as in forward_row
     scalar_t ql;
     if constexpr (D > 0) {
       ql = col.dot(g, l);
@@ -635,7 +658,7 @@ inline void backward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, con
     sum[5 * TS + l] += grad_log;
   }
   if constexpr (D == 0) {
-    for (int64_t d = 0; d < dim; ++d) add_product<scalar_t, TS>(sum + (kParams + d) * TS, g + d * P, w);
+    for (int64_t d = 0; d < dim; ++d) add_product<scalar_t, W>(sum + (kParams + d) * TS, g + d * P, w);
   }
 }
 
@@ -659,22 +682,42 @@ struct BackwardState {
 };
 
 // Gradient [6 + D] of the tile's k-th Gaussian (rows it reaches where some pixel composited it) into out.
+// A narrow one (narrow_lanes) runs on its half-width window and sums its columns' lanes in order (the
+// others hold exact zeros); a wide one runs on whole rows and folds all lanes by halves.
 template <typename scalar_t, int TS, int D>
 void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, const Rules& rules,
                        const int32_t* row_stop, BackwardState<scalar_t>& s, scalar_t* out) {
   constexpr int P = TS * TS;
   const scalar_t* p = v.gauss + k * (kParams + dim);
-  int64_t ra, rb;
-  ellipse_rows(ellipse(p, rules.log_alpha_min), v.y0, v.rows, ra, rb);
+  const Ellipse el = ellipse(p, rules.log_alpha_min);
+  int64_t ra, rb, ca, cb;
+  ellipse_span(el, true, v.y0, v.rows, ra, rb);
+  ellipse_span(el, false, v.x0, v.cols, ca, cb);
   std::fill(s.sums.begin(), s.sums.end(), scalar_t(0));
   scalar_t px[TS], q[TS], w[TS];
   for (int l = 0; l < TS; ++l) px[l] = scalar_t(v.x0 + l) + scalar_t(0.5);
+  const int64_t o = narrow_lanes<TS>(ca, cb), first = std::max<int64_t>(o, 0);
   for (int64_t r = ra; r < rb; ++r) {
     if (row_stop[r] <= k) continue;
     const RowGaussian<scalar_t> gr(p, scalar_t(v.y0 + r) + scalar_t(0.5));
-    backward_row<scalar_t, TS, D>(gr, Index<scalar_t>(k), rules, dim, p + kParams, px, s.stop.data() + r * TS,
-                                  s.g.data() + r * TS, s.T.data() + r * TS, s.behind.data() + r * TS, q, w,
-                                  s.sums.data());
+    const int64_t at = r * TS + first;
+    const Index<scalar_t> kk(k);
+    if (o < 0) {
+      backward_row<scalar_t, TS, TS, D>(gr, kk, rules, dim, p + kParams, px, s.stop.data() + at, s.g.data() + at,
+                                        s.T.data() + at, s.behind.data() + at, q, w, s.sums.data());
+    } else {
+      backward_row<scalar_t, Half<TS>, TS, D>(gr, kk, rules, dim, p + kParams, px + o, s.stop.data() + at,
+                                              s.g.data() + at, s.T.data() + at, s.behind.data() + at, q, w,
+                                              s.sums.data() + o);
+    }
+  }
+  if (o >= 0) {
+    for (int64_t j = 0; j < kParams + dim; ++j) {
+      scalar_t total = 0;
+      for (int64_t l = ca; l < cb; ++l) total += s.sums[j * TS + l];
+      out[j] = total;
+    }
+    return;
   }
   fold_lanes<scalar_t, TS / 2>(s.sums.data(), kParams + dim, TS);
   for (int64_t j = 0; j < kParams + dim; ++j) out[j] = s.sums[j * TS];
