@@ -45,6 +45,11 @@ NATIVE_FLAGS = (("-march=native",), ("-mcpu=native",))  # tried in order, the fi
 # FP operations may be assumed not to trap (results are unchanged): without it GCC keeps the kernel's
 # selects as branches, and scalar, for AVX2.
 OPTIONAL_FLAGS = ("-fno-trapping-math",)
+# Where torch runs its threads on OpenMP, the kernel's threads are torch's own (an OpenMP parallel region
+# in the same runtime): threads of our own would compete for the cores with torch's, which spin-wait for
+# a while after each torch op. Compiled and linked with it where the compiler builds an OpenMP program.
+OPENMP_FLAG = "-fopenmp"
+_OPENMP_PROGRAM = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
 
 
 class ExtensionBuildError(RuntimeError):
@@ -77,11 +82,13 @@ def _cpp_extension() -> ModuleType:
     return cpp_extension
 
 
-def _accepts(compiler: str, flags: tuple[str, ...]) -> bool:
-    """Whether `compiler` compiles a test program with `flags` (a missing compiler counts as no)."""
+def _accepts(compiler: str, flags: tuple[str, ...], program: str | None = None) -> bool:
+    """Whether `compiler` compiles a test program with `flags` (a missing compiler counts as no); with
+    `program`, whether it compiles and links that one."""
+    step = [] if program else ["-c"]
     try:
-        done = subprocess.run([compiler, *flags, "-x", "c++", "-c", "-", "-o", os.devnull], input="int f() { return 0; }\n",
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([compiler, *flags, "-x", "c++", *step, "-", "-o", os.devnull],
+                              input=program or "int f() { return 0; }\n", capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as err:
         log.debug("probing %s %s: %s", compiler, " ".join(flags), err)
         return False
@@ -93,11 +100,18 @@ def _accepts(compiler: str, flags: tuple[str, ...]) -> bool:
 @functools.cache
 def compile_flags(compiler: str | None = None) -> tuple[str, ...]:
     """-O3, then each of OPTIONAL_FLAGS and the first of NATIVE_FLAGS that `compiler` (default: the one
-    torch builds with) takes: a compiler without them builds slower, portable code instead of failing."""
+    torch builds with) takes, and OPENMP_FLAG if torch's threads are OpenMP ones and the compiler builds an
+    OpenMP program: a compiler without them builds slower, portable code (std::thread) instead of failing."""
     compiler = compiler or _cpp_extension().get_cxx_compiler()
     optional = tuple(flag for flag in OPTIONAL_FLAGS if _accepts(compiler, (flag,)))
     native = next((flags for flags in NATIVE_FLAGS if _accepts(compiler, flags)), ())
-    return ("-O3", *optional, *native)
+    openmp = (OPENMP_FLAG,) if torch_uses_openmp() and _accepts(compiler, (OPENMP_FLAG,), _OPENMP_PROGRAM) else ()
+    return ("-O3", *optional, *native, *openmp)
+
+
+def torch_uses_openmp() -> bool:
+    """Whether torch's intra-op threads are OpenMP's (its "ATen parallel backend")."""
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _host_cpu() -> str:
@@ -125,7 +139,9 @@ def _load() -> ModuleType | ExtensionBuildError:
     try:
         flags = compile_flags()
         name = build_name(SOURCE.read_bytes(), flags)
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags), verbose=False)
+        ldflags = [OPENMP_FLAG] if OPENMP_FLAG in flags else []
+        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags), extra_ldflags=ldflags,
+                                  verbose=False)
     except (RuntimeError, OSError, ImportError) as err:  # compiler/ninja missing, compile or link error
         lines = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines()[-3:]
         return ExtensionBuildError(f"building {SOURCE} failed: " + " | ".join(lines[:5]))

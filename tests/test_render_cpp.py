@@ -381,12 +381,18 @@ def test_build_name_tracks_source_flags_and_host_cpu(monkeypatch):
 
 
 def test_compile_flags_drop_what_the_compiler_rejects(tmp_path):
-    """A compiler that rejects the native flags builds without them; a missing one gets plain -O3."""
+    """A compiler that rejects the native flags builds without them, one without OpenMP without it (and
+    with std::thread); a missing one gets plain -O3."""
     fake = tmp_path / "fake-c++"
     fake.write_text('#!/bin/sh\ncase "$*" in *native*) echo "unknown option" >&2; exit 1;; esac\nexit 0\n')
     fake.chmod(0o755)
-    assert render_cpp.compile_flags(str(fake)) == ("-O3", *render_cpp.OPTIONAL_FLAGS)
+    openmp = (render_cpp.OPENMP_FLAG,) if render_cpp.torch_uses_openmp() else ()
+    assert render_cpp.compile_flags(str(fake)) == ("-O3", *render_cpp.OPTIONAL_FLAGS, *openmp)
     assert render_cpp.compile_flags(str(tmp_path / "no-such-compiler")) == ("-O3",)
+    no_openmp = tmp_path / "no-openmp-c++"  # takes every flag but cannot build an OpenMP program
+    no_openmp.write_text('#!/bin/sh\ncase "$*" in *openmp*) echo "omp.h: No such file" >&2; exit 1;; esac\nexit 0\n')
+    no_openmp.chmod(0o755)
+    assert render_cpp.compile_flags(str(no_openmp)) == ("-O3", *render_cpp.OPTIONAL_FLAGS, "-march=native")
 
 
 # ---- projection (render_cpp.project_gaussians against render_torch.project_gaussians) ---------------------

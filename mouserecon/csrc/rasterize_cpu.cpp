@@ -47,6 +47,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(_MSC_VER)
 #define RESTRICT __restrict
 #else
@@ -80,16 +84,26 @@ struct Rules {
 
 // ---- threads ------------------------------------------------------------------------------------
 
-// Runs fn(worker) on at::get_num_threads() threads (at most max_workers). Plain std::thread: ATen's
-// parallel_for is OpenMP pragmas in headers and would run serially without -fopenmp here (and a second
-// OpenMP runtime next to torch's is asking for trouble).
+// Runs fn(worker) on at::get_num_threads() threads (at most max_workers). Built with OpenMP (render_cpp
+// does where torch's threads are OpenMP ones, so the runtime is torch's), the threads are torch's own pool:
+// threads of our own would share the cores with torch's, which spin-wait for a while after each torch op.
+// Otherwise plain std::thread. Work is handed out by the callers, so the team's size changes no result.
 template <typename F>
 void run_workers(int64_t max_workers, const F& fn) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), max_workers));
+  if (workers == 1) {
+    fn(0);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(workers)
+  fn(omp_get_thread_num());
+#else
   std::vector<std::thread> threads;
   for (int64_t w = 1; w < workers; ++w) threads.emplace_back(fn, w);
   fn(0);
   for (auto& thread : threads) thread.join();
+#endif
 }
 
 // Calls fn(item, state) for item in [0, n), items handed out one by one; state = make_state(), one per thread.
