@@ -219,13 +219,13 @@ inline void box_tiles(const scalar_t* p, const int32_t* radius, const Grid& grid
   ty1 = clamp(std::ceil((p[1] + scalar_t(radius[1])) / ts), grid.tiles_y);
 }
 
-// Calls fn(local tile) for each tile of Gaussian g's box that its ellipse reaches, row-major.
+// Calls fn(local tile) for each tile of a Gaussian's box (params p [6], radius [2]) that its ellipse
+// reaches, row-major.
 template <typename scalar_t, typename F>
-inline void for_each_tile_of(const scalar_t* params, const int32_t* radii, int64_t g, const Grid& grid,
-                             double log_alpha_min, const F& fn) {
-  const scalar_t* p = params + g * kParams;
+inline void for_each_tile_of(const scalar_t* p, const int32_t* radius, const Grid& grid, double log_alpha_min,
+                             const F& fn) {
   int64_t tx0, tx1, ty0, ty1;
-  box_tiles(p, radii + 2 * g, grid, tx0, tx1, ty0, ty1);
+  box_tiles(p, radius, grid, tx0, tx1, ty0, ty1);
   const Ellipse el = ellipse(p, log_alpha_min);
   const int64_t ts = grid.tile_size;
   for (int64_t ty = ty0; ty < ty1; ++ty) {
@@ -324,10 +324,21 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
   for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
     BinChunk& ch = chunks[c];
     ch.counts.assign(tpi, 0);
+    // The run's params and radii, gathered in depth order first: in a loop that does nothing else, many of
+    // these scattered reads are in flight at once (in the tile loop below, about one at a time).
+    const int32_t* run = order[ch.image].data() + ch.begin;
+    const int64_t count = ch.end - ch.begin;
+    std::vector<scalar_t> p(count * kParams);
+    std::vector<int32_t> radius(count * 2);
+    for (int64_t i = 0; i < count; ++i) {
+      std::copy_n(params + int64_t(run[i]) * kParams, kParams, p.data() + i * kParams);
+      std::copy_n(radii + 2 * int64_t(run[i]), 2, radius.data() + 2 * i);
+    }
     for (int64_t i = ch.begin; i < ch.end; ++i) {
       const int32_t g = order[ch.image][i];
       const size_t before = ch.tiles.size();
-      for_each_tile_of(params, radii, g, grid, log_alpha_min, [&](int64_t local) {
+      const int64_t k = i - ch.begin;
+      for_each_tile_of(p.data() + k * kParams, radius.data() + 2 * k, grid, log_alpha_min, [&](int64_t local) {
         ch.tiles.push_back(int32_t(local));
         ++ch.counts[local];
       });
@@ -686,6 +697,16 @@ inline void fold_lanes(scalar_t* RESTRICT x, int64_t rows, int64_t stride) {
   if constexpr (H > 1) fold_lanes<scalar_t, H / 2>(x, rows, stride);
 }
 
+// x[0] + ... + x[N - 1] as a pairwise tree in a fixed order: no branches, and independent adds.
+template <typename scalar_t, int N>
+inline scalar_t sum_lanes(const scalar_t* x) {
+  if constexpr (N == 1) {
+    return x[0];
+  } else {
+    return sum_lanes<scalar_t, N / 2>(x) + sum_lanes<scalar_t, N / 2>(x + N / 2);
+  }
+}
+
 // Per-thread state of the backward: per pixel dL/dfg [D][ts^2], T behind the current Gaussian, last
 // composited + 1, and behind = sum over the composited Gaussians j behind the current one of q_j w_j plus
 // T_final dL/dT_final (q = <dL/dfg, colour>); per lane gradient sums [6 + D][ts] of the current Gaussian.
@@ -696,8 +717,8 @@ struct BackwardState {
 };
 
 // Gradient [6 + D] of the tile's k-th Gaussian (rows it reaches where some pixel composited it) into out.
-// A narrow one (narrow_lanes) runs on its half-width window and sums its columns' lanes in order (the
-// others hold exact zeros); a wide one runs on whole rows and folds all lanes by halves.
+// A narrow one (narrow_lanes) runs on its half-width window and sums that window's lanes (sum_lanes); a
+// wide one runs on whole rows and folds all lanes by halves.
 template <typename scalar_t, int TS, int D>
 void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, const Rules& rules,
                        const int32_t* row_stop, BackwardState<scalar_t>& s, scalar_t* out) {
@@ -726,11 +747,7 @@ void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, cons
     }
   }
   if (o >= 0) {
-    for (int64_t j = 0; j < kParams + dim; ++j) {
-      scalar_t total = 0;
-      for (int64_t l = ca; l < cb; ++l) total += s.sums[j * TS + l];
-      out[j] = total;
-    }
+    for (int64_t j = 0; j < kParams + dim; ++j) out[j] = sum_lanes<scalar_t, Half<TS>>(s.sums.data() + j * TS + o);
     return;
   }
   fold_lanes<scalar_t, TS / 2>(s.sums.data(), kParams + dim, TS);
