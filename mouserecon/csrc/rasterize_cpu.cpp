@@ -818,18 +818,21 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
     backward_tile<scalar_t, TS, D>(v, dim, rules, slot_dest, s, slot_grads.get());
   });
 
-  // Each Gaussian's slot gradients, summed in tile order.
+  // Each Gaussian's slot gradients, summed in tile order (0 + the first + ...; written once, so the outputs
+  // need no zeroing first).
   scalar_t* grad_params = grad_params_t.data_ptr<scalar_t>();
   scalar_t* grad_colors = grad_colors_t.data_ptr<scalar_t>();
   const int64_t* gauss_offsets = gauss_offsets_t.data_ptr<int64_t>();
   const int64_t m = params_t.size(0), block = 4096;
-  for_each_item((m + block - 1) / block, [] { return 0; }, [&](int64_t blk, int) {
+  for_each_item((m + block - 1) / block, [&] { return std::vector<scalar_t>(stride); }, [&](int64_t blk, std::vector<scalar_t>& total) {
     for (int64_t g = blk * block; g < std::min(m, (blk + 1) * block); ++g) {
+      std::fill(total.begin(), total.end(), scalar_t(0));
       for (int64_t e = gauss_offsets[g]; e < gauss_offsets[g + 1]; ++e) {
         const scalar_t* rec = slot_grads.get() + e * stride;
-        for (int j = 0; j < kParams; ++j) grad_params[g * kParams + j] += rec[j];
-        for (int64_t d = 0; d < dim; ++d) grad_colors[g * dim + d] += rec[kParams + d];
+        for (int64_t j = 0; j < stride; ++j) total[j] += rec[j];
       }
+      std::copy_n(total.data(), kParams, grad_params + g * kParams);
+      std::copy_n(total.data() + kParams, dim, grad_colors + g * dim);
     }
   });
 }
@@ -1190,8 +1193,8 @@ std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::T
                   trans.scalar_type() == params.scalar_type(), "trans and the gradients must share the params' dtype");
   TORCH_CHECK(last.sizes() == at::IntArrayRef({num_images, height, width}) && last.scalar_type() == at::kInt &&
                   last.is_contiguous(), "last must be int32 [I, H, W] contiguous");
-  auto grad_params = at::zeros_like(params);
-  auto grad_colors = at::zeros_like(colors);
+  auto grad_params = at::empty_like(params);  // every entry is written (backward_impl)
+  auto grad_colors = at::empty_like(colors);
   const Rules rules{alpha_min, alpha_max, t_min};
   dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
     backward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, slot_dest, gauss_offsets, grid, rules, trans,
