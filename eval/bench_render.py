@@ -2,6 +2,7 @@
 script, not a timed test).
 
     python -m mouserecon.eval.bench_render [--cases a,b] [--baseline-rows 2] [--repeats 3] [--peers DIR]
+                                           [--refine-steps 100]
 
 Scene: pixel-aligned Gaussians placed as the GS-LRM places them: one per pixel of 5 input views
 (the first 5 of 6 cameras on a ring of radius 2.7 at 20 deg elevation, looking at the origin,
@@ -18,6 +19,12 @@ Memory: each measurement runs in a freshly forked process; the column is that pr
 resident set size (ru_maxrss) minus its resident size when it started (which holds the scene), in
 MiB: the peak extra CPU memory of the render (tensors, autograd graph and allocator slack).
 Time: best wall-clock time over --repeats runs (baseline: one run).
+
+Refinement (issue #19's target: `--refine 100` at 64 px in at most 3 s): the shipped model's reconstruction
+of the demo sample (`reconstruct assets/demo_mouse --resolution 64`, pruned as it prunes), refined for
+--refine-steps steps as `reconstruct --refine` does (`pipeline.refine_scene`: 5 crops and 5 whole input
+frames of 64 x 64); best
+wall-clock time over --repeats runs, and the step's loss before and after. --refine-steps 0 skips it.
 
 Peers. taichi-splatting is timed on the same scene when `--peers DIR` (or $MOUSERECON_BENCH_PEERS)
 names a folder it is installed in (`pip install --target DIR --no-deps taichi-splatting==0.13.0 taichi
@@ -37,6 +44,7 @@ rewrite), are quoted below and printed with the results:
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import math
 import os
@@ -44,6 +52,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -219,6 +228,25 @@ ISSUE_19 = """peers as measured side by side in issue #19 (2-core machine, best 
   (a) compositing only, one thread each, fwd / fwd+bwd s: ours cpp 0.71 / 0.99, OpenSplat 0.48 / 0.77"""
 
 
+def _refine_row(steps: int, repeats: int) -> str:
+    """The refinement benchmark (module docstring) as one line."""
+    from mouserecon.checkpoints import demo_checkpoint, load_checkpoint
+    from mouserecon.options import DEFAULT_MIN_OPACITY
+    from mouserecon.pipeline import CheckpointPredictor, prepare, refine_scene
+
+    demo = Path(str(importlib.resources.files("mouserecon.assets") / "demo_mouse"))
+    model, _ = load_checkpoint(demo_checkpoint())
+    predictor = CheckpointPredictor(model)
+    scene = prepare(demo, None, None, 64, predictor.crop, predictor.input_resolution)
+    gaussians = predictor.predict(scene, torch.device("cpu")).gaussians.prune(DEFAULT_MIN_OPACITY)  # as reconstruct
+    refine_scene(gaussians, scene, 2)  # builds the extension, warms the allocator
+    runs = [refine_scene(gaussians, scene, steps) for _ in range(repeats)]
+    best = min(run.seconds for run in runs)
+    return (f"refine {steps} steps, 64 px, demo sample + shipped model ({gaussians.num} Gaussians, 10 views): "
+            f"best {best:.2f} s of {repeats} ({1e3 * best / max(steps, 1):.1f} ms/step), loss "
+            f"{runs[0].losses[0]:.5f} -> {runs[0].losses[-1]:.5f}; target 3 s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="a,b", help="a: 5x128^2 into 6x128^2, b: 5x256^2 into 6x256^2")
@@ -226,6 +254,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", default=os.environ.get("MOUSERECON_BENCH_PEERS"),
                         help="folder with taichi-splatting installed (pip install --target); default $MOUSERECON_BENCH_PEERS")
+    parser.add_argument("--refine-steps", type=int, default=100, help="refinement benchmark steps (0: skip it)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -256,6 +285,8 @@ def main() -> None:
         ratio = [t / c for t, c in zip(times["torch"], times["cpp"])]
         print(f"{'':<26}{'speed-up (torch / cpp)':<36}{ratio[0]:>8.1f}{ratio[1]:>11.1f}", flush=True)
         print(_peer_row(label, case, args.repeats, args.peers), flush=True)
+    if args.refine_steps:
+        print(_refine_row(args.refine_steps, args.repeats), flush=True)
     print(ISSUE_19)
     print(f"load after: {load()}")
 
