@@ -396,9 +396,9 @@ struct TileView {
 // params [M, 6] and colors [M, D] as one [M, 6 + D] table: a tile's gather then reads one record
 // (about one cache line) per Gaussian instead of two; the reads are random, so misses are what costs.
 template <typename scalar_t>
-std::vector<scalar_t> pack_gaussians(const scalar_t* params, const scalar_t* colors, int64_t m, int64_t dim) {
+std::unique_ptr<scalar_t[]> pack_gaussians(const scalar_t* params, const scalar_t* colors, int64_t m, int64_t dim) {
   const int64_t stride = kParams + dim, block = 16384;
-  std::vector<scalar_t> packed(m * stride);
+  std::unique_ptr<scalar_t[]> packed(new scalar_t[m * stride]);  // every entry is written: no zeroing
   for_each_item((m + block - 1) / block, [] { return 0; }, [&](int64_t b, int) {
     for (int64_t g = b * block; g < std::min(m, (b + 1) * block); ++g) {
       for (int j = 0; j < kParams; ++j) packed[g * stride + j] = params[g * kParams + j];
@@ -620,7 +620,7 @@ void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const 
   const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
 
   for_each_item(int64_t(tiles.size()), [] { return ForwardState<scalar_t>(); }, [&](int64_t i, ForwardState<scalar_t>& s) {
-    const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.data(), dim, s.scratch);
+    const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
     forward_tile<scalar_t, TS, D>(v, dim, rules, s);
     for (int64_t r = 0; r < v.rows; ++r) {
       const int64_t pix = v.image * hw + (v.y0 + r) * grid.width + v.x0;
@@ -799,7 +799,7 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
     return s;
   };
   for_each_item(int64_t(tiles.size()), make_state, [&](int64_t i, BackwardState<scalar_t>& s) {
-    const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.data(), dim, s.scratch);
+    const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
     s.g.assign(P * dim, scalar_t(0));
     s.T.assign(P, scalar_t(1));
     s.behind.assign(P, scalar_t(0));
