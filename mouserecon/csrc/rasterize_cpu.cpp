@@ -417,9 +417,11 @@ inline void prefetch(const void* address) {
 #endif
 }
 
-template <typename scalar_t>
+// D > 0: the colour count, fixed at compile time (a record's copy is then a few vector moves, not a call).
+template <typename scalar_t, int D>
 TileView<scalar_t> view_tile(int64_t t, const Grid& grid, const int64_t* offsets, const int32_t* slot_gauss,
                              const scalar_t* packed, int64_t dim, std::vector<scalar_t>& scratch) {
+  if constexpr (D > 0) dim = D;
   constexpr int64_t kAhead = 16;  // records prefetched ahead of the copy
   const int64_t tpi = grid.tiles_per_image(), local = t % tpi, ts = grid.tile_size;
   TileView<scalar_t> v{t / tpi, (local % grid.tiles_x) * ts, (local / grid.tiles_x) * ts, 0, 0, offsets[t],
@@ -620,7 +622,7 @@ void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const 
   const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
 
   for_each_item(int64_t(tiles.size()), [] { return ForwardState<scalar_t>(); }, [&](int64_t i, ForwardState<scalar_t>& s) {
-    const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
+    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
     forward_tile<scalar_t, TS, D>(v, dim, rules, s);
     for (int64_t r = 0; r < v.rows; ++r) {
       const int64_t pix = v.image * hw + (v.y0 + r) * grid.width + v.x0;
@@ -697,6 +699,14 @@ inline void fold_lanes(scalar_t* RESTRICT x, int64_t rows, int64_t stride) {
   if constexpr (H > 1) fold_lanes<scalar_t, H / 2>(x, rows, stride);
 }
 
+// x[j * stride + l] = 0 for j < rows, l < W.
+template <typename scalar_t, int W>
+inline void zero_lanes(scalar_t* RESTRICT x, int64_t rows, int64_t stride) {
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int l = 0; l < W; ++l) x[j * stride + l] = scalar_t(0);
+  }
+}
+
 // x[0] + ... + x[N - 1] as a pairwise tree in a fixed order: no branches, and independent adds.
 template <typename scalar_t, int N>
 inline scalar_t sum_lanes(const scalar_t* x) {
@@ -728,10 +738,15 @@ void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, cons
   int64_t ra, rb, ca, cb;
   ellipse_span(el, true, v.y0, v.rows, ra, rb);
   ellipse_span(el, false, v.x0, v.cols, ca, cb);
-  std::fill(s.sums.begin(), s.sums.end(), scalar_t(0));
   scalar_t px[TS], q[TS], w[TS];
   for (int l = 0; l < TS; ++l) px[l] = scalar_t(v.x0 + l) + scalar_t(0.5);
   const int64_t o = narrow_lanes<TS>(ca, cb), first = std::max<int64_t>(o, 0);
+  // Only the lanes the rows below add to are zeroed (a fill of all of them is a memset call per slot).
+  if (o < 0) {
+    zero_lanes<scalar_t, TS>(s.sums.data(), kParams + dim, TS);
+  } else {
+    zero_lanes<scalar_t, Half<TS>>(s.sums.data() + o, kParams + dim, TS);
+  }
   for (int64_t r = ra; r < rb; ++r) {
     if (row_stop[r] <= k) continue;
     const RowGaussian<scalar_t> gr(p, scalar_t(v.y0 + r) + scalar_t(0.5));
@@ -799,7 +814,7 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
     return s;
   };
   for_each_item(int64_t(tiles.size()), make_state, [&](int64_t i, BackwardState<scalar_t>& s) {
-    const auto v = view_tile(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
+    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
     s.g.assign(P * dim, scalar_t(0));
     s.T.assign(P, scalar_t(1));
     s.behind.assign(P, scalar_t(0));
