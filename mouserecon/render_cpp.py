@@ -5,10 +5,11 @@ backward), tile binning, the per-pixel compositing and its backward run in C++ (
 shipped as package data), with the same rules and constants as `render_torch`; SH colours are
 `render_torch.sh_colors` (plain autograd). Binning keeps a Gaussian only on the
 tiles of its bounding box that its alpha > 1/255 ellipse reaches, in per-tile depth-sorted lists;
-each Gaussian then visits the rows of the tile its ellipse reaches, all pixels of a row at once in
-vector registers. The forward saves the final transmittance and the position of the last composited
+each Gaussian then visits the rows of the tile its ellipse reaches, all pixels of a row (or the half
+that holds its columns) at once in vector registers. The forward saves the final transmittance and the position of the last composited
 Gaussian per pixel, and the backward walks back from there (the 3DGS scheme). Results (projection
-included) are deterministic and independent of the number of threads (`torch.get_num_threads()` of them are used).
+included) are deterministic and independent of the number of threads (`torch.get_num_threads()` of them are used:
+torch's own OpenMP threads where the kernel is built with OPENMP_FLAG).
 
 The extension is compiled at first use with `torch.utils.cpp_extension.load` (needs a C++ compiler
 and ninja; about a minute on a 2-core machine) into TORCH_EXTENSIONS_DIR, or torch's default cache

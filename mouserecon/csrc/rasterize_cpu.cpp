@@ -19,14 +19,17 @@
 // writes the slot's gradient; the per-Gaussian sums are then contiguous and in a fixed order.
 //
 // Compositing. A tile is ts x ts pixels; each Gaussian of its list visits the rows its ellipse reaches
-// and, in each, all ts pixels at once: the lane loops below have no branches (selects instead), so the
-// compiler vectorises them for the host's vector unit (render_cpp compiles with -march=native and
+// and, in each, all ts pixels at once, or the half of them that holds its columns where they fit in half
+// a tile (narrow_lanes; most do). The colour count is a compile-time constant for 3 (RGB) and 4 (RGB +
+// depth), so the colour sums stay inside the lane loops. Those loops have no branches (selects instead),
+// so the compiler vectorises them for the host's vector unit (render_cpp compiles with -march=native and
 // -fno-trapping-math where the compiler takes them; see forward_row for the form GCC needs). exp() is our
 // own (range reduction + Taylor polynomial, 1-2 ulp), because libm's does not vectorise without -ffast-math.
 // The forward saves the final transmittance and, per pixel, the position of its last composited Gaussian
 // + 1; the backward walks each tile back to front from there, recovering T before each Gaussian by
 // division (the 3DGS scheme). Tiles and Gaussian records are gathered into per-thread scratch first.
 //
+// Threads: torch's OpenMP ones where render_cpp builds with -fopenmp, else std::thread (run_workers).
 // Determinism: each tile (and each Gaussian's sum) is computed by one thread in a fixed order; work is
 // handed out dynamically but no result depends on which thread or how many threads compute it.
 
@@ -190,7 +193,8 @@ inline bool reaches_box(const Ellipse& el, double cx0, double cx1, double cy0, d
 
 // Rows (vertical) or columns [first, stop) of a tile's [0, count), pixel centres origin + i + 0.5, that the
 // ellipse reaches: within its half extent sqrt(2 L Sigma_yy) (rows) or sqrt(2 L Sigma_xx) of its centre.
-inline void ellipse_span(const Ellipse& el, bool vertical, int64_t origin, int64_t count, int64_t& first, int64_t& stop) {
+inline void ellipse_span(const Ellipse& el, bool vertical, int64_t origin, int64_t count, int64_t& first,
+                         int64_t& stop) {
   first = 0, stop = count;
   if (el.empty) {
     stop = 0;
@@ -839,7 +843,8 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
   scalar_t* grad_colors = grad_colors_t.data_ptr<scalar_t>();
   const int64_t* gauss_offsets = gauss_offsets_t.data_ptr<int64_t>();
   const int64_t m = params_t.size(0), block = 4096;
-  for_each_item((m + block - 1) / block, [&] { return std::vector<scalar_t>(stride); }, [&](int64_t blk, std::vector<scalar_t>& total) {
+  auto make_total = [&] { return std::vector<scalar_t>(stride); };
+  for_each_item((m + block - 1) / block, make_total, [&](int64_t blk, std::vector<scalar_t>& total) {
     for (int64_t g = blk * block; g < std::min(m, (blk + 1) * block); ++g) {
       std::fill(total.begin(), total.end(), scalar_t(0));
       for (int64_t e = gauss_offsets[g]; e < gauss_offsets[g + 1]; ++e) {
