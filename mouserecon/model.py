@@ -24,18 +24,24 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mouserecon import render_cpp
 from mouserecon.cameras import Cameras
 from mouserecon.carve import MASK_THRESHOLD, hull_depths
 from mouserecon.gaussians import Gaussians, rgb_to_sh_dc
+
+log = logging.getLogger(__name__)
 
 LN_EPS = 1e-5
 SCALE_BIAS, SCALE_MAX = 2.3, -1.2  # log_scales = (s - 2.3).clamp(max=-1.2)
@@ -46,6 +52,8 @@ BACKGROUND_LOGIT = -30.0  # hull_depth: a background pixel's Gaussian (opacity 1
 # tokens, per thread) stay in the last-level cache from q k^T through the softmax to p v. Of 32,
 # 64, 128 and 256 on the 2-core EPYC, 128 and 256 were fastest; 32 pays per-op overheads.
 CPU_ATTENTION_CHUNK = 128
+ATTENTION_SOURCE = Path(__file__).parent / "csrc" / "attention_cpu.cpp"
+FUSED_HEAD_WIDTHS = (16, 32, 64, 128)  # the head widths the fused kernel is compiled for
 
 
 @dataclass(frozen=True)
@@ -153,12 +161,48 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     attention on CUDA, with its backward) except for bf16 on a CPU when autograd is not recording:
     torch's CPU flash kernel does its bf16 blocks through MKL's bf16 gemm, which on our AMD EPYC
     takes MKL's generic path (perf: mkl_blas_def_xgemm_bf16bf16f32 -> an fp32 sgemm kernel), well
-    below oneDNN's bf16 matmuls (issue #19; `eval/bench_model.py --breakdown` times attention);
-    `chunked_attention` does the same maths with oneDNN matmuls.
+    below oneDNN's bf16 matmuls (issue #19; `eval/bench_model.py --breakdown` times attention).
+    There `fused_attention` (our AVX512-BF16 kernel) runs where the CPU has those instructions, and
+    `chunked_attention` (the same maths with oneDNN matmuls) elsewhere.
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _records_grad(q, k, v):
+        if q.shape[-1] in FUSED_HEAD_WIDTHS and _fused_kernel() is not None:
+            return fused_attention(q, k, v)
         return chunked_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+@functools.cache
+def _fused_kernel() -> ModuleType | None:
+    """The compiled `csrc/attention_cpu.cpp`, or None (logged once) where it does not build or the CPU
+    has no AVX512-BF16 instructions."""
+    ext = render_cpp.build(ATTENTION_SOURCE)
+    if isinstance(ext, render_cpp.ExtensionBuildError):
+        log.warning("fused bf16 attention unavailable, using oneDNN matmuls per chunk instead: %s", ext)
+        return None
+    if not ext.supported():
+        log.info("this CPU has no AVX512-BF16 instructions: bf16 attention runs as oneDNN matmuls per chunk")
+        return None
+    return ext
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`attention` in one pass per block of queries (csrc/attention_cpu.cpp: online softmax, scores in
+    registers, bf16 products with fp32 sums; the probabilities rounded to bf16 before p v, as torch's
+    flash kernels do). q [b, nh, n_q, dh], k and v [b, nh, n_k, dh], bf16 on a CPU with AVX512-BF16,
+    dh in FUSED_HEAD_WIDTHS -> [b, nh, n_q, dh] bf16, laid out as [b, n_q, nh, dh] (so that
+    `out.transpose(1, 2).reshape(b, n_q, nh * dh)` is a view). Inference only (no backward)."""
+    ext = _fused_kernel()
+    if ext is None:
+        raise RuntimeError("fused_attention needs the AVX512-BF16 kernel, which this machine cannot run (see the log)")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride(2) != v.stride(2):
+        k, v = k.contiguous(), v.contiguous()
+    b, nh, n_q, dh = q.shape
+    out = q.new_empty(b, n_q, nh, dh).transpose(1, 2)
+    ext.attention(q, k, v, out)
+    return out
 
 
 def _records_grad(*tensors: Tensor) -> bool:

@@ -126,26 +126,33 @@ def _host_cpu() -> str:
     return "\n".join(picked) or f"{platform.machine()} {platform.processor()}"
 
 
-def build_name(source: bytes, flags: tuple[str, ...]) -> str:
-    """The extension's name (and build folder): a digest of the source, the flags and, for native
-    flags, the host CPU, so that none of them can change under a cached build."""
+def build_name(source: bytes, flags: tuple[str, ...], stem: str = SOURCE.stem) -> str:
+    """The extension's name (and build folder): `stem` and a digest of the source, the flags and, for
+    native flags, the host CPU, so that none of them can change under a cached build."""
     native = any(flag in group for group in NATIVE_FLAGS for flag in flags)
     digest = hashlib.sha256(source + "\0".join(flags).encode() + (_host_cpu().encode() if native else b""))
-    return f"mouserecon_rasterize_cpu_{digest.hexdigest()[:16]}"
+    return f"mouserecon_{stem}_{digest.hexdigest()[:16]}"
 
 
 @functools.cache
-def _load() -> ModuleType | ExtensionBuildError:
+def build(source: Path) -> ModuleType | ExtensionBuildError:
+    """The extension compiled from the C++ file `source` with `compile_flags()` (built on first call, then
+    loaded from the cache), or the error that stopped its build. The project's other kernels
+    (`csrc/attention_cpu.cpp`) are built this way too."""
     cpp_extension = _cpp_extension()
     try:
         flags = compile_flags()
-        name = build_name(SOURCE.read_bytes(), flags)
+        name = build_name(source.read_bytes(), flags, source.stem)
         ldflags = [OPENMP_FLAG] if OPENMP_FLAG in flags else []
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags), extra_ldflags=ldflags,
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(flags), extra_ldflags=ldflags,
                                   verbose=False)
     except (RuntimeError, OSError, ImportError) as err:  # compiler/ninja missing, compile or link error
         lines = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines()[-3:]
-        return ExtensionBuildError(f"building {SOURCE} failed: " + " | ".join(lines[:5]))
+        return ExtensionBuildError(f"building {source} failed: " + " | ".join(lines[:5]))
+
+
+def _load() -> ModuleType | ExtensionBuildError:
+    return build(SOURCE)
 
 
 def extension() -> ModuleType:

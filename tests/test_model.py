@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -14,8 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from mouserecon.cameras import Cameras
 from mouserecon.checkpoints import load_checkpoint
 from mouserecon.carve import HULL_DEPTH_DILATION, project_to_masks
-from mouserecon.model import (BACKGROUND_LOGIT, GSLRM, PRESETS, ModelConfig, _on_threads, attention, chunked_attention,
-                              forward_flops, patch_major, posed_images)
+from mouserecon import render_cpp
+from mouserecon.model import (BACKGROUND_LOGIT, FUSED_HEAD_WIDTHS, GSLRM, PRESETS, ModelConfig, _fused_kernel, _on_threads,
+                              attention, chunked_attention, forward_flops, fused_attention, patch_major, posed_images)
 
 ATOL = RTOL = 1e-5  # the golden README's recommendation (fp32 op-order noise is ~2e-6)
 
@@ -391,8 +393,85 @@ def test_chunked_attention_shares_heads_between_threads():
     assert torch.equal(shared, alone)
 
 
+@pytest.fixture
+def fused_kernel():
+    """The fused bf16 attention kernel, or a skip where this CPU or compiler cannot run it."""
+    if _fused_kernel() is None:
+        pytest.skip("the fused attention kernel needs a CPU with AVX512-BF16 and a C++ compiler (see the log)")
+
+
+def _qkv(b, nh, n, dh, g, spread=1.0):
+    """q, k, v [b, nh, n, dh] bf16 as views of one [b, n, 3, nh, dh] tensor (the model's layout: rows
+    3 nh dh apart); q scaled by `spread` (larger logits)."""
+    qkv = torch.randn(b, n, 3, nh, dh, generator=g).bfloat16().permute(2, 0, 3, 1, 4)
+    return (qkv[0] * spread).bfloat16(), qkv[1], qkv[2]
+
+
+@pytest.mark.parametrize("dh", FUSED_HEAD_WIDTHS)
+def test_fused_attention_matches_exact_softmax(fused_kernel, dh):
+    """Against float64 softmax attention of the same bf16 inputs, with the tolerance of the chunked test
+    (max 2^-6, mean 2^-10, mean <= 4x torch's bf16 SDPA): 150 queries (a short last block of 6 and of
+    96) over 150 keys (a short last key block of 64, masked), over exactly 64 keys and over one key;
+    logits with row maxima ~2.6 and ~20 (spread 8: exp(20) overflows bf16's and fp16's sums unless the
+    maxima are subtracted), and keys whose scores rise along the sequence, so that the running
+    maximum changes in every block (the online softmax's rescaling)."""
+    g = torch.Generator().manual_seed(20 + dh)
+    q, k, v = _qkv(2, 3, 150, dh, g)
+    rising = k * torch.linspace(0.1, 3.0, 150).view(1, 1, 150, 1).bfloat16()
+    cases = {"random": (q, k, v), "spread 8": (q * 8, k, v), "rising scores": (q.abs(), rising.abs(), v),
+             "64 keys": (q, k[:, :, :64], v[:, :, :64]), "one key": (q, k[:, :, :1], v[:, :, :1])}
+    for name, (qc, kc, vc) in cases.items():
+        ref = _exact_attention(qc, kc, vc)
+        out = fused_attention(qc, kc, vc)
+        assert out.dtype == torch.bfloat16 and out.shape == qc.shape
+        err = (out.double() - ref).abs()
+        sdpa_mean = (F.scaled_dot_product_attention(qc, kc, vc).double() - ref).abs().mean()
+        assert err.max() < 2**-6 and err.mean() < 2**-10, f"{name}: max {err.max():.2e} mean {err.mean():.2e}"
+        assert err.mean() <= 4 * sdpa_mean + 1e-6, f"{name}: mean {err.mean():.2e} vs bf16 SDPA {sdpa_mean:.2e}"
+    assert out.transpose(1, 2).is_contiguous(), "out is laid out [b, n, nh, dh] for the block's reshape"
+    few = fused_attention(q[:, :, :40].contiguous(), k, v)  # 40 queries over 150 keys, another layout
+    torch.testing.assert_close(few.double(), _exact_attention(q[:, :, :40], k, v), atol=2**-6, rtol=0)
+
+
+def test_fused_attention_is_independent_of_threads(fused_kernel):
+    """Two threads give the one-thread result bit for bit (each output row is one thread's work)."""
+    q, k, v = _qkv(1, 4, 300, 64, torch.Generator().manual_seed(21))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = fused_attention(q, k, v)
+        torch.set_num_threads(2)
+        shared = fused_attention(q, k, v)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(shared, alone)
+
+
+def test_bf16_cpu_attention_takes_the_fused_kernel_or_the_chunked_path(monkeypatch, caplog):
+    """bf16 CPU inference: the fused kernel where it runs, for the head widths it is compiled for;
+    chunked matmuls for other widths and, with one warning, where the kernel does not build."""
+    q, k, v = _qkv(1, 2, 40, 32, torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        if _fused_kernel() is not None:
+            assert torch.equal(attention(q, k, v), fused_attention(q, k, v))
+        odd = [t[..., :24] for t in (q, k, v)]
+        assert torch.equal(attention(*odd), chunked_attention(*odd))
+        monkeypatch.setattr(render_cpp, "build", lambda source: render_cpp.ExtensionBuildError(f"building {source.name} failed: no g++"))
+        _fused_kernel.cache_clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="mouserecon.model"):
+                assert torch.equal(attention(q, k, v), chunked_attention(q, k, v))
+                attention(q, k, v)
+            warnings = [r.getMessage() for r in caplog.records if r.name == "mouserecon.model"]
+            assert len(warnings) == 1 and "attention_cpu.cpp failed: no g++" in warnings[0]
+            with pytest.raises(RuntimeError, match="AVX512-BF16 kernel"):
+                fused_attention(q, k, v)
+        finally:
+            _fused_kernel.cache_clear()
+
+
 def test_attention_uses_sdpa_except_bf16_cpu_inference(monkeypatch):
-    """SDPA (flash attention, with a backward) for fp32 and whenever autograd records; the chunked path
+    """SDPA (flash attention, with a backward) for fp32 and whenever autograd records; our own paths
     only for bf16 CPU inference. Gradients flow through the bf16 path that records."""
     calls = []
     sdpa = F.scaled_dot_product_attention
@@ -403,7 +482,7 @@ def test_attention_uses_sdpa_except_bf16_cpu_inference(monkeypatch):
         attention(q, k, v)
         assert calls == [torch.float32]
         attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
-        assert calls == [torch.float32], "bf16 CPU inference must take the chunked path"
+        assert calls == [torch.float32], "bf16 CPU inference must take the fused or the chunked path"
     q_grad = q.bfloat16().requires_grad_()
     attention(q_grad, k.bfloat16(), v.bfloat16()).float().sum().backward()
     assert calls == [torch.float32, torch.bfloat16] and q_grad.grad is not None and q_grad.grad.abs().sum() > 0
