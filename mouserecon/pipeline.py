@@ -17,7 +17,9 @@ re-implement none of them:
 2. A `Predictor` maps a Scene to a `Prediction`: Gaussians in the model frame or the user's, finite
    (non-finite ones dropped and counted). `CheckpointPredictor` runs a GS-LRM once (no grad; bf16
    autocast on CUDA) on the input images, cameras and masks (a `hull_depth` model places its foreground
-   pixels' Gaussians in the masks' visual hull; its background pixels' are left out); `HullPredictor`
+   pixels' Gaussians in the masks' visual hull; its background pixels' are left out; and the hull's
+   surface voxels fill what it leaves uncovered in the input views at the scene resolution,
+   `baselines.hull_fill`); `HullPredictor`
    carves the visual hull of the input masks; `FlatPredictor` is no Gaussians at all (the flat
    background); eval adds a predictor that reads .ply files.
 3. `refine_scene`: refinement against the whole input frames (preceded by the crops a crop model saw),
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mouserecon.baselines import HULL_INPUT_CROP, visual_hull_gaussians
+from mouserecon.baselines import HULL_INPUT_CROP, hull_fill, visual_hull_gaussians
 from mouserecon.cameras import Cameras, optical_axes_intersection
 from mouserecon.data import (Sample, crop_to_foreground, foreground_center, load_sample, read_camera_file,
                              resize_sample)
@@ -167,11 +169,12 @@ def prepare(sample_dir: str | Path, inputs: tuple[int, ...] | None, heldout: tup
 @dataclass(frozen=True)
 class Prediction:
     """Gaussians [N] of one scene (finite, on the device), in `units`; `num_predicted` counts the ones the
-    predictor made, non-finite included."""
+    predictor made, non-finite included; `num_filled` the hull Gaussians among them (`baselines.hull_fill`)."""
 
     gaussians: Gaussians
     units: str
     num_predicted: int
+    num_filled: int = 0
 
     @property
     def num_nonfinite(self) -> int:
@@ -200,14 +203,17 @@ class Predictor(ABC):
 
 
 class CheckpointPredictor(Predictor):
-    """A GS-LRM: 2 token Gaussians + one per input pixel, in the model frame."""
+    """A GS-LRM: 2 token Gaussians + one per input pixel, in the model frame. A `hull_depth` model (one that
+    takes the input masks as its geometric prior) is filled with the hull (`baselines.hull_fill`, on the
+    input views at the scene resolution) unless `fill` is False."""
 
     refinable = True
 
-    def __init__(self, model: GSLRM):
+    def __init__(self, model: GSLRM, fill: bool = True):
         self.model = model
         self.crop = model.config.input_crop
         self.input_resolution = model.config.image_size
+        self.fill = fill and model.config.hull_depth
 
     def predict(self, scene: Scene, device: torch.device) -> Prediction:
         return self.predict_batch([scene], device)[0]
@@ -229,7 +235,13 @@ class CheckpointPredictor(Predictor):
             assert gaussians.num == self.model.config.n_gaussians + scene.num_inputs * r * r, gaussians.num
             if self.model.config.hull_depth:  # the background pixels' Gaussians are invisible: leave them out
                 gaussians = gaussians.select(gaussians.opacity_logits > BACKGROUND_LOGIT)
-            predictions.append(_finite(gaussians, "model", scene.sample.sample_id))
+            prediction = _finite(gaussians, "model", scene.sample.sample_id)
+            if self.fill:
+                seen = seen_at_resolution(scene).to(device)
+                filled = hull_fill(prediction.gaussians, seen.images, seen.masks, seen.cameras)
+                prediction = Prediction(Gaussians.cat([prediction.gaussians, filled]), "model",
+                                        prediction.num_predicted + filled.num, filled.num)
+            predictions.append(prediction)
         return predictions
 
 
@@ -267,14 +279,20 @@ def scene_crops(scene: Scene, views: range | None = None) -> Sample:
     return replace(crops, cameras=scene.similarity.apply_cameras(crops.cameras))
 
 
+def seen_at_resolution(scene: Scene) -> Sample:
+    """[I] the input views as the predictor saw them (crops aimed at the mouse, or whole frames) at the scene
+    resolution, model frame."""
+    if scene.crop is None:
+        return scene.whole
+    same = scene.inputs.cameras.height == scene.resolution
+    return scene.inputs if same else scene_crops(scene, range(scene.num_inputs))
+
+
 def refine_scene(gaussians: Gaussians, scene: Scene, steps: int) -> RefineResult:
     """`refine.refine_inputs` for a scene: model-frame Gaussians against the whole input frames, preceded by
     the crops a crop model saw (`scene.crop`, at the scene resolution), carved with the whole input frames."""
     device = gaussians.device
-    crops = None
-    if scene.crop is not None:
-        same = scene.inputs.cameras.height == scene.resolution
-        crops = (scene.inputs if same else scene_crops(scene, range(scene.num_inputs))).to(device)
+    crops = None if scene.crop is None else seen_at_resolution(scene).to(device)
     try:
         return refine_inputs(gaussians, scene.whole.to(device), crops, steps)
     except RefineError as err:

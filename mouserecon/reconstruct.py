@@ -6,7 +6,9 @@ Steps (each logged with its wall time), all but the first and the last two throu
   2. prepare the scene (`pipeline.prepare`): the input and held-out frames at `resolution` (default the
      model's), the similarity to the model's rig centred on the mouse, and the inputs as the model was
      trained to see them (at its resolution; aimed crops around the mouse for a model trained on crops);
-  3. run the GS-LRM once (`pipeline.CheckpointPredictor`) -> 2 token Gaussians + one per input pixel;
+  3. run the GS-LRM once (`pipeline.CheckpointPredictor`) -> 2 token Gaussians + one per input pixel (a
+     `hull_depth` model: per foreground input pixel, plus the hull's voxels where they leave the input
+     silhouettes uncovered at `resolution`, `baselines.hull_fill`);
   4. drop non-finite Gaussians, prune those with opacity < `min_opacity`; with `refine` N > 0, drop
      those off the input silhouettes, optimise them for N steps against the input views and carve
      again (`pipeline.refine_scene`), log masked PSNR / SSIM and IoU on the input and held-out views
@@ -76,6 +78,7 @@ class ReconstructResult:
     num_predicted: int
     num_nonfinite: int
     num_pruned: int
+    num_filled: int = 0  # of num_predicted: the hull's Gaussians filling what the model left uncovered
     refine_metrics: dict | None = None  # {"before"|"after": {"inputs"|"heldout": {psnr_fg, ssim_fg, iou}}}
     refine_carved: tuple[int, int] = (0, 0)  # Gaussians off the input silhouettes, dropped before / after refining
     preview_files: tuple[Path, ...] = ()
@@ -123,8 +126,9 @@ def finish(prediction: Prediction, scene: Scene, o: ReconstructOptions, info: Ch
     """Steps 4-6 for one scene's prediction: prune, refine, write the PLY, the previews and the sidecar
     (`timings` holds the earlier steps' and gets these)."""
     kept = prediction.gaussians.prune(o.min_opacity)
-    log.info("Gaussians: %d predicted, %d non-finite dropped, %d with opacity < %g pruned, %d kept",
-             prediction.num_predicted, prediction.num_nonfinite, prediction.gaussians.num - kept.num, o.min_opacity,
+    log.info("Gaussians: %d predicted (%d of them filled in from the visual hull), %d non-finite dropped, "
+             "%d with opacity < %g pruned, %d kept", prediction.num_predicted, prediction.num_filled,
+             prediction.num_nonfinite, prediction.gaussians.num - kept.num, o.min_opacity,
              kept.num)
     refine_metrics, refine_carved = None, (0, 0)
     if o.refine:
@@ -149,7 +153,8 @@ def finish(prediction: Prediction, scene: Scene, o: ReconstructOptions, info: Ch
         ply_path=o.output, sidecar_path=sidecar_path, gaussians=written, similarity=scene.similarity, units=o.units,
         inputs=scene.input_views, heldout=scene.heldout_views, resolution=scene.resolution,
         num_predicted=prediction.num_predicted, num_nonfinite=prediction.num_nonfinite + kept.num - written.num,
-        num_pruned=prediction.gaussians.num - kept.num, refine_metrics=refine_metrics, refine_carved=refine_carved,
+        num_pruned=prediction.gaussians.num - kept.num, num_filled=prediction.num_filled,
+        refine_metrics=refine_metrics, refine_carved=refine_carved,
         preview_files=preview_files, timings=timings,
     )
     _sidecar(result, o, info, scene, device).write(sidecar_path)
@@ -216,8 +221,8 @@ def _sidecar(result: ReconstructResult, o: ReconstructOptions, info, scene: Scen
         device=device, min_opacity=o.min_opacity,
         refine={"steps": o.refine, "carved": dict(zip(("before", "after"), result.refine_carved)),
                 "metrics": result.refine_metrics},
-        counts={"predicted": result.num_predicted, "nonfinite": result.num_nonfinite, "pruned": result.num_pruned,
-                "written": result.num_written},
+        counts={"predicted": result.num_predicted, "filled": result.num_filled, "nonfinite": result.num_nonfinite,
+                "pruned": result.num_pruned, "written": result.num_written},
         previews=[str(p) for p in result.preview_files],
         timings_s={k: round(v, 4) for k, v in result.timings.items()},
     )

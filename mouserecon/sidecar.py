@@ -33,7 +33,7 @@ class Sidecar:
     refinement); input_resolution: the side the model (or hull) saw its inputs at. mask_source: the sample's.
     method: "model" | "hull". checkpoint: {path, format, step, n_params, config}, None for the hull. device.
     min_opacity: the pruning threshold. refine: {steps, carved {before, after}, metrics}.
-    counts: {predicted, nonfinite, pruned, written}. previews: files written. timings_s: per step."""
+    counts: {predicted, filled (of predicted: `baselines.hull_fill`), nonfinite, pruned, written}. previews: files written. timings_s: per step."""
 
     ply: str
     units: str

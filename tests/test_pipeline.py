@@ -24,7 +24,8 @@ from mouserecon.eval import evaluate as evaluate_module
 from mouserecon.eval.evaluate import evaluate
 from mouserecon.normalize import normalize_cameras
 from mouserecon.options import EvalOptions, ReconstructOptions, ViewsError
-from mouserecon.pipeline import CheckpointPredictor, FlatPredictor, prepare, render_views
+from mouserecon.baselines import HULL_OPACITY
+from mouserecon.pipeline import CheckpointPredictor, FlatPredictor, prepare, render_views, seen_at_resolution
 from mouserecon.ply import load_ply
 from mouserecon.reconstruct import reconstruct
 from mouserecon.train.config import load_recipe
@@ -146,13 +147,40 @@ def test_eval_scores_exactly_the_gaussians_reconstruct_writes(which, mm_sample, 
     ply = load_ply(written.ply_path)
     model, _ = load_checkpoint(checkpoint)
     predictor = CheckpointPredictor(model)
-    # One Gaussian per input pixel (a hull_depth model: per foreground input pixel) + the token Gaussians.
+    # One Gaussian per input pixel (a hull_depth model: per foreground input pixel, and the hull's fill) + the
+    # token Gaussians.
     seen = prepare(sample, inputs, heldout, resolution, predictor.crop, predictor.input_resolution).inputs
     pixels = int((seen.masks >= 0.5).sum()) if model.config.hull_depth else seen.masks.numel()
-    assert scored.num == ply.num == written.num_predicted == model.config.n_gaussians + pixels
+    assert (written.num_filled > 0) == model.config.hull_depth
+    assert scored.num == ply.num == written.num_predicted == model.config.n_gaussians + pixels + written.num_filled
     for name in ("means", "sh", "log_scales", "quats", "opacity_logits"):
         assert torch.equal(getattr(scored, name), getattr(ply, name)), name
     assert (predictor.crop is None) == (which == "tiny")
+
+
+def test_the_hull_fills_what_a_hull_depth_model_leaves_uncovered_in_its_input_views(synth_mice):
+    """The demo model (hull_depth) with and without the fill: the same model Gaussians first, then opaque
+    hull voxels, fewer uncovered foreground pixels in the input views at the scene resolution (where the
+    fill looks) and in the held-out views (which it never sees)."""
+    model, _ = load_checkpoint(demo_checkpoint())
+    assert model.config.hull_depth
+    plain, filled = CheckpointPredictor(model, fill=False), CheckpointPredictor(model)
+    scene = prepare(sorted(synth_mice.iterdir())[0], (0, 1, 2, 3, 4), (5,), 128, plain.crop, plain.input_resolution)
+    a, b = plain.predict(scene, torch.device("cpu")), filled.predict(scene, torch.device("cpu"))
+    assert a.num_filled == 0 and b.num_filled > 0 and b.num_predicted == a.num_predicted + b.num_filled
+    n = a.gaussians.num
+    for name in ("means", "sh", "log_scales", "quats", "opacity_logits"):
+        assert torch.equal(getattr(b.gaussians, name)[:n], getattr(a.gaussians, name)), name
+    torch.testing.assert_close(b.gaussians.opacities[n:], torch.full((b.num_filled,), HULL_OPACITY))
+
+    def uncovered(prediction, views):
+        _, alphas = render_views(prediction.gaussians, views.cameras)
+        fg = views.masks > 0.5
+        return ((alphas < 0.5) & fg).sum().item() / fg.sum().item()
+
+    seen = seen_at_resolution(scene)
+    assert seen.cameras.height == 128 and uncovered(b, seen) < 0.5 * uncovered(a, seen)
+    assert uncovered(b, scene.heldout) < uncovered(a, scene.heldout)
 
 
 # ---- a 1-view model (the shipped `baseline` recipe) -------------------------------------------------

@@ -135,7 +135,7 @@ def test_cli_demo_sample_writes_ply_sidecar_and_previews(demo_sample, tiny_check
     # default threshold (0.005) prunes none (pruning counts: test_python_api_matches_cli_...).
     expected = 2 + 5 * 32 * 32
     assert len(records) == expected
-    assert sidecar["counts"] == {"predicted": expected, "nonfinite": 0, "pruned": 0, "written": expected}
+    assert sidecar["counts"] == {"predicted": expected, "filled": 0, "nonfinite": 0, "pruned": 0, "written": expected}
     assert sidecar["units"] == "input" and set(sidecar["similarity_user_to_model"]) == {"rotation", "translation", "scale"}
 
     inputs = iio.imread(tmp_path / "previews" / "inputs.png")

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from mouserecon.baselines import visual_hull_gaussians
+import mouserecon.baselines as baselines
+from mouserecon.baselines import hull_fill, visual_hull_gaussians
 from mouserecon.cameras import Cameras, look_at
 from mouserecon.carve import HULL_DEPTH_DILATION, HULL_DEPTH_SAMPLES, carve, dilation_px, hull_depths, project_to_masks
 from mouserecon.metrics import psnr
@@ -100,6 +101,50 @@ def test_visual_hull_of_empty_masks_is_empty():
     cameras = ring_cameras(4)
     images, masks = torch.ones(4, 3, SIZE, SIZE), torch.zeros(4, 1, SIZE, SIZE)
     assert visual_hull_gaussians(images, masks, cameras, grid=16).num == 0
+
+
+def test_visual_hull_is_the_same_whatever_the_carving_chunk(monkeypatch):
+    cameras = ring_cameras(5)
+    images, masks = sphere_views(cameras, 0.45)
+    whole = visual_hull_gaussians(images, masks, cameras, grid=40, bound=1.0)
+    monkeypatch.setattr(baselines, "CARVE_CHUNK", 777)  # not a divisor of 40^3: a short last chunk
+    chunked = visual_hull_gaussians(images, masks, cameras, grid=40, bound=1.0)
+    assert whole.num > 100
+    for name in ("means", "sh", "log_scales", "quats", "opacity_logits"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+
+
+def _uncovered(gaussians: Gaussians, masks: torch.Tensor, cameras: Cameras) -> float:
+    """The fraction of the masks' foreground pixels that the Gaussians render with alpha below 0.5."""
+    alphas = render(gaussians, cameras, SIZE, SIZE).alphas
+    fg = masks > 0.5
+    return ((alphas < 0.5) & fg).sum().item() / fg.sum().item()
+
+
+def test_hull_fill_covers_only_what_the_gaussians_leave_uncovered():
+    cameras, radius, grid = ring_cameras(6), 0.5, 48
+    images, masks = sphere_views(cameras, radius)
+    voxel = 2.0 / grid
+    hull = visual_hull_gaussians(images, masks, cameras, grid=grid, bound=1.0)
+    # The -x half of the sphere, as opaque Gaussians with view-dependent colour (SH degree 1).
+    left = hull.select(hull.means[:, 0] < 0)
+    left = Gaussians(left.means, torch.cat([left.sh, torch.zeros(left.num, 3, 3)], 1), left.log_scales, left.quats,
+                     left.opacity_logits)
+    assert _uncovered(left, masks, cameras) > 0.1
+    fill = hull_fill(left, images, masks, cameras, grid=grid, bound=1.0)
+    assert fill.sh_degree == 1 and fill.num > 0
+    # Filled: the voxels of the +x half (up to a Gaussian's reach across x = 0), coloured by projection (red).
+    assert (fill.means[:, 0] > -2 * voxel).all()
+    red = fill.colors[fill.means[:, 0] > 0.25]
+    assert (red[:, 0] > red[:, 2]).float().mean() > 0.9 and red[:, 0].mean() > 0.75
+    both = Gaussians.cat([left, fill])
+    assert _uncovered(both, masks, cameras) < 0.03
+    # Nothing is added to Gaussians that already cover every silhouette; everything visible to an empty set.
+    full = Gaussians(hull.means, hull.sh, hull.log_scales + math.log(1.5), hull.quats, hull.opacity_logits)
+    assert _uncovered(full, masks, cameras) == 0.0
+    assert hull_fill(full, images, masks, cameras, grid=grid, bound=1.0).num == 0
+    none = hull_fill(left.select(torch.zeros(left.num, dtype=torch.bool)), images, masks, cameras, grid=grid, bound=1.0)
+    assert 0.8 * hull.num < none.num <= hull.num  # all but those no view sees front-most (the poles)
 
 
 def blob_scene(seed: int = 0, n: int = 64) -> Gaussians:
