@@ -623,15 +623,20 @@ def test_rig_and_wide_draw_what_they_drew_before_broad(tmp_path):
         assert {k: mouse[k] for k in added} == {k: defaults[k] for k in added}
         assert {k: record["light"][k] for k in entry["light"]} == entry["light"]
         assert not record["light"]["energy_conserving"]
-        assert record["rig"] == entry["rig"] and record["framing"]["mode"] == "aimed"
+        # The aim point is the mouse's centre from float32 shape bounds, which round differently on other CPUs
+        # (seen: 3e-6 mm, and 3.5e-5 mm on the bounds); so they and the cameras aimed at them are compared to
+        # 1e-4 mm (a different draw moves them by millimetres), everything else exactly.
+        rig, pinned_rig = dict(record["rig"]), dict(entry["rig"])
+        np.testing.assert_allclose(rig.pop("aim_point_mm"), pinned_rig.pop("aim_point_mm"), rtol=0, atol=1e-4)
+        assert rig == pinned_rig and record["framing"]["mode"] == "aimed"
         frames = json.loads((folder / "opencv_cameras.json").read_text())["frames"]
         keys = ("fx", "fy", "cx", "cy", "w2c")
         np.testing.assert_allclose(np.array([np.hstack([np.ravel(f[k]) for k in keys]) for f in frames]),
                                    np.array([np.hstack([np.ravel(f[k]) for k in keys]) for f in entry["frames"]]),
-                                   rtol=0, atol=1e-9)
-        np.testing.assert_allclose(record["mouse_center_mm"], entry["mouse_center_mm"], rtol=0, atol=1e-6)
+                                   rtol=0, atol=1e-4)
+        np.testing.assert_allclose(record["mouse_center_mm"], entry["mouse_center_mm"], rtol=0, atol=1e-4)
         params, _, _ = draw_mouse(seed, variety)
-        np.testing.assert_allclose(build_mouse(params).bounds().numpy(), entry["shape_bounds_mm"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(build_mouse(params).bounds().numpy(), entry["shape_bounds_mm"], rtol=0, atol=1e-4)
 
 
 def test_normalized_units_are_the_mm_rig_under_the_recorded_similarity(tmp_path):
