@@ -205,7 +205,8 @@ class Predictor(ABC):
 class CheckpointPredictor(Predictor):
     """A GS-LRM: 2 token Gaussians + one per input pixel, in the model frame. A `hull_depth` model (one that
     takes the input masks as its geometric prior) is filled with the hull (`baselines.hull_fill`, on the
-    input views at the scene resolution) unless `fill` is False."""
+    input views at the scene resolution) unless `fill` is False or there is one input view (whose hull is
+    its mask's whole cone, so the front-most voxels would float in front of the mouse)."""
 
     refinable = True
 
@@ -236,7 +237,7 @@ class CheckpointPredictor(Predictor):
             if self.model.config.hull_depth:  # the background pixels' Gaussians are invisible: leave them out
                 gaussians = gaussians.select(gaussians.opacity_logits > BACKGROUND_LOGIT)
             prediction = _finite(gaussians, "model", scene.sample.sample_id)
-            if self.fill:
+            if self.fill and scene.num_inputs >= 2:
                 seen = seen_at_resolution(scene).to(device)
                 filled = hull_fill(prediction.gaussians, seen.images, seen.masks, seen.cameras)
                 prediction = Prediction(Gaussians.cat([prediction.gaussians, filled]), "model",

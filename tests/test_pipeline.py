@@ -181,6 +181,9 @@ def test_the_hull_fills_what_a_hull_depth_model_leaves_uncovered_in_its_input_vi
     seen = seen_at_resolution(scene)
     assert seen.cameras.height == 128 and uncovered(b, seen) < 0.5 * uncovered(a, seen)
     assert uncovered(b, scene.heldout) < uncovered(a, scene.heldout)
+    # One input view: its hull is the mask's cone, whose front-most voxels are not the mouse; no fill.
+    one = prepare(scene.sample.path, (0,), (5,), 128, plain.crop, plain.input_resolution)
+    assert filled.predict(one, torch.device("cpu")).num_filled == 0
 
 
 # ---- a 1-view model (the shipped `baseline` recipe) -------------------------------------------------
