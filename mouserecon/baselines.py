@@ -58,20 +58,24 @@ def _carve(images: Tensor, masks: Tensor, cameras: Cameras, grid: int, bound: fl
     assert masks.shape == (v, 1, h, w) and len(cameras) == v, f"masks {tuple(masks.shape)}, {len(cameras)} cameras"
     device, voxel = images.device, 2 * bound / grid
     axis = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) * voxel - bound
+
+    def centres(flat: Tensor) -> Tensor:  # flat voxel indices (i * grid + j) * grid + k -> centres [P, 3]
+        return axis[torch.stack([flat // grid**2, flat // grid % grid, flat % grid], -1)]
+
     occupied = torch.zeros(grid**3, dtype=torch.bool, device=device)
     for start in range(0, grid**3, CARVE_CHUNK):  # view by view on the survivors: most points leave at the first
         flat = torch.arange(start, min(start + CARVE_CHUNK, grid**3), device=device)
+        points = centres(flat)
         for i in range(v):
-            ijk = torch.stack([flat // grid**2, flat // grid % grid, flat % grid], -1)
-            on_foreground, _, _ = project_to_masks(axis[ijk], masks[i:i + 1], cameras[i:i + 1])
-            flat = flat[on_foreground[0]]
+            on_foreground = project_to_masks(points, masks[i:i + 1], cameras[i:i + 1])[0][0]
+            flat, points = flat[on_foreground], points[on_foreground]
         occupied[flat] = True
     occupied = occupied.reshape(grid, grid, grid)
     interior = -F.max_pool3d(-occupied[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0.5
     surface = (occupied & ~interior).reshape(-1).nonzero()[:, 0]  # [M]
     log.info("visual hull: %d of %d voxels occupied, %d on the surface", int(occupied.sum()), grid**3, len(surface))
 
-    points = axis[torch.stack([surface // grid**2, surface // grid % grid, surface % grid], -1)]  # [M, 3]
+    points = centres(surface)  # [M, 3]
     _, index, depth = project_to_masks(points, masks, cameras)  # [V, M] each
     nearest = torch.full((v, h * w), float("inf"), device=device).scatter_reduce(1, index, depth, "amin")
     visible = depth <= nearest.gather(1, index) + 1.5 * voxel  # [V, M]

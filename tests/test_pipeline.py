@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_reconstruct import write_sample
 
+from mouserecon.baselines import HULL_OPACITY
 from mouserecon.cameras import load_opencv_cameras, optical_axes_intersection
 from mouserecon.checkpoints import demo_checkpoint, load_checkpoint
 from mouserecon.data import crop_to_foreground, foreground_center, load_sample
@@ -24,7 +25,6 @@ from mouserecon.eval import evaluate as evaluate_module
 from mouserecon.eval.evaluate import evaluate
 from mouserecon.normalize import normalize_cameras
 from mouserecon.options import EvalOptions, ReconstructOptions, ViewsError
-from mouserecon.baselines import HULL_OPACITY
 from mouserecon.pipeline import CheckpointPredictor, FlatPredictor, prepare, render_views, seen_at_resolution
 from mouserecon.ply import load_ply
 from mouserecon.reconstruct import reconstruct
