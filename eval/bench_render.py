@@ -236,7 +236,7 @@ def _refine_row(steps: int, repeats: int) -> str:
 
     demo = Path(str(importlib.resources.files("mouserecon.assets") / "demo_mouse"))
     model, _ = load_checkpoint(demo_checkpoint())
-    predictor = CheckpointPredictor(model)
+    predictor = CheckpointPredictor(model, refined=True)
     scene = prepare(demo, None, None, 64, predictor.crop, predictor.input_resolution)
     gaussians = predictor.predict(scene, torch.device("cpu")).gaussians.prune(DEFAULT_MIN_OPACITY)  # as reconstruct
     refine_scene(gaussians, scene, 2)  # builds the extension, warms the allocator

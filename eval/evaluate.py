@@ -231,7 +231,7 @@ def _ply_files(path: Path, sample_ids: list[str]) -> dict[str, Path]:
 
 def _predictor(model: _Model, sample_ids: list[str], device: torch.device) -> Predictor:
     if model.kind == "checkpoint":
-        return CheckpointPredictor(load_checkpoint(model.source, device)[0])
+        return CheckpointPredictor(load_checkpoint(model.source, device)[0], refined=model.refine > 0)
     if model.kind == "ply":
         return PlyPredictor(_ply_files(Path(model.source), sample_ids))
     return {"flat": FlatPredictor, "hull": HullPredictor}[model.source]()

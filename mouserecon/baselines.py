@@ -38,6 +38,9 @@ HULL_SCALE = 0.6  # Gaussian sigma in voxel sizes
 HULL_INPUT_CROP = 0.1
 FILL_GRID = 160  # hull_fill's voxels per side (a 2.8 mm voxel of the 96 grid is a mouse tail's width)
 FILL_ALPHA = 0.5  # hull_fill: a pixel is uncovered below this alpha (the IoU's foreground threshold)
+# ... when the Gaussians are to be refined: the silhouette loss trims what the hull adds off the mouse, while
+# the model's faint Gaussians gain coverage slowly (median opacity ~0.03), so more is filled (model card).
+REFINE_FILL_ALPHA = 0.8
 CARVE_CHUNK = 1 << 20  # grid points per carving step
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mouserecon.baselines import HULL_INPUT_CROP, hull_fill, visual_hull_gaussians
+from mouserecon.baselines import FILL_ALPHA, HULL_INPUT_CROP, REFINE_FILL_ALPHA, hull_fill, visual_hull_gaussians
 from mouserecon.cameras import Cameras, optical_axes_intersection
 from mouserecon.data import (Sample, crop_to_foreground, foreground_center, load_sample, read_camera_file,
                              resize_sample)
@@ -206,15 +206,17 @@ class CheckpointPredictor(Predictor):
     """A GS-LRM: 2 token Gaussians + one per input pixel, in the model frame. A `hull_depth` model (one that
     takes the input masks as its geometric prior) is filled with the hull (`baselines.hull_fill`, on the
     input views at the scene resolution) unless `fill` is False or there is one input view (whose hull is
-    its mask's whole cone, so the front-most voxels would float in front of the mouse)."""
+    its mask's whole cone, so the front-most voxels would float in front of the mouse). `refined`: the
+    prediction is to be refined, so the fill takes the pixels below `baselines.REFINE_FILL_ALPHA` instead."""
 
     refinable = True
 
-    def __init__(self, model: GSLRM, fill: bool = True):
+    def __init__(self, model: GSLRM, fill: bool = True, refined: bool = False):
         self.model = model
         self.crop = model.config.input_crop
         self.input_resolution = model.config.image_size
         self.fill = fill and model.config.hull_depth
+        self.fill_alpha = REFINE_FILL_ALPHA if refined else FILL_ALPHA
 
     def predict(self, scene: Scene, device: torch.device) -> Prediction:
         return self.predict_batch([scene], device)[0]
@@ -239,7 +241,7 @@ class CheckpointPredictor(Predictor):
             prediction = _finite(gaussians, "model", scene.sample.sample_id)
             if self.fill and scene.num_inputs >= 2:
                 seen = seen_at_resolution(scene).to(device)
-                filled = hull_fill(prediction.gaussians, seen.images, seen.masks, seen.cameras)
+                filled = hull_fill(prediction.gaussians, seen.images, seen.masks, seen.cameras, threshold=self.fill_alpha)
                 prediction = Prediction(Gaussians.cat([prediction.gaussians, filled]), "model",
                                         prediction.num_predicted + filled.num, filled.num)
             predictions.append(prediction)

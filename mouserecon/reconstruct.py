@@ -107,7 +107,7 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
         if o.units == "input" and config.sh_degree > 0:
             raise ReconstructError(f"{checkpoint_path}: SH degree {config.sh_degree} Gaussians cannot be mapped to "
                                    "the input frame (view-dependent colour would need rotating); use units 'model'")
-        predictor, resolution = CheckpointPredictor(model), o.resolution or config.image_size
+        predictor, resolution = CheckpointPredictor(model, refined=o.refine > 0), o.resolution or config.image_size
     with _timed("loading sample", timings):
         scene = prepare(o.views_dir, o.inputs, o.heldout, resolution, predictor.crop, predictor.input_resolution)
     seen = scene.inputs.cameras.height

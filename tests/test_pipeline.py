@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_reconstruct import write_sample
 
-from mouserecon.baselines import HULL_OPACITY
+from mouserecon.baselines import FILL_ALPHA, HULL_OPACITY, REFINE_FILL_ALPHA
 from mouserecon.cameras import load_opencv_cameras, optical_axes_intersection
 from mouserecon.checkpoints import demo_checkpoint, load_checkpoint
 from mouserecon.data import crop_to_foreground, foreground_center, load_sample
@@ -173,14 +173,20 @@ def test_the_hull_fills_what_a_hull_depth_model_leaves_uncovered_in_its_input_vi
         assert torch.equal(getattr(b.gaussians, name)[:n], getattr(a.gaussians, name)), name
     torch.testing.assert_close(b.gaussians.opacities[n:], torch.full((b.num_filled,), HULL_OPACITY))
 
-    def uncovered(prediction, views):
+    def uncovered(prediction, views, below=FILL_ALPHA):
         _, alphas = render_views(prediction.gaussians, views.cameras)
         fg = views.masks > 0.5
-        return ((alphas < 0.5) & fg).sum().item() / fg.sum().item()
+        return ((alphas < below) & fg).sum().item() / fg.sum().item()
 
     seen = seen_at_resolution(scene)
     assert seen.cameras.height == 128 and uncovered(b, seen) < 0.5 * uncovered(a, seen)
     assert uncovered(b, scene.heldout) < uncovered(a, scene.heldout)
+    # To be refined: the pixels below REFINE_FILL_ALPHA are filled as well, so its voxels include the others.
+    c = CheckpointPredictor(model, refined=True).predict(scene, torch.device("cpu"))
+    assert torch.equal(c.gaussians.means[:n], a.gaussians.means) and c.num_filled > b.num_filled
+    exact = "donot_use_mm_for_euclid_dist"
+    assert torch.cdist(b.gaussians.means[n:], c.gaussians.means[n:], compute_mode=exact).amin(1).max() == 0
+    assert uncovered(c, seen, REFINE_FILL_ALPHA) < 0.5 * uncovered(b, seen, REFINE_FILL_ALPHA)
     # One input view: its hull is the mask's cone, whose front-most voxels are not the mouse; no fill.
     one = prepare(scene.sample.path, (0,), (5,), 128, plain.crop, plain.input_resolution)
     assert filled.predict(one, torch.device("cpu")).num_filled == 0
