@@ -18,8 +18,8 @@ re-implement none of them:
    (non-finite ones dropped and counted). `CheckpointPredictor` runs a GS-LRM once (no grad; bf16
    autocast on CUDA) on the input images, cameras and masks (a `hull_depth` model places its foreground
    pixels' Gaussians in the masks' visual hull; its background pixels' are left out; and the hull's
-   surface voxels fill what it leaves uncovered in the input views at the scene resolution,
-   `baselines.hull_fill`); `HullPredictor`
+   surface voxels fill what it leaves uncovered in the input views at the scene resolution, alpha below 0.5,
+   or 0.8 when the prediction is to be refined, `baselines.hull_fill`); `HullPredictor`
    carves the visual hull of the input masks; `FlatPredictor` is no Gaussians at all (the flat
    background); eval adds a predictor that reads .ply files.
 3. `refine_scene`: refinement against the whole input frames (preceded by the crops a crop model saw),
