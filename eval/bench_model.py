@@ -22,7 +22,8 @@ the rest (GELU, residual adds, autocast casts, patchify, ray geometry, head acti
 
 On x86 CPUs torch runs fp32 matmuls through MKL and bf16 ones through oneDNN, so the two rates
 come from different libraries. bf16 on a CPU without native bf16 instructions (e.g. AVX2 only)
-runs matmuls 10-100x slower than fp32; use it there only with a small preset.
+runs matmuls 10-100x slower than fp32 (160x measured on an AVX2 AMD EPYC; the benchmark warns
+there); use it there only with a small preset.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from torch import nn
 
 import mouserecon.model
 from mouserecon.cameras import Cameras, look_at
+from mouserecon.device import SLOW_BF16, cpu_has_native_bf16
 from mouserecon.model import GSLRM, ModelConfig, forward_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     context = multiprocessing.get_context("spawn")
     for dtype_name in args.dtype or ["fp32", "bf16"]:
+        if dtype_name == "bf16" and args.device == "cpu" and cpu_has_native_bf16() is False:
+            print(f"warning: {SLOW_BF16}", flush=True)
         queue = context.Queue()
         child = context.Process(target=_run_one, args=(config, args.num_views, size, dtype_name, args.device,
                                                         args.warmup, args.breakdown, queue))

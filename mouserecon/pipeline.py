@@ -241,7 +241,8 @@ class CheckpointPredictor(Predictor):
             prediction = _finite(gaussians, "model", scene.sample.sample_id)
             if self.fill and scene.num_inputs >= 2:
                 seen = seen_at_resolution(scene).to(device)
-                filled = hull_fill(prediction.gaussians, seen.images, seen.masks, seen.cameras, threshold=self.fill_alpha)
+                filled = hull_fill(prediction.gaussians, seen.images, seen.masks, seen.cameras,
+                                   threshold=self.fill_alpha)
                 prediction = Prediction(Gaussians.cat([prediction.gaussians, filled]), "model",
                                         prediction.num_predicted + filled.num, filled.num)
             predictions.append(prediction)

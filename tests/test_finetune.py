@@ -4,6 +4,7 @@ checkpoints, the skip rule, and DDP (gloo) equivalence with one process on the s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -263,3 +264,14 @@ def test_training_checkpoint_reads_back_as_written_and_a_model_only_file_is_refu
     with pytest.raises(CheckpointError, match=r"model.pt: not a mouserecon training checkpoint .*missing \['optimizer'"):
         load_training_state(model_only)
 
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(mice, tmp_path, monkeypatch, caplog, native):
+    """training.precision bf16 on the CPU: one warning naming the slowdown where the CPU lacks bf16, none
+    where it has it."""
+    monkeypatch.setattr(train_loop, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger=train_loop.__name__):
+        run(mice, tmp_path / "run", ["training.steps=1", "training.precision=bf16", "data.val_samples=0"])
+    warned = [r.getMessage() for r in caplog.records if "bf16 instructions" in r.getMessage()]
+    assert len(warned) == (0 if native else 1), warned

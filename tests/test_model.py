@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import platform
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +16,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mouserecon.cameras import Cameras
 from mouserecon.checkpoints import load_checkpoint
+from mouserecon.device import cpu_has_native_bf16
 from mouserecon.carve import HULL_DEPTH_DILATION, project_to_masks
 from mouserecon import render_cpp
-from mouserecon.model import (BACKGROUND_LOGIT, FUSED_HEAD_WIDTHS, GSLRM, PRESETS, ModelConfig, _fused_kernel, _on_threads,
-                              attention, chunked_attention, forward_flops, fused_attention, patch_major, posed_images)
+from mouserecon.model import (ATTENTION_SOURCE, BACKGROUND_LOGIT, FUSED_HEAD_WIDTHS, GSLRM, PRESETS, ModelConfig,
+                              _fused_kernel, _on_threads, attention, chunked_attention, forward_flops, fused_attention,
+                              patch_major, posed_images)
 
 ATOL = RTOL = 1e-5  # the golden README's recommendation (fp32 op-order noise is ~2e-6)
 
@@ -510,3 +514,31 @@ def test_bf16_small_preset_close_to_fp32():
         assert err.max() <= 0.03 * scale and err.mean() <= 0.004 * scale, \
             f"{name}: max {err.max():.3e} mean {err.mean():.3e} vs largest |fp32| {scale:.2f}"
         assert err.mean() <= 1.1 * sdpa_err.mean(), f"{name}: mean {err.mean():.3e} vs bf16 SDPA {sdpa_err.mean():.3e}"
+
+
+def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path):
+    """x86 flags with and without AVX512-BF16 / AMX, Arm features with and without BF16, no file."""
+    def flags(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        return cpu_has_native_bf16(path)
+
+    two_cpus = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
+    assert flags(two_cpus) is False
+    assert flags("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n") is True
+    assert flags("processor\t: 0\nflags\t\t: avx2 amx_bf16\n") is True
+    assert flags("processor\t: 0\nFeatures\t: fp asimd sve\n") is False
+    assert flags("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n") is True
+    assert flags("model name\t: bf16 avx512_bf16 in a name is not a flag\n") is False
+    assert cpu_has_native_bf16(tmp_path / "missing") is None
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file(),
+                    reason="the kernel's AVX512-BF16 build is x86; the flags come from Linux's /proc/cpuinfo")
+def test_cpu_bf16_flags_agree_with_the_fused_kernels_build():
+    """/proc/cpuinfo's answer against the attention kernel's build, whose AVX512-BF16 code exists where
+    -march=native (the compiler's own reading of the host CPU) targets it."""
+    ext = render_cpp.build(ATTENTION_SOURCE)
+    if isinstance(ext, render_cpp.ExtensionBuildError):
+        pytest.skip(f"the attention kernel does not build here: {ext}")
+    assert cpu_has_native_bf16() == ext.supported()

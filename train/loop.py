@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from mouserecon.device import SLOW_BF16, cpu_has_native_bf16
 from mouserecon.errors import MouseReconError
 from mouserecon.options import DEFAULT_DEVICE
 from mouserecon.checkpoints import load_checkpoint, load_training_state, training_checkpoint
@@ -159,6 +160,8 @@ def _finetune(opts: FinetuneOptions, recipe: Recipe, info: distributed.DistInfo)
     run = RunDir(opts.out)
     device = info.device
     t = recipe.training
+    if t.precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        log.warning("training.precision bf16: %s", SLOW_BF16)
     dataset = MouseDataset(opts.data, resolution=recipe.data.resolution,
                            views=range(recipe.data.views_per_sample), normalize=True,
                            fit_views=recipe.data.input_views,  # the frame eval and reconstruct use
