@@ -33,12 +33,22 @@ SLOW_BF16 = ("this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16): 
              "on it, about 160x slower than fp32 (1.0 vs 160 GFLOP/s on a 2-core AMD EPYC with AVX2); use fp32")
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
-    """Whether the CPU's flags (`cpuinfo`, Linux) name bf16 instructions; None where the file is unreadable."""
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpuinfo_lines(keys: tuple[str, ...], cpuinfo: Path = CPUINFO) -> list[str] | None:
+    """The lines of `cpuinfo` (Linux) whose key (before the colon, any case) is one of `keys` (lower case);
+    None where the file is unreadable."""
     try:
-        text = cpuinfo.read_text()
+        lines = cpuinfo.read_text().splitlines()
     except OSError:
         return None
-    flags = {word for line in text.splitlines() if line.split(":")[0].strip().lower() in ("flags", "features")
-             for word in line.split(":", 1)[1].split()}
-    return bool(flags & NATIVE_BF16_FLAGS)
+    return [line for line in lines if line.split(":")[0].strip().lower() in keys]
+
+
+def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool | None:
+    """Whether the CPU's flags (`cpuinfo`) name bf16 instructions; None where the file is unreadable."""
+    lines = cpuinfo_lines(("flags", "features"), cpuinfo)
+    if lines is None:
+        return None
+    return any(NATIVE_BF16_FLAGS.intersection(line.split(":", 1)[1].split()) for line in lines)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from mouserecon import render_torch
+from mouserecon.device import cpuinfo_lines
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,7 @@ def torch_uses_openmp() -> bool:
 
 def _host_cpu() -> str:
     """What -march=native compiles for: the CPU's model and feature flags (Linux), else the platform's name."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    keys = ("model name", "flags", "cpu implementer", "cpu part", "features")
-    picked = sorted({line for line in lines if line.split(":")[0].strip().lower() in keys})
+    picked = sorted(set(cpuinfo_lines(("model name", "flags", "cpu implementer", "cpu part", "features")) or []))
     return "\n".join(picked) or f"{platform.machine()} {platform.processor()}"
 
 

@@ -265,7 +265,6 @@ def test_training_checkpoint_reads_back_as_written_and_a_model_only_file_is_refu
         load_training_state(model_only)
 
 
-
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(mice, tmp_path, monkeypatch, caplog, native):
     """training.precision bf16 on the CPU: one warning naming the slowdown where the CPU lacks bf16, none
