@@ -176,12 +176,15 @@ def _rules() -> tuple[float, float, float]:
 class Bins(NamedTuple):
     """Per-tile depth-sorted lists of image-Gaussians (rows of params [I*N, 6]). Tile t = image * tiles per
     image + tile row * tiles_x + tile column owns slots offsets[t] .. offsets[t + 1] - 1, front to back;
-    slot s holds Gaussian slot_gauss[s] and is its slot_dest[s] - gauss_offsets[g]-th in tile order."""
+    slot s holds Gaussian slot_gauss[s]. Gaussian g's slots, in tile order, are
+    gauss_slots[gauss_offsets[g] .. gauss_offsets[g + 1] - 1]. reach [g] = (x lo, x hi, y lo, y hi): the pixels
+    whose centres its alpha > 1/255 ellipse reaches lie in [lo, hi] (empty for a culled one)."""
 
     offsets: Tensor  # [T + 1] int64
     slot_gauss: Tensor  # [S] int32
-    slot_dest: Tensor  # [S] int32
+    gauss_slots: Tensor  # [S] int32
     gauss_offsets: Tensor  # [I*N + 1] int64
+    reach: Tensor  # [I*N, 4], the params' dtype
 
 
 def bin_tiles(params: Tensor, depths: Tensor, radii: Tensor, grid: tuple[int, int, int, int]) -> Bins:
@@ -198,7 +201,8 @@ class _CompositeCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, params: Tensor, colors: Tensor, bins: Bins, grid: tuple[int, int, int, int]):
         params, colors = params.contiguous(), colors.contiguous()
-        fg, trans, last = extension().composite_forward(params, colors, bins.offsets, bins.slot_gauss, *grid, *_rules())
+        fg, trans, last = extension().composite_forward(params, colors, bins.offsets, bins.slot_gauss, bins.reach, *grid,
+                                                        *_rules())
         ctx.grid, ctx.bins = grid, bins
         ctx.save_for_backward(params, colors, trans, last)
         return fg, trans

@@ -334,8 +334,8 @@ def test_culled_image_and_empty_input(built):
 
 def test_bins_are_depth_sorted_and_keep_every_tile_a_gaussian_reaches(built):
     """Against a brute-force pass over every pixel: each tile holding a pixel where a Gaussian's alpha
-    exceeds 1/255 lists that Gaussian; lists are depth-sorted; slot_dest enumerates each Gaussian's slots;
-    and culling drops tiles the bounding box alone would give (thin Gaussians)."""
+    exceeds 1/255 lists that Gaussian; lists are depth-sorted; gauss_slots lists each Gaussian's slots,
+    in tile order; and culling drops tiles the bounding box alone would give (thin Gaussians)."""
     width, height, ts = 45, 37, 8
     means2d, conics, log_opac, _, depths, radii = (t[0] for t in scene("elongated", width, height))
     params = torch.cat([means2d, conics, log_opac[:, None]], -1)
@@ -356,7 +356,11 @@ def test_bins_are_depth_sorted_and_keep_every_tile_a_gaussian_reaches(built):
         d = depths[bins.slot_gauss[bins.offsets[t]:bins.offsets[t + 1]].long()]
         assert (d[1:] >= d[:-1]).all()
     counts = bins.gauss_offsets[1:] - bins.gauss_offsets[:-1]
-    assert torch.equal(torch.sort(bins.slot_dest.long()).values, torch.arange(len(bins.slot_dest)))
+    assert torch.equal(torch.sort(bins.gauss_slots.long()).values, torch.arange(len(bins.gauss_slots)))
+    tile_of_slot = torch.repeat_interleave(torch.arange(len(bins.offsets) - 1), bins.offsets[1:] - bins.offsets[:-1])
+    for g in range(len(depths)):
+        slots = bins.gauss_slots[bins.gauss_offsets[g]:bins.gauss_offsets[g + 1]].long()
+        assert bins.slot_gauss[slots].eq(g).all() and (tile_of_slot[slots].diff() > 0).all()
     assert torch.equal(torch.bincount(bins.slot_gauss.long(), minlength=len(depths)), counts)
     boxes = render_torch._bin_tiles(means2d[None], radii[None], depths[None], ts, width, height, chunk=1)
     assert len(bins.slot_gauss) < 0.7 * int(boxes.num_chunks.sum())

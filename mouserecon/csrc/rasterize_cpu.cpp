@@ -12,11 +12,12 @@
 //
 // Binning (bin_tiles). A Gaussian goes to the tiles of its bounding box (radii, exactly the tiles the
 // torch backend gives it) whose pixel centres its alpha > alpha_min ellipse reaches (tile culling:
-// a tile it misses could only ever skip it). Each image's visible Gaussians are sorted by depth (stable
-// radix sort, ties by index as the torch backend's stable sort), then counted and written per tile in that
-// order, so every list comes out depth-sorted. Slot s also records slot_dest[s], its position among the
-// slots of its Gaussian (gauss_offsets[g] .. gauss_offsets[g + 1] - 1, in tile order), where the backward
-// writes the slot's gradient; the per-Gaussian sums are then contiguous and in a fixed order.
+// a tile it misses could only ever skip it), and records its reach, the pixel ranges along x and y its
+// ellipse spans, from which each tile takes its rows and columns. Each image's visible Gaussians are
+// sorted by depth (stable radix sort, ties by index as the torch backend's stable sort), then counted and
+// written per tile in that order, so every list comes out depth-sorted. Gaussian g's slots, in tile order, are listed as
+// gauss_slots[gauss_offsets[g] .. gauss_offsets[g + 1] - 1]: the backward writes each slot's gradient at
+// the slot (in tile order, so the writes are sequential) and sums a Gaussian's from there, in that order.
 //
 // Compositing. A tile is ts x ts pixels; each Gaussian of its list visits the rows its ellipse reaches
 // and, in each, all ts pixels at once, or the half of them that holds its columns where they fit in half
@@ -50,6 +51,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -80,9 +85,7 @@ Grid make_grid(int64_t num_images, int64_t height, int64_t width, int64_t tile_s
 }
 
 struct Rules {
-  double alpha_min, alpha_max, t_min, log_alpha_min;
-  Rules(double alpha_min, double alpha_max, double t_min)
-      : alpha_min(alpha_min), alpha_max(alpha_max), t_min(t_min), log_alpha_min(std::log(alpha_min)) {}
+  double alpha_min, alpha_max, t_min;
 };
 
 // ---- threads ------------------------------------------------------------------------------------
@@ -191,21 +194,42 @@ inline bool reaches_box(const Ellipse& el, double cx0, double cx1, double cy0, d
   return best <= el.L;
 }
 
-// Rows (vertical) or columns [first, stop) of a tile's [0, count), pixel centres origin + i + 0.5, that the
-// ellipse reaches: within its half extent sqrt(2 L Sigma_yy) (rows) or sqrt(2 L Sigma_xx) of its centre.
-inline void ellipse_span(const Ellipse& el, bool vertical, int64_t origin, int64_t count, int64_t& first,
-                         int64_t& stop) {
-  first = 0, stop = count;
+// A Gaussian's reach (x lo, x hi, y lo, y hi): the pixels i along x (y) whose centre i + 0.5 the ellipse
+// reaches are those in [lo, hi], within its half extent sqrt(2 L Sigma_xx) (sqrt(2 L Sigma_yy)) of its
+// centre. The binning computes it once per Gaussian, so a tile's spans (below) take no square root.
+// Empty ellipse: [inf, -inf]; degenerate: [-inf, inf] (every pixel of the box may pass). In float it is
+// rounded outwards: a span may gain a pixel, which the exact test then skips, but never loses one.
+constexpr int kReach = 4;
+
+template <typename scalar_t>
+inline scalar_t rounded(double v, double towards) {
+  const scalar_t r = scalar_t(v);
+  return (towards < 0 ? double(r) > v : double(r) < v) ? std::nextafter(r, scalar_t(towards)) : r;
+}
+
+template <typename scalar_t>
+inline void reach(const Ellipse& el, scalar_t* out) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  double r[kReach] = {-inf, inf, -inf, inf};
   if (el.empty) {
-    stop = 0;
-    return;
+    r[0] = r[2] = inf, r[1] = r[3] = -inf;
+  } else if (!el.degenerate) {
+    const double det = el.a * el.c - el.b * el.b;
+    const double hx = std::sqrt(2.0 * el.L * el.c / det), hy = std::sqrt(2.0 * el.L * el.a / det);
+    r[0] = el.mx - hx - 0.5, r[1] = el.mx + hx - 0.5, r[2] = el.my - hy - 0.5, r[3] = el.my + hy - 0.5;
   }
-  if (el.degenerate) return;
-  const double centre = vertical ? el.my : el.mx;
-  const double half = std::sqrt(2.0 * el.L * (vertical ? el.a : el.c) / (el.a * el.c - el.b * el.b));
-  const double lo = centre - half - 0.5 - double(origin), hi = centre + half - 0.5 - double(origin);
-  first = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(std::max(lo, -1.0))));
-  stop = std::min<int64_t>(count, static_cast<int64_t>(std::floor(std::min(hi, double(count)))) + 1);
+  for (int i = 0; i < kReach; ++i) out[i] = rounded<scalar_t>(r[i], i % 2 ? inf : -inf);
+}
+
+// Rows (or columns) [first, stop) of a tile's [0, count), from pixel `origin` on, in a reach [lo, hi].
+inline void span(double lo, double hi, int64_t origin, int64_t count, int64_t& first, int64_t& stop) {
+  const auto clip = [&](double v) {  // to [-1, count] (NaN -> -1): the conversions below are exact
+    v -= double(origin);
+    v = v > -1.0 ? v : -1.0;
+    return v < double(count) ? v : double(count);
+  };
+  first = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(clip(lo))));
+  stop = std::min<int64_t>(count, static_cast<int64_t>(std::floor(clip(hi))) + 1);
 }
 
 // ---- binning ------------------------------------------------------------------------------------
@@ -223,14 +247,13 @@ inline void box_tiles(const scalar_t* p, const int32_t* radius, const Grid& grid
   ty1 = clamp(std::ceil((p[1] + scalar_t(radius[1])) / ts), grid.tiles_y);
 }
 
-// Calls fn(local tile) for each tile of a Gaussian's box (params p [6], radius [2]) that its ellipse
+// Calls fn(local tile) for each tile of a Gaussian's box (params p [6], radius [2]) that its ellipse el
 // reaches, row-major.
 template <typename scalar_t, typename F>
-inline void for_each_tile_of(const scalar_t* p, const int32_t* radius, const Grid& grid, double log_alpha_min,
+inline void for_each_tile_of(const scalar_t* p, const int32_t* radius, const Ellipse& el, const Grid& grid,
                              const F& fn) {
   int64_t tx0, tx1, ty0, ty1;
   box_tiles(p, radius, grid, tx0, tx1, ty0, ty1);
-  const Ellipse el = ellipse(p, log_alpha_min);
   const int64_t ts = grid.tile_size;
   for (int64_t ty = ty0; ty < ty1; ++ty) {
     const double cy0 = double(ty * ts) + 0.5, cy1 = double(std::min((ty + 1) * ts, grid.height)) - 0.5;
@@ -324,6 +347,9 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
     }
   }
   auto gauss_offsets_t = at::zeros({m + 1}, params_t.options().dtype(at::kLong));
+  // Culled Gaussians (in no list) keep an empty reach.
+  auto reach_t = at::full({m, kReach}, std::numeric_limits<double>::infinity(), params_t.options());
+  scalar_t* reaches = reach_t.data_ptr<scalar_t>();
   int64_t* gauss_offsets = gauss_offsets_t.data_ptr<int64_t>();  // per-Gaussian counts first, at g + 1
   for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
     BinChunk& ch = chunks[c];
@@ -342,7 +368,9 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
       const int32_t g = order[ch.image][i];
       const size_t before = ch.tiles.size();
       const int64_t k = i - ch.begin;
-      for_each_tile_of(p.data() + k * kParams, radius.data() + 2 * k, grid, log_alpha_min, [&](int64_t local) {
+      const Ellipse el = ellipse(p.data() + k * kParams, log_alpha_min);
+      reach(el, reaches + int64_t(g) * kReach);
+      for_each_tile_of(p.data() + k * kParams, radius.data() + 2 * k, el, grid, [&](int64_t local) {
         ch.tiles.push_back(int32_t(local));
         ++ch.counts[local];
       });
@@ -370,9 +398,9 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
 
   // Every run writes its pairs in order: per tile, slots follow depth order.
   auto slot_gauss_t = at::empty({total}, params_t.options().dtype(at::kInt));
-  auto slot_dest_t = at::empty({total}, slot_gauss_t.options());
+  auto gauss_slots_t = at::empty({total}, slot_gauss_t.options());
   int32_t* slot_gauss = slot_gauss_t.data_ptr<int32_t>();
-  int32_t* slot_dest = slot_dest_t.data_ptr<int32_t>();
+  int32_t* gauss_slots = gauss_slots_t.data_ptr<int32_t>();
   for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
     BinChunk& ch = chunks[c];
     const int32_t* tile = ch.tiles.data();
@@ -381,32 +409,35 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
       for (int64_t dest = gauss_offsets[g]; dest < gauss_offsets[g + 1]; ++dest) {
         const int64_t s = ch.counts[*tile++]++;
         slot_gauss[s] = g;
-        slot_dest[s] = static_cast<int32_t>(dest);
+        gauss_slots[dest] = static_cast<int32_t>(s);
       }
     }
   });
-  return {offsets_t, slot_gauss_t, slot_dest_t, gauss_offsets_t};
+  return {offsets_t, slot_gauss_t, gauss_slots_t, gauss_offsets_t, reach_t};
 }
 
 // ---- compositing --------------------------------------------------------------------------------
 
-// A tile's pixels and Gaussians, gathered front to back: [count, 6 + D] (params then colour).
+// A tile's pixels and Gaussians, gathered front to back: [count, 6 + D + 4] (params, colour, reach).
 template <typename scalar_t>
 struct TileView {
   int64_t image, x0, y0, cols, rows, begin, count;
   const scalar_t* gauss;
 };
 
-// params [M, 6] and colors [M, D] as one [M, 6 + D] table: a tile's gather then reads one record
-// (about one cache line) per Gaussian instead of two; the reads are random, so misses are what costs.
+// params [M, 6], colors [M, D] and reach [M, 4] as one [M, 6 + D + 4] table: a tile's gather then reads
+// one record (about one cache line) per Gaussian instead of three; the reads are random, so misses are
+// what costs.
 template <typename scalar_t>
-std::unique_ptr<scalar_t[]> pack_gaussians(const scalar_t* params, const scalar_t* colors, int64_t m, int64_t dim) {
-  const int64_t stride = kParams + dim, block = 16384;
+std::unique_ptr<scalar_t[]> pack_gaussians(const scalar_t* params, const scalar_t* colors, const scalar_t* reaches,
+                                           int64_t m, int64_t dim) {
+  const int64_t stride = kParams + dim + kReach, block = 16384;
   std::unique_ptr<scalar_t[]> packed(new scalar_t[m * stride]);  // every entry is written: no zeroing
   for_each_item((m + block - 1) / block, [] { return 0; }, [&](int64_t b, int) {
     for (int64_t g = b * block; g < std::min(m, (b + 1) * block); ++g) {
       for (int j = 0; j < kParams; ++j) packed[g * stride + j] = params[g * kParams + j];
       for (int64_t d = 0; d < dim; ++d) packed[g * stride + kParams + d] = colors[g * dim + d];
+      for (int j = 0; j < kReach; ++j) packed[g * stride + kParams + dim + j] = reaches[g * kReach + j];
     }
   });
   return packed;
@@ -432,7 +463,7 @@ TileView<scalar_t> view_tile(int64_t t, const Grid& grid, const int64_t* offsets
                        offsets[t + 1] - offsets[t], nullptr};
   v.cols = std::min(ts, grid.width - v.x0);
   v.rows = std::min(ts, grid.height - v.y0);
-  const int64_t stride = kParams + dim;
+  const int64_t stride = kParams + dim + kReach;
   const int32_t* slots = slot_gauss + v.begin;
   scratch.resize(v.count * stride);
   for (int64_t k = 0; k < v.count; ++k) {
@@ -572,7 +603,7 @@ template <typename scalar_t, int TS, int D>
 void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, ForwardState<scalar_t>& s) {
   constexpr int P = TS * TS;
   if constexpr (D > 0) dim = D;
-  const int64_t stride = kParams + dim;
+  const int64_t stride = kParams + dim + kReach;
   s.T.assign(P, scalar_t(1));
   s.acc.assign(P * dim, scalar_t(0));
   s.last.assign(P, 0);
@@ -588,10 +619,10 @@ void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, 
 
   for (int64_t k = 0; k < v.count && open > 0; ++k) {
     const scalar_t* p = v.gauss + k * stride;
-    const Ellipse el = ellipse(p, rules.log_alpha_min);
+    const scalar_t* r = p + kParams + dim;  // reach
     int64_t ra, rb, ca, cb;
-    ellipse_span(el, true, v.y0, v.rows, ra, rb);
-    ellipse_span(el, false, v.x0, v.cols, ca, cb);
+    span(r[2], r[3], v.y0, v.rows, ra, rb);
+    span(r[0], r[1], v.x0, v.cols, ca, cb);
     const int64_t o = narrow_lanes<TS>(ca, cb);
     for (int64_t r = ra; r < rb; ++r) {
       if (row_open[r] == 0) continue;
@@ -612,7 +643,7 @@ void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, 
 
 template <typename scalar_t, int TS, int D>
 void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
-                  const at::Tensor& slot_t, const Grid& grid, const Rules& rules, at::Tensor& fg_t,
+                  const at::Tensor& slot_t, const at::Tensor& reach_t, const Grid& grid, const Rules& rules, at::Tensor& fg_t,
                   at::Tensor& trans_t, at::Tensor& last_t) {
   const scalar_t* params = params_t.data_ptr<scalar_t>();
   const scalar_t* colors = colors_t.data_ptr<scalar_t>();
@@ -623,7 +654,7 @@ void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const 
   int32_t* last = last_t.data_ptr<int32_t>();
   const int64_t dim = colors_t.size(1), hw = grid.height * grid.width;
   const auto tiles = busiest_first(offsets, grid.num_tiles());  // empty tiles keep fg 0, T 1, last 0
-  const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
+  const auto packed = pack_gaussians(params, colors, reach_t.data_ptr<scalar_t>(), params_t.size(0), dim);
 
   for_each_item(int64_t(tiles.size()), [] { return ForwardState<scalar_t>(); }, [&](int64_t i, ForwardState<scalar_t>& s) {
     const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
@@ -721,6 +752,24 @@ inline scalar_t sum_lanes(const scalar_t* x) {
   }
 }
 
+#if defined(__AVX__)
+// out[j] = sum_lanes<float, 8>(x + j * stride) for j < n (n >= 8), eight rows at a time by horizontal
+// adds: they add the same pairs in the same order as sum_lanes (the same bits) in 7 vector operations
+// instead of 56 scalar ones. The last block overlaps the one before where n is not a multiple of 8.
+inline void sum_rows8(const float* RESTRICT x, int64_t stride, int64_t n, float* RESTRICT out) {
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const float* r = x + std::min(j0, n - 8) * stride;
+    const __m256 h01 = _mm256_hadd_ps(_mm256_loadu_ps(r), _mm256_loadu_ps(r + stride));
+    const __m256 h23 = _mm256_hadd_ps(_mm256_loadu_ps(r + 2 * stride), _mm256_loadu_ps(r + 3 * stride));
+    const __m256 h45 = _mm256_hadd_ps(_mm256_loadu_ps(r + 4 * stride), _mm256_loadu_ps(r + 5 * stride));
+    const __m256 h67 = _mm256_hadd_ps(_mm256_loadu_ps(r + 6 * stride), _mm256_loadu_ps(r + 7 * stride));
+    const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h67);  // 128-bit halves: 4 rows each
+    _mm256_storeu_ps(out + std::min(j0, n - 8), _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20),
+                                                              _mm256_permute2f128_ps(q0, q1, 0x31)));
+  }
+}
+#endif
+
 // Per-thread state of the backward: per pixel dL/dfg [D][ts^2], T behind the current Gaussian, last
 // composited + 1, and behind = sum over the composited Gaussians j behind the current one of q_j w_j plus
 // T_final dL/dT_final (q = <dL/dfg, colour>); per lane gradient sums [6 + D][ts] of the current Gaussian.
@@ -737,11 +786,11 @@ template <typename scalar_t, int TS, int D>
 void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, const Rules& rules,
                        const int32_t* row_stop, BackwardState<scalar_t>& s, scalar_t* out) {
   constexpr int P = TS * TS;
-  const scalar_t* p = v.gauss + k * (kParams + dim);
-  const Ellipse el = ellipse(p, rules.log_alpha_min);
+  const scalar_t* p = v.gauss + k * (kParams + dim + kReach);
+  const scalar_t* r = p + kParams + dim;  // reach
   int64_t ra, rb, ca, cb;
-  ellipse_span(el, true, v.y0, v.rows, ra, rb);
-  ellipse_span(el, false, v.x0, v.cols, ca, cb);
+  span(r[2], r[3], v.y0, v.rows, ra, rb);
+  span(r[0], r[1], v.x0, v.cols, ca, cb);
   scalar_t px[TS], q[TS], w[TS];
   for (int l = 0; l < TS; ++l) px[l] = scalar_t(v.x0 + l) + scalar_t(0.5);
   const int64_t o = narrow_lanes<TS>(ca, cb), first = std::max<int64_t>(o, 0);
@@ -766,6 +815,14 @@ void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, cons
     }
   }
   if (o >= 0) {
+#if defined(__AVX__)
+    if constexpr (std::is_same_v<scalar_t, float> && Half<TS> == 8) {
+      if (kParams + dim >= 8) {
+        sum_rows8(s.sums.data() + o, TS, kParams + dim, out);
+        return;
+      }
+    }
+#endif
     for (int64_t j = 0; j < kParams + dim; ++j) out[j] = sum_lanes<scalar_t, Half<TS>>(s.sums.data() + j * TS + o);
     return;
   }
@@ -774,14 +831,14 @@ void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, cons
 }
 
 template <typename scalar_t, int TS, int D>
-void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, const int32_t* slot_dest,
-                   BackwardState<scalar_t>& s, scalar_t* slot_grads) {
+void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, BackwardState<scalar_t>& s,
+                   scalar_t* slot_grads) {
   const int64_t stride = kParams + dim;
   int32_t row_stop[TS] = {};
   for (int64_t r = 0; r < v.rows; ++r) row_stop[r] = *std::max_element(s.stop.begin() + r * TS, s.stop.begin() + (r + 1) * TS);
   const int64_t max_stop = *std::max_element(row_stop, row_stop + TS);
   for (int64_t k = v.count - 1; k >= 0; --k) {
-    scalar_t* out = slot_grads + int64_t(slot_dest[v.begin + k]) * stride;
+    scalar_t* out = slot_grads + (v.begin + k) * stride;
     if (k >= max_stop) {
       std::fill(out, out + stride, scalar_t(0));
       continue;
@@ -792,26 +849,27 @@ void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules,
 
 template <typename scalar_t, int TS, int D>
 void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
-                   const at::Tensor& slot_t, const at::Tensor& slot_dest_t, const at::Tensor& gauss_offsets_t,
-                   const Grid& grid, const Rules& rules, const at::Tensor& trans_t, const at::Tensor& last_t,
+                   const at::Tensor& slot_t, const at::Tensor& gauss_slots_t, const at::Tensor& gauss_offsets_t,
+                   const at::Tensor& reach_t, const Grid& grid, const Rules& rules, const at::Tensor& trans_t,
+                   const at::Tensor& last_t,
                    const at::Tensor& grad_fg_t, const at::Tensor& grad_trans_t, at::Tensor& grad_params_t,
                    at::Tensor& grad_colors_t) {
   const scalar_t* params = params_t.data_ptr<scalar_t>();
   const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
   const int32_t* slot_gauss = slot_t.data_ptr<int32_t>();
-  const int32_t* slot_dest = slot_dest_t.data_ptr<int32_t>();
+  const int32_t* gauss_slots = gauss_slots_t.data_ptr<int32_t>();
   const scalar_t* trans = trans_t.data_ptr<scalar_t>();
   const int32_t* last = last_t.data_ptr<int32_t>();
   const scalar_t* grad_fg = grad_fg_t.data_ptr<scalar_t>();
   const scalar_t* grad_trans = grad_trans_t.data_ptr<scalar_t>();
   const int64_t dim = colors_t.size(1), stride = kParams + dim, hw = grid.height * grid.width;
   constexpr int P = TS * TS;
-  // Per-slot gradients [S, 6 + D] in Gaussian-major order (slot_dest): every slot is written once, so
-  // the buffer is left uninitialised (zeroing it cost more than some tiles).
+  // Per-slot gradients [S, 6 + D], in slot order: every slot is written once, so the buffer is left
+  // uninitialised (zeroing it cost more than some tiles).
   std::unique_ptr<scalar_t[]> slot_grads(new scalar_t[slot_t.size(0) * stride]);
   const auto tiles = busiest_first(offsets, grid.num_tiles());
-  const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
+  const auto packed = pack_gaussians(params, colors, reach_t.data_ptr<scalar_t>(), params_t.size(0), dim);
   auto make_state = [&] {
     BackwardState<scalar_t> s;
     s.sums.resize(stride * TS);
@@ -834,21 +892,23 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
         std::copy_n(grad_fg + (v.image * dim + d) * hw + pix - v.image * hw, v.cols, s.g.data() + d * P + r * TS);
       }
     }
-    backward_tile<scalar_t, TS, D>(v, dim, rules, slot_dest, s, slot_grads.get());
+    backward_tile<scalar_t, TS, D>(v, dim, rules, s, slot_grads.get());
   });
 
   // Each Gaussian's slot gradients, summed in tile order (0 + the first + ...; written once, so the outputs
-  // need no zeroing first).
+  // need no zeroing first). The slots are scattered: each is prefetched eight reads ahead.
   scalar_t* grad_params = grad_params_t.data_ptr<scalar_t>();
   scalar_t* grad_colors = grad_colors_t.data_ptr<scalar_t>();
   const int64_t* gauss_offsets = gauss_offsets_t.data_ptr<int64_t>();
-  const int64_t m = params_t.size(0), block = 4096;
+  const int64_t m = params_t.size(0), block = 4096, ahead = 8;
   auto make_total = [&] { return std::vector<scalar_t>(stride); };
   for_each_item((m + block - 1) / block, make_total, [&](int64_t blk, std::vector<scalar_t>& total) {
-    for (int64_t g = blk * block; g < std::min(m, (blk + 1) * block); ++g) {
+    const int64_t end = std::min(m, (blk + 1) * block), last_entry = gauss_offsets[end];
+    for (int64_t g = blk * block; g < end; ++g) {
       std::fill(total.begin(), total.end(), scalar_t(0));
       for (int64_t e = gauss_offsets[g]; e < gauss_offsets[g + 1]; ++e) {
-        const scalar_t* rec = slot_grads.get() + e * stride;
+        if (e + ahead < last_entry) prefetch(slot_grads.get() + int64_t(gauss_slots[e + ahead]) * stride);
+        const scalar_t* rec = slot_grads.get() + int64_t(gauss_slots[e]) * stride;
         for (int64_t j = 0; j < stride; ++j) total[j] += rec[j];
       }
       std::copy_n(total.data(), kParams, grad_params + g * kParams);
@@ -1151,10 +1211,13 @@ void check_gaussians(const at::Tensor& params, const at::Tensor& colors, const G
               "params rows must be a multiple of num_images");
 }
 
-void check_bins(const at::Tensor& offsets, const at::Tensor& slot_gauss, const Grid& grid) {
+void check_bins(const at::Tensor& params, const at::Tensor& offsets, const at::Tensor& slot_gauss,
+                const at::Tensor& reach, const Grid& grid) {
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1 &&
                   offsets.size(0) == grid.num_tiles() + 1, "offsets must be int64 [num_tiles + 1] contiguous");
   TORCH_CHECK(slot_gauss.scalar_type() == at::kInt && slot_gauss.is_contiguous(), "slot_gauss must be int32 contiguous");
+  TORCH_CHECK(reach.sizes() == at::IntArrayRef({params.size(0), kReach}) && reach.is_contiguous() &&
+                  reach.scalar_type() == params.scalar_type(), "reach must be [M, 4] contiguous, the params' dtype");
 }
 
 std::vector<at::Tensor> bin_tiles(const at::Tensor& params, const at::Tensor& depths, const at::Tensor& radii,
@@ -1172,36 +1235,36 @@ std::vector<at::Tensor> bin_tiles(const at::Tensor& params, const at::Tensor& de
 }
 
 std::vector<at::Tensor> composite_forward(const at::Tensor& params, const at::Tensor& colors, const at::Tensor& offsets,
-                                          const at::Tensor& slot_gauss, int64_t num_images, int64_t height,
-                                          int64_t width, int64_t tile_size, double alpha_min, double alpha_max,
-                                          double t_min) {
+                                          const at::Tensor& slot_gauss, const at::Tensor& reach, int64_t num_images,
+                                          int64_t height, int64_t width, int64_t tile_size, double alpha_min,
+                                          double alpha_max, double t_min) {
   const Grid grid = make_grid(num_images, height, width, tile_size);
   check_gaussians(params, colors, grid);
-  check_bins(offsets, slot_gauss, grid);
+  check_bins(params, offsets, slot_gauss, reach, grid);
   auto fg = at::zeros({num_images, colors.size(1), height, width}, colors.options());
   auto trans = at::ones({num_images, 1, height, width}, colors.options());
   auto last = at::zeros({num_images, height, width}, colors.options().dtype(at::kInt));
   const Rules rules{alpha_min, alpha_max, t_min};
   dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
     forward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets,
-                                                                                          slot_gauss, grid, rules, fg,
-                                                                                          trans, last);
+                                                                                          slot_gauss, reach, grid, rules,
+                                                                                          fg, trans, last);
   });
   return {fg, trans, last};
 }
 
 std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::Tensor& colors,
                                            const at::Tensor& offsets, const at::Tensor& slot_gauss,
-                                           const at::Tensor& slot_dest, const at::Tensor& gauss_offsets,
-                                           const at::Tensor& trans, const at::Tensor& last, const at::Tensor& grad_fg,
+                                           const at::Tensor& gauss_slots, const at::Tensor& gauss_offsets,
+                                           const at::Tensor& reach, const at::Tensor& trans, const at::Tensor& last, const at::Tensor& grad_fg,
                                            const at::Tensor& grad_trans, int64_t num_images, int64_t height,
                                            int64_t width, int64_t tile_size, double alpha_min, double alpha_max,
                                            double t_min) {
   const Grid grid = make_grid(num_images, height, width, tile_size);
   check_gaussians(params, colors, grid);
-  check_bins(offsets, slot_gauss, grid);
-  TORCH_CHECK(slot_dest.sizes() == slot_gauss.sizes() && slot_dest.scalar_type() == at::kInt && slot_dest.is_contiguous(),
-              "slot_dest must be int32 like slot_gauss");
+  check_bins(params, offsets, slot_gauss, reach, grid);
+  TORCH_CHECK(gauss_slots.sizes() == slot_gauss.sizes() && gauss_slots.scalar_type() == at::kInt &&
+                  gauss_slots.is_contiguous(), "gauss_slots must be int32 like slot_gauss");
   TORCH_CHECK(gauss_offsets.sizes() == at::IntArrayRef({params.size(0) + 1}) && gauss_offsets.scalar_type() == at::kLong &&
                   gauss_offsets.is_contiguous(), "gauss_offsets must be int64 [M + 1]");
   TORCH_CHECK(grad_fg.sizes() == at::IntArrayRef({num_images, colors.size(1), height, width}) && grad_fg.is_contiguous(),
@@ -1217,7 +1280,7 @@ std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::T
   auto grad_colors = at::empty_like(colors);
   const Rules rules{alpha_min, alpha_max, t_min};
   dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
-    backward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, slot_dest, gauss_offsets, grid, rules, trans,
+    backward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, gauss_slots, gauss_offsets, reach, grid, rules, trans,
                                 last, grad_fg, grad_trans, grad_params, grad_colors);
   });
   return {grad_params, grad_colors};
@@ -1295,7 +1358,7 @@ std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tens
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bin_tiles", &bin_tiles, "depth-sorted tile lists -> (offsets, slot_gauss, slot_dest, gauss_offsets)");
+  m.def("bin_tiles", &bin_tiles, "depth-sorted tile lists -> (offsets, slot_gauss, gauss_slots, gauss_offsets, reach)");
   m.def("composite_forward", &composite_forward, "tile compositing forward -> (fg, trans, last)");
   m.def("composite_backward", &composite_backward, "tile compositing backward -> (grad_params, grad_colors)");
   m.def("project_forward", &project_forward, "EWA projection -> (means2d, covars2d, conics, depths, radii)");
