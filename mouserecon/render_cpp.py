@@ -177,14 +177,15 @@ class Bins(NamedTuple):
     """Per-tile depth-sorted lists of image-Gaussians (rows of params [I*N, 6]). Tile t = image * tiles per
     image + tile row * tiles_x + tile column owns slots offsets[t] .. offsets[t + 1] - 1, front to back;
     slot s holds Gaussian slot_gauss[s]. Gaussian g's slots, in tile order, are
-    gauss_slots[gauss_offsets[g] .. gauss_offsets[g + 1] - 1]. reach [g] = (x lo, x hi, y lo, y hi): the pixels
-    whose centres its alpha > 1/255 ellipse reaches lie in [lo, hi] (empty for a culled one)."""
+    gauss_slots[gauss_offsets[g] .. gauss_offsets[g + 1] - 1]. Slot s's Gaussian reaches (alpha > 1/255)
+    rows slot_span[s, 0] .. slot_span[s, 1] - 1 and columns slot_span[s, 2] .. slot_span[s, 3] - 1 of the
+    tile, at most (the compositing tests each pixel)."""
 
     offsets: Tensor  # [T + 1] int64
     slot_gauss: Tensor  # [S] int32
     gauss_slots: Tensor  # [S] int32
     gauss_offsets: Tensor  # [I*N + 1] int64
-    reach: Tensor  # [I*N, 4], the params' dtype
+    slot_span: Tensor  # [S, 4] uint8
 
 
 def bin_tiles(params: Tensor, depths: Tensor, radii: Tensor, grid: tuple[int, int, int, int]) -> Bins:
@@ -201,8 +202,8 @@ class _CompositeCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, params: Tensor, colors: Tensor, bins: Bins, grid: tuple[int, int, int, int]):
         params, colors = params.contiguous(), colors.contiguous()
-        fg, trans, last = extension().composite_forward(params, colors, bins.offsets, bins.slot_gauss, bins.reach, *grid,
-                                                        *_rules())
+        fg, trans, last = extension().composite_forward(params, colors, bins.offsets, bins.slot_gauss, bins.slot_span,
+                                                        *grid, *_rules())
         ctx.grid, ctx.bins = grid, bins
         ctx.save_for_backward(params, colors, trans, last)
         return fg, trans

@@ -12,10 +12,10 @@
 //
 // Binning (bin_tiles). A Gaussian goes to the tiles of its bounding box (radii, exactly the tiles the
 // torch backend gives it) whose pixel centres its alpha > alpha_min ellipse reaches (tile culling:
-// a tile it misses could only ever skip it), and records its reach, the pixel ranges along x and y its
-// ellipse spans, from which each tile takes its rows and columns. Each image's visible Gaussians are
-// sorted by depth (stable radix sort, ties by index as the torch backend's stable sort), then counted and
-// written per tile in that order, so every list comes out depth-sorted. Gaussian g's slots, in tile order, are listed as
+// a tile it misses could only ever skip it), and records the rows and columns of the tile its ellipse
+// reaches (the slot's span). Each image's visible Gaussians are sorted by depth (stable radix sort, ties
+// by index as the torch backend's stable sort), then counted and written per tile in that order, so every
+// list comes out depth-sorted. Gaussian g's slots, in tile order, are listed as
 // gauss_slots[gauss_offsets[g] .. gauss_offsets[g + 1] - 1]: the backward writes each slot's gradient at
 // the slot (in tile order, so the writes are sequential) and sums a Gaussian's from there, in that order.
 //
@@ -194,32 +194,24 @@ inline bool reaches_box(const Ellipse& el, double cx0, double cx1, double cy0, d
   return best <= el.L;
 }
 
-// A Gaussian's reach (x lo, x hi, y lo, y hi): the pixels i along x (y) whose centre i + 0.5 the ellipse
-// reaches are those in [lo, hi], within its half extent sqrt(2 L Sigma_xx) (sqrt(2 L Sigma_yy)) of its
-// centre. The binning computes it once per Gaussian, so a tile's spans (below) take no square root.
-// Empty ellipse: [inf, -inf]; degenerate: [-inf, inf] (every pixel of the box may pass). In float it is
-// rounded outwards: a span may gain a pixel, which the exact test then skips, but never loses one.
-constexpr int kReach = 4;
-
-template <typename scalar_t>
-inline scalar_t rounded(double v, double towards) {
-  const scalar_t r = scalar_t(v);
-  return (towards < 0 ? double(r) > v : double(r) < v) ? std::nextafter(r, scalar_t(towards)) : r;
-}
-
-template <typename scalar_t>
-inline void reach(const Ellipse& el, scalar_t* out) {
-  constexpr double inf = std::numeric_limits<double>::infinity();
-  double r[kReach] = {-inf, inf, -inf, inf};
-  if (el.empty) {
-    r[0] = r[2] = inf, r[1] = r[3] = -inf;
-  } else if (!el.degenerate) {
-    const double det = el.a * el.c - el.b * el.b;
-    const double hx = std::sqrt(2.0 * el.L * el.c / det), hy = std::sqrt(2.0 * el.L * el.a / det);
-    r[0] = el.mx - hx - 0.5, r[1] = el.mx + hx - 0.5, r[2] = el.my - hy - 0.5, r[3] = el.my + hy - 0.5;
+// A Gaussian's reach: the pixels i along x (y) whose centre i + 0.5 the ellipse reaches are those in
+// [lo, hi], within its half extent sqrt(2 L Sigma_xx) (sqrt(2 L Sigma_yy)) of its centre. Empty
+// ellipse: [inf, -inf]; degenerate: [-inf, inf] (every pixel of the box may pass).
+struct Reach {
+  double x_lo, x_hi, y_lo, y_hi;
+  explicit Reach(const Ellipse& el) {
+    constexpr double inf = std::numeric_limits<double>::infinity();
+    if (el.empty) {
+      x_lo = y_lo = inf, x_hi = y_hi = -inf;
+    } else if (el.degenerate) {
+      x_lo = y_lo = -inf, x_hi = y_hi = inf;
+    } else {
+      const double det = el.a * el.c - el.b * el.b;
+      const double hx = std::sqrt(2.0 * el.L * el.c / det), hy = std::sqrt(2.0 * el.L * el.a / det);
+      x_lo = el.mx - hx - 0.5, x_hi = el.mx + hx - 0.5, y_lo = el.my - hy - 0.5, y_hi = el.my + hy - 0.5;
+    }
   }
-  for (int i = 0; i < kReach; ++i) out[i] = rounded<scalar_t>(r[i], i % 2 ? inf : -inf);
-}
+};
 
 // Rows (or columns) [first, stop) of a tile's [0, count), from pixel `origin` on, in a reach [lo, hi].
 inline void span(double lo, double hi, int64_t origin, int64_t count, int64_t& first, int64_t& stop) {
@@ -231,6 +223,10 @@ inline void span(double lo, double hi, int64_t origin, int64_t count, int64_t& f
   first = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(clip(lo))));
   stop = std::min<int64_t>(count, static_cast<int64_t>(std::floor(clip(hi))) + 1);
 }
+
+// A slot's rows [span[0], span[1]) and columns [span[2], span[3]) of its tile, found by the binning (from
+// the Gaussian's reach, so the compositing passes take no square root and read them in slot order).
+constexpr int kSpan = 4;
 
 // ---- binning ------------------------------------------------------------------------------------
 
@@ -247,19 +243,26 @@ inline void box_tiles(const scalar_t* p, const int32_t* radius, const Grid& grid
   ty1 = clamp(std::ceil((p[1] + scalar_t(radius[1])) / ts), grid.tiles_y);
 }
 
-// Calls fn(local tile) for each tile of a Gaussian's box (params p [6], radius [2]) that its ellipse el
-// reaches, row-major.
+// Calls fn(local tile, span) for each tile of a Gaussian's box (params p [6], radius [2]) that its
+// ellipse reaches, row-major; span [kSpan]: its rows and columns there.
 template <typename scalar_t, typename F>
-inline void for_each_tile_of(const scalar_t* p, const int32_t* radius, const Ellipse& el, const Grid& grid,
+inline void for_each_tile_of(const scalar_t* p, const int32_t* radius, const Grid& grid, double log_alpha_min,
                              const F& fn) {
   int64_t tx0, tx1, ty0, ty1;
   box_tiles(p, radius, grid, tx0, tx1, ty0, ty1);
+  const Ellipse el = ellipse(p, log_alpha_min);
+  if (tx0 >= tx1 || ty0 >= ty1 || el.empty) return;
+  const Reach r(el);
   const int64_t ts = grid.tile_size;
   for (int64_t ty = ty0; ty < ty1; ++ty) {
     const double cy0 = double(ty * ts) + 0.5, cy1 = double(std::min((ty + 1) * ts, grid.height)) - 0.5;
     for (int64_t tx = tx0; tx < tx1; ++tx) {
       const double cx0 = double(tx * ts) + 0.5, cx1 = double(std::min((tx + 1) * ts, grid.width)) - 0.5;
-      if (reaches_box(el, cx0, cx1, cy0, cy1)) fn(ty * grid.tiles_x + tx);
+      if (!reaches_box(el, cx0, cx1, cy0, cy1)) continue;
+      int64_t s[kSpan];
+      span(r.y_lo, r.y_hi, ty * ts, std::min(ts, grid.height - ty * ts), s[0], s[1]);
+      span(r.x_lo, r.x_hi, tx * ts, std::min(ts, grid.width - tx * ts), s[2], s[3]);
+      fn(ty * grid.tiles_x + tx, s);
     }
   }
 }
@@ -324,6 +327,7 @@ std::vector<std::vector<int32_t>> depth_order(const scalar_t* depths, const int3
 struct BinChunk {
   int64_t image, begin, end;
   std::vector<int32_t> tiles;
+  std::vector<uint8_t> spans;  // [pairs][kSpan]
   std::vector<int64_t> counts;
 };
 
@@ -347,9 +351,6 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
     }
   }
   auto gauss_offsets_t = at::zeros({m + 1}, params_t.options().dtype(at::kLong));
-  // Culled Gaussians (in no list) keep an empty reach.
-  auto reach_t = at::full({m, kReach}, std::numeric_limits<double>::infinity(), params_t.options());
-  scalar_t* reaches = reach_t.data_ptr<scalar_t>();
   int64_t* gauss_offsets = gauss_offsets_t.data_ptr<int64_t>();  // per-Gaussian counts first, at g + 1
   for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
     BinChunk& ch = chunks[c];
@@ -368,10 +369,10 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
       const int32_t g = order[ch.image][i];
       const size_t before = ch.tiles.size();
       const int64_t k = i - ch.begin;
-      const Ellipse el = ellipse(p.data() + k * kParams, log_alpha_min);
-      reach(el, reaches + int64_t(g) * kReach);
-      for_each_tile_of(p.data() + k * kParams, radius.data() + 2 * k, el, grid, [&](int64_t local) {
+      for_each_tile_of(p.data() + k * kParams, radius.data() + 2 * k, grid, log_alpha_min,
+                       [&](int64_t local, const int64_t* span) {
         ch.tiles.push_back(int32_t(local));
+        for (int j = 0; j < kSpan; ++j) ch.spans.push_back(uint8_t(span[j]));
         ++ch.counts[local];
       });
       gauss_offsets[g + 1] = int64_t(ch.tiles.size() - before);
@@ -399,45 +400,48 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
   // Every run writes its pairs in order: per tile, slots follow depth order.
   auto slot_gauss_t = at::empty({total}, params_t.options().dtype(at::kInt));
   auto gauss_slots_t = at::empty({total}, slot_gauss_t.options());
+  auto slot_span_t = at::empty({total, kSpan}, slot_gauss_t.options().dtype(at::kByte));
   int32_t* slot_gauss = slot_gauss_t.data_ptr<int32_t>();
   int32_t* gauss_slots = gauss_slots_t.data_ptr<int32_t>();
+  uint8_t* slot_span = slot_span_t.data_ptr<uint8_t>();
   for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
     BinChunk& ch = chunks[c];
     const int32_t* tile = ch.tiles.data();
+    const uint8_t* span = ch.spans.data();
     for (int64_t i = ch.begin; i < ch.end; ++i) {
       const int32_t g = order[ch.image][i];
-      for (int64_t dest = gauss_offsets[g]; dest < gauss_offsets[g + 1]; ++dest) {
+      for (int64_t dest = gauss_offsets[g]; dest < gauss_offsets[g + 1]; ++dest, span += kSpan) {
         const int64_t s = ch.counts[*tile++]++;
         slot_gauss[s] = g;
         gauss_slots[dest] = static_cast<int32_t>(s);
+        std::copy_n(span, kSpan, slot_span + s * kSpan);
       }
     }
   });
-  return {offsets_t, slot_gauss_t, gauss_slots_t, gauss_offsets_t, reach_t};
+  return {offsets_t, slot_gauss_t, gauss_slots_t, gauss_offsets_t, slot_span_t};
 }
 
 // ---- compositing --------------------------------------------------------------------------------
 
-// A tile's pixels and Gaussians, gathered front to back: [count, 6 + D + 4] (params, colour, reach).
+// A tile's pixels and Gaussians, gathered front to back: [count, 6 + D] (params then colour), and their
+// spans [count, kSpan].
 template <typename scalar_t>
 struct TileView {
   int64_t image, x0, y0, cols, rows, begin, count;
   const scalar_t* gauss;
+  const uint8_t* span;
 };
 
-// params [M, 6], colors [M, D] and reach [M, 4] as one [M, 6 + D + 4] table: a tile's gather then reads
-// one record (about one cache line) per Gaussian instead of three; the reads are random, so misses are
-// what costs.
+// params [M, 6] and colors [M, D] as one [M, 6 + D] table: a tile's gather then reads one record
+// (about one cache line) per Gaussian instead of two; the reads are random, so misses are what costs.
 template <typename scalar_t>
-std::unique_ptr<scalar_t[]> pack_gaussians(const scalar_t* params, const scalar_t* colors, const scalar_t* reaches,
-                                           int64_t m, int64_t dim) {
-  const int64_t stride = kParams + dim + kReach, block = 16384;
+std::unique_ptr<scalar_t[]> pack_gaussians(const scalar_t* params, const scalar_t* colors, int64_t m, int64_t dim) {
+  const int64_t stride = kParams + dim, block = 16384;
   std::unique_ptr<scalar_t[]> packed(new scalar_t[m * stride]);  // every entry is written: no zeroing
   for_each_item((m + block - 1) / block, [] { return 0; }, [&](int64_t b, int) {
     for (int64_t g = b * block; g < std::min(m, (b + 1) * block); ++g) {
       for (int j = 0; j < kParams; ++j) packed[g * stride + j] = params[g * kParams + j];
       for (int64_t d = 0; d < dim; ++d) packed[g * stride + kParams + d] = colors[g * dim + d];
-      for (int j = 0; j < kReach; ++j) packed[g * stride + kParams + dim + j] = reaches[g * kReach + j];
     }
   });
   return packed;
@@ -455,15 +459,16 @@ inline void prefetch(const void* address) {
 // D > 0: the colour count, fixed at compile time (a record's copy is then a few vector moves, not a call).
 template <typename scalar_t, int D>
 TileView<scalar_t> view_tile(int64_t t, const Grid& grid, const int64_t* offsets, const int32_t* slot_gauss,
-                             const scalar_t* packed, int64_t dim, std::vector<scalar_t>& scratch) {
+                             const uint8_t* slot_span, const scalar_t* packed, int64_t dim,
+                             std::vector<scalar_t>& scratch) {
   if constexpr (D > 0) dim = D;
   constexpr int64_t kAhead = 16;  // records prefetched ahead of the copy
   const int64_t tpi = grid.tiles_per_image(), local = t % tpi, ts = grid.tile_size;
   TileView<scalar_t> v{t / tpi, (local % grid.tiles_x) * ts, (local / grid.tiles_x) * ts, 0, 0, offsets[t],
-                       offsets[t + 1] - offsets[t], nullptr};
+                       offsets[t + 1] - offsets[t], nullptr, slot_span + offsets[t] * kSpan};
   v.cols = std::min(ts, grid.width - v.x0);
   v.rows = std::min(ts, grid.height - v.y0);
-  const int64_t stride = kParams + dim + kReach;
+  const int64_t stride = kParams + dim;
   const int32_t* slots = slot_gauss + v.begin;
   scratch.resize(v.count * stride);
   for (int64_t k = 0; k < v.count; ++k) {
@@ -603,7 +608,7 @@ template <typename scalar_t, int TS, int D>
 void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, ForwardState<scalar_t>& s) {
   constexpr int P = TS * TS;
   if constexpr (D > 0) dim = D;
-  const int64_t stride = kParams + dim + kReach;
+  const int64_t stride = kParams + dim;
   s.T.assign(P, scalar_t(1));
   s.acc.assign(P * dim, scalar_t(0));
   s.last.assign(P, 0);
@@ -619,10 +624,8 @@ void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, 
 
   for (int64_t k = 0; k < v.count && open > 0; ++k) {
     const scalar_t* p = v.gauss + k * stride;
-    const scalar_t* r = p + kParams + dim;  // reach
-    int64_t ra, rb, ca, cb;
-    span(r[2], r[3], v.y0, v.rows, ra, rb);
-    span(r[0], r[1], v.x0, v.cols, ca, cb);
+    const uint8_t* sp = v.span + k * kSpan;
+    const int64_t ra = sp[0], rb = sp[1], ca = sp[2], cb = sp[3];
     const int64_t o = narrow_lanes<TS>(ca, cb);
     for (int64_t r = ra; r < rb; ++r) {
       if (row_open[r] == 0) continue;
@@ -643,21 +646,22 @@ void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, 
 
 template <typename scalar_t, int TS, int D>
 void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
-                  const at::Tensor& slot_t, const at::Tensor& reach_t, const Grid& grid, const Rules& rules, at::Tensor& fg_t,
+                  const at::Tensor& slot_t, const at::Tensor& span_t, const Grid& grid, const Rules& rules, at::Tensor& fg_t,
                   at::Tensor& trans_t, at::Tensor& last_t) {
   const scalar_t* params = params_t.data_ptr<scalar_t>();
   const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
   const int32_t* slot_gauss = slot_t.data_ptr<int32_t>();
+  const uint8_t* slot_span = span_t.data_ptr<uint8_t>();
   scalar_t* fg = fg_t.data_ptr<scalar_t>();
   scalar_t* trans = trans_t.data_ptr<scalar_t>();
   int32_t* last = last_t.data_ptr<int32_t>();
   const int64_t dim = colors_t.size(1), hw = grid.height * grid.width;
   const auto tiles = busiest_first(offsets, grid.num_tiles());  // empty tiles keep fg 0, T 1, last 0
-  const auto packed = pack_gaussians(params, colors, reach_t.data_ptr<scalar_t>(), params_t.size(0), dim);
+  const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
 
   for_each_item(int64_t(tiles.size()), [] { return ForwardState<scalar_t>(); }, [&](int64_t i, ForwardState<scalar_t>& s) {
-    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
+    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed.get(), dim, s.scratch);
     forward_tile<scalar_t, TS, D>(v, dim, rules, s);
     for (int64_t r = 0; r < v.rows; ++r) {
       const int64_t pix = v.image * hw + (v.y0 + r) * grid.width + v.x0;
@@ -786,11 +790,9 @@ template <typename scalar_t, int TS, int D>
 void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, const Rules& rules,
                        const int32_t* row_stop, BackwardState<scalar_t>& s, scalar_t* out) {
   constexpr int P = TS * TS;
-  const scalar_t* p = v.gauss + k * (kParams + dim + kReach);
-  const scalar_t* r = p + kParams + dim;  // reach
-  int64_t ra, rb, ca, cb;
-  span(r[2], r[3], v.y0, v.rows, ra, rb);
-  span(r[0], r[1], v.x0, v.cols, ca, cb);
+  const scalar_t* p = v.gauss + k * (kParams + dim);
+  const uint8_t* sp = v.span + k * kSpan;
+  const int64_t ra = sp[0], rb = sp[1], ca = sp[2], cb = sp[3];
   scalar_t px[TS], q[TS], w[TS];
   for (int l = 0; l < TS; ++l) px[l] = scalar_t(v.x0 + l) + scalar_t(0.5);
   const int64_t o = narrow_lanes<TS>(ca, cb), first = std::max<int64_t>(o, 0);
@@ -850,7 +852,7 @@ void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules,
 template <typename scalar_t, int TS, int D>
 void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
                    const at::Tensor& slot_t, const at::Tensor& gauss_slots_t, const at::Tensor& gauss_offsets_t,
-                   const at::Tensor& reach_t, const Grid& grid, const Rules& rules, const at::Tensor& trans_t,
+                   const at::Tensor& span_t, const Grid& grid, const Rules& rules, const at::Tensor& trans_t,
                    const at::Tensor& last_t,
                    const at::Tensor& grad_fg_t, const at::Tensor& grad_trans_t, at::Tensor& grad_params_t,
                    at::Tensor& grad_colors_t) {
@@ -858,6 +860,7 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
   const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
   const int32_t* slot_gauss = slot_t.data_ptr<int32_t>();
+  const uint8_t* slot_span = span_t.data_ptr<uint8_t>();
   const int32_t* gauss_slots = gauss_slots_t.data_ptr<int32_t>();
   const scalar_t* trans = trans_t.data_ptr<scalar_t>();
   const int32_t* last = last_t.data_ptr<int32_t>();
@@ -869,14 +872,14 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
   // uninitialised (zeroing it cost more than some tiles).
   std::unique_ptr<scalar_t[]> slot_grads(new scalar_t[slot_t.size(0) * stride]);
   const auto tiles = busiest_first(offsets, grid.num_tiles());
-  const auto packed = pack_gaussians(params, colors, reach_t.data_ptr<scalar_t>(), params_t.size(0), dim);
+  const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
   auto make_state = [&] {
     BackwardState<scalar_t> s;
     s.sums.resize(stride * TS);
     return s;
   };
   for_each_item(int64_t(tiles.size()), make_state, [&](int64_t i, BackwardState<scalar_t>& s) {
-    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, packed.get(), dim, s.scratch);
+    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed.get(), dim, s.scratch);
     s.g.assign(P * dim, scalar_t(0));
     s.T.assign(P, scalar_t(1));
     s.behind.assign(P, scalar_t(0));
@@ -1211,13 +1214,13 @@ void check_gaussians(const at::Tensor& params, const at::Tensor& colors, const G
               "params rows must be a multiple of num_images");
 }
 
-void check_bins(const at::Tensor& params, const at::Tensor& offsets, const at::Tensor& slot_gauss,
-                const at::Tensor& reach, const Grid& grid) {
+void check_bins(const at::Tensor& offsets, const at::Tensor& slot_gauss, const at::Tensor& slot_span,
+                const Grid& grid) {
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1 &&
                   offsets.size(0) == grid.num_tiles() + 1, "offsets must be int64 [num_tiles + 1] contiguous");
   TORCH_CHECK(slot_gauss.scalar_type() == at::kInt && slot_gauss.is_contiguous(), "slot_gauss must be int32 contiguous");
-  TORCH_CHECK(reach.sizes() == at::IntArrayRef({params.size(0), kReach}) && reach.is_contiguous() &&
-                  reach.scalar_type() == params.scalar_type(), "reach must be [M, 4] contiguous, the params' dtype");
+  TORCH_CHECK(slot_span.sizes() == at::IntArrayRef({slot_gauss.size(0), kSpan}) && slot_span.is_contiguous() &&
+                  slot_span.scalar_type() == at::kByte, "slot_span must be uint8 [S, 4] contiguous");
 }
 
 std::vector<at::Tensor> bin_tiles(const at::Tensor& params, const at::Tensor& depths, const at::Tensor& radii,
@@ -1235,19 +1238,19 @@ std::vector<at::Tensor> bin_tiles(const at::Tensor& params, const at::Tensor& de
 }
 
 std::vector<at::Tensor> composite_forward(const at::Tensor& params, const at::Tensor& colors, const at::Tensor& offsets,
-                                          const at::Tensor& slot_gauss, const at::Tensor& reach, int64_t num_images,
+                                          const at::Tensor& slot_gauss, const at::Tensor& slot_span, int64_t num_images,
                                           int64_t height, int64_t width, int64_t tile_size, double alpha_min,
                                           double alpha_max, double t_min) {
   const Grid grid = make_grid(num_images, height, width, tile_size);
   check_gaussians(params, colors, grid);
-  check_bins(params, offsets, slot_gauss, reach, grid);
+  check_bins(offsets, slot_gauss, slot_span, grid);
   auto fg = at::zeros({num_images, colors.size(1), height, width}, colors.options());
   auto trans = at::ones({num_images, 1, height, width}, colors.options());
   auto last = at::zeros({num_images, height, width}, colors.options().dtype(at::kInt));
   const Rules rules{alpha_min, alpha_max, t_min};
   dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
     forward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets,
-                                                                                          slot_gauss, reach, grid, rules,
+                                                                                          slot_gauss, slot_span, grid, rules,
                                                                                           fg, trans, last);
   });
   return {fg, trans, last};
@@ -1256,13 +1259,13 @@ std::vector<at::Tensor> composite_forward(const at::Tensor& params, const at::Te
 std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::Tensor& colors,
                                            const at::Tensor& offsets, const at::Tensor& slot_gauss,
                                            const at::Tensor& gauss_slots, const at::Tensor& gauss_offsets,
-                                           const at::Tensor& reach, const at::Tensor& trans, const at::Tensor& last, const at::Tensor& grad_fg,
+                                           const at::Tensor& slot_span, const at::Tensor& trans, const at::Tensor& last, const at::Tensor& grad_fg,
                                            const at::Tensor& grad_trans, int64_t num_images, int64_t height,
                                            int64_t width, int64_t tile_size, double alpha_min, double alpha_max,
                                            double t_min) {
   const Grid grid = make_grid(num_images, height, width, tile_size);
   check_gaussians(params, colors, grid);
-  check_bins(params, offsets, slot_gauss, reach, grid);
+  check_bins(offsets, slot_gauss, slot_span, grid);
   TORCH_CHECK(gauss_slots.sizes() == slot_gauss.sizes() && gauss_slots.scalar_type() == at::kInt &&
                   gauss_slots.is_contiguous(), "gauss_slots must be int32 like slot_gauss");
   TORCH_CHECK(gauss_offsets.sizes() == at::IntArrayRef({params.size(0) + 1}) && gauss_offsets.scalar_type() == at::kLong &&
@@ -1280,7 +1283,7 @@ std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::T
   auto grad_colors = at::empty_like(colors);
   const Rules rules{alpha_min, alpha_max, t_min};
   dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
-    backward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, gauss_slots, gauss_offsets, reach, grid, rules, trans,
+    backward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, gauss_slots, gauss_offsets, slot_span, grid, rules, trans,
                                 last, grad_fg, grad_trans, grad_params, grad_colors);
   });
   return {grad_params, grad_colors};
@@ -1358,7 +1361,7 @@ std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tens
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bin_tiles", &bin_tiles, "depth-sorted tile lists -> (offsets, slot_gauss, gauss_slots, gauss_offsets, reach)");
+  m.def("bin_tiles", &bin_tiles, "depth-sorted tile lists -> (offsets, slot_gauss, gauss_slots, gauss_offsets, slot_span)");
   m.def("composite_forward", &composite_forward, "tile compositing forward -> (fg, trans, last)");
   m.def("composite_backward", &composite_backward, "tile compositing backward -> (grad_params, grad_colors)");
   m.def("project_forward", &project_forward, "EWA projection -> (means2d, covars2d, conics, depths, radii)");
