@@ -334,8 +334,9 @@ def test_culled_image_and_empty_input(built):
 
 def test_bins_are_depth_sorted_and_keep_every_tile_a_gaussian_reaches(built):
     """Against a brute-force pass over every pixel: each tile holding a pixel where a Gaussian's alpha
-    exceeds 1/255 lists that Gaussian; lists are depth-sorted; gauss_slots lists each Gaussian's slots,
-    in tile order; and culling drops tiles the bounding box alone would give (thin Gaussians)."""
+    exceeds 1/255 lists that Gaussian, and that pixel lies in the slot's span; lists are depth-sorted;
+    gauss_slots lists each Gaussian's slots, in tile order; and culling drops tiles the bounding box alone
+    would give (thin Gaussians)."""
     width, height, ts = 45, 37, 8
     means2d, conics, log_opac, _, depths, radii = (t[0] for t in scene("elongated", width, height))
     params = torch.cat([means2d, conics, log_opac[:, None]], -1)
@@ -361,6 +362,11 @@ def test_bins_are_depth_sorted_and_keep_every_tile_a_gaussian_reaches(built):
     for g in range(len(depths)):
         slots = bins.gauss_slots[bins.gauss_offsets[g]:bins.gauss_offsets[g + 1]].long()
         assert bins.slot_gauss[slots].eq(g).all() and (tile_of_slot[slots].diff() > 0).all()
+    for slot, (t, g) in enumerate(zip(tile_of_slot.tolist(), bins.slot_gauss.tolist())):  # spans hold every such pixel
+        y0, x0 = (t // tiles_x) * ts, (t % tiles_x) * ts
+        r0, r1, c0, c1 = bins.slot_span[slot].tolist()
+        inside = reached[g, y0:y0 + ts, x0:x0 + ts]
+        assert not inside[:r0].any() and not inside[r1:].any() and not inside[:, :c0].any() and not inside[:, c1:].any()
     assert torch.equal(torch.bincount(bins.slot_gauss.long(), minlength=len(depths)), counts)
     boxes = render_torch._bin_tiles(means2d[None], radii[None], depths[None], ts, width, height, chunk=1)
     assert len(bins.slot_gauss) < 0.7 * int(boxes.num_chunks.sum())

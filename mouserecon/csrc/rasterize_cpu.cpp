@@ -194,16 +194,14 @@ inline bool reaches_box(const Ellipse& el, double cx0, double cx1, double cy0, d
   return best <= el.L;
 }
 
-// A Gaussian's reach: the pixels i along x (y) whose centre i + 0.5 the ellipse reaches are those in
-// [lo, hi], within its half extent sqrt(2 L Sigma_xx) (sqrt(2 L Sigma_yy)) of its centre. Empty
-// ellipse: [inf, -inf]; degenerate: [-inf, inf] (every pixel of the box may pass).
+// A non-empty ellipse's reach: the pixels i along x (y) whose centre i + 0.5 it reaches are those in
+// [lo, hi], within its half extent sqrt(2 L Sigma_xx) (sqrt(2 L Sigma_yy)) of its centre; degenerate:
+// [-inf, inf] (every pixel of the box may pass).
 struct Reach {
   double x_lo, x_hi, y_lo, y_hi;
   explicit Reach(const Ellipse& el) {
     constexpr double inf = std::numeric_limits<double>::infinity();
-    if (el.empty) {
-      x_lo = y_lo = inf, x_hi = y_hi = -inf;
-    } else if (el.degenerate) {
+    if (el.degenerate) {
       x_lo = y_lo = -inf, x_hi = y_hi = inf;
     } else {
       const double det = el.a * el.c - el.b * el.b;
@@ -646,8 +644,8 @@ void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, 
 
 template <typename scalar_t, int TS, int D>
 void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
-                  const at::Tensor& slot_t, const at::Tensor& span_t, const Grid& grid, const Rules& rules, at::Tensor& fg_t,
-                  at::Tensor& trans_t, at::Tensor& last_t) {
+                  const at::Tensor& slot_t, const at::Tensor& span_t, const Grid& grid, const Rules& rules,
+                  at::Tensor& fg_t, at::Tensor& trans_t, at::Tensor& last_t) {
   const scalar_t* params = params_t.data_ptr<scalar_t>();
   const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
@@ -853,9 +851,8 @@ template <typename scalar_t, int TS, int D>
 void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
                    const at::Tensor& slot_t, const at::Tensor& gauss_slots_t, const at::Tensor& gauss_offsets_t,
                    const at::Tensor& span_t, const Grid& grid, const Rules& rules, const at::Tensor& trans_t,
-                   const at::Tensor& last_t,
-                   const at::Tensor& grad_fg_t, const at::Tensor& grad_trans_t, at::Tensor& grad_params_t,
-                   at::Tensor& grad_colors_t) {
+                   const at::Tensor& last_t, const at::Tensor& grad_fg_t, const at::Tensor& grad_trans_t,
+                   at::Tensor& grad_params_t, at::Tensor& grad_colors_t) {
   const scalar_t* params = params_t.data_ptr<scalar_t>();
   const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
