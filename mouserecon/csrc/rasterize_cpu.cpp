@@ -754,11 +754,22 @@ inline scalar_t sum_lanes(const scalar_t* x) {
   }
 }
 
+// out[j] = sum_lanes<scalar_t, N>(x + j * stride) for j < n.
+template <typename scalar_t, int N>
+inline void sum_rows(const scalar_t* RESTRICT x, int64_t stride, int64_t n, scalar_t* RESTRICT out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = sum_lanes<scalar_t, N>(x + j * stride);
+}
+
 #if defined(__AVX__)
-// out[j] = sum_lanes<float, 8>(x + j * stride) for j < n (n >= 8), eight rows at a time by horizontal
-// adds: they add the same pairs in the same order as sum_lanes (the same bits) in 7 vector operations
-// instead of 56 scalar ones. The last block overlaps the one before where n is not a multiple of 8.
-inline void sum_rows8(const float* RESTRICT x, int64_t stride, int64_t n, float* RESTRICT out) {
+// The same for float rows of 8 lanes, eight rows at a time by horizontal adds: they add the same pairs in
+// the same order as sum_lanes (the same bits) in 7 vector operations instead of 56 scalar ones. The last
+// block overlaps the one before where n is not a multiple of 8.
+template <>
+inline void sum_rows<float, 8>(const float* RESTRICT x, int64_t stride, int64_t n, float* RESTRICT out) {
+  if (n < 8) {
+    for (int64_t j = 0; j < n; ++j) out[j] = sum_lanes<float, 8>(x + j * stride);
+    return;
+  }
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
     const float* r = x + std::min(j0, n - 8) * stride;
     const __m256 h01 = _mm256_hadd_ps(_mm256_loadu_ps(r), _mm256_loadu_ps(r + stride));
@@ -815,15 +826,7 @@ void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, cons
     }
   }
   if (o >= 0) {
-#if defined(__AVX__)
-    if constexpr (std::is_same_v<scalar_t, float> && Half<TS> == 8) {
-      if (kParams + dim >= 8) {
-        sum_rows8(s.sums.data() + o, TS, kParams + dim, out);
-        return;
-      }
-    }
-#endif
-    for (int64_t j = 0; j < kParams + dim; ++j) out[j] = sum_lanes<scalar_t, Half<TS>>(s.sums.data() + j * TS + o);
+    sum_rows<scalar_t, Half<TS>>(s.sums.data() + o, TS, kParams + dim, out);
     return;
   }
   fold_lanes<scalar_t, TS / 2>(s.sums.data(), kParams + dim, TS);
