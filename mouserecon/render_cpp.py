@@ -134,7 +134,7 @@ def build_name(source: bytes, flags: tuple[str, ...], stem: str = SOURCE.stem) -
 def build(source: Path) -> ModuleType | ExtensionBuildError:
     """The extension compiled from the C++ file `source` with `compile_flags()` (built on first call, then
     loaded from the cache), or the error that stopped its build. The project's other kernels
-    (`csrc/attention_cpu.cpp`) are built this way too."""
+    (`csrc/attention_cpu.cpp`, `csrc/ssim_cpu.cpp`) are built this way too."""
     cpp_extension = _cpp_extension()
     try:
         flags = compile_flags()

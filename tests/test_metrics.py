@@ -25,7 +25,9 @@ from mouserecon.metrics import (
     masked_mean,
     psnr,
     ssim,
+    SsimSettings,
     ssim_map,
+    ssim_map_torch,
     summarize,
     view_metrics,
 )
@@ -88,6 +90,37 @@ def test_ssim_map_mean_equals_pytorch_msssim():
     # batch dims [..] are kept: [2, 3, 3, H, W] -> [2, 3]
     assert torch.allclose(ssim(x.reshape(2, 3, 3, 48, 64), y.reshape(2, 3, 3, 48, 64)), ref.reshape(2, 3), atol=1e-6)
     assert SSIM.msssim_kwargs() == {"data_range": 1.0, "win_size": 11, "win_sigma": 1.5, "K": (0.01, 0.03)}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-5), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("settings", [SSIM, SsimSettings(win_size=7, win_sigma=1.0)], ids=["11 taps", "7 taps"])
+def test_compiled_ssim_map_and_gradient_equal_the_torch_reference(dtype, tol, settings):
+    # The CPU goes through csrc/ssim_cpu.cpp (11 taps: fixed at compile time, other windows at run time);
+    # the torch matmul implementation in float64 (itself checked against scikit-image below) is the
+    # reference. float32 loses ~1.5e-5 to cancellation in var = E[x^2] - mu^2, the torch path as much.
+    x = _smooth_images(4, 37, 45).reshape(2, 2, 3, 37, 45).requires_grad_()
+    y = (x.detach() + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    xd = x.detach().to(dtype).requires_grad_()
+    got, ref = ssim_map(xd, y.to(dtype), settings), ssim_map_torch(x, y, settings)
+    assert got.dtype == dtype and got.shape == ref.shape == (2, 2, 1, 38 - settings.win_size, 46 - settings.win_size)
+    assert (got.double() - ref).abs().max() < tol
+    weights = torch.randn_like(ref)
+    (grad_got,) = torch.autograd.grad(got, xd, weights.to(dtype))
+    (grad_ref,) = torch.autograd.grad(ref, x, weights)
+    assert (grad_got.double() - grad_ref).abs().max() < tol * grad_ref.abs().max()
+
+
+def test_compiled_ssim_gradient_passes_gradcheck():
+    x = torch.rand(2, 3, 13, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 3, 13, 16, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ssim_map(t, y), (x,))
+
+
+def test_ssim_map_gives_the_target_a_gradient_through_torch():
+    x, y = torch.rand(2, 3, 16, 16, requires_grad=True), torch.rand(2, 3, 16, 16, requires_grad=True)
+    ssim_map(x, y).sum().backward()  # the kernel differentiates pred only: a gt that wants one takes torch
+    (grad_y,) = torch.autograd.grad(ssim_map_torch(x, y).sum(), y)
+    assert torch.allclose(y.grad, grad_y)
 
 
 @pytest.mark.parametrize("noise", [0.02, 0.1, 0.3])
