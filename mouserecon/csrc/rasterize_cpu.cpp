@@ -325,7 +325,7 @@ std::vector<std::vector<int32_t>> depth_order(const scalar_t* depths, const int3
 struct BinChunk {
   int64_t image, begin, end;
   std::vector<int32_t> tiles;
-  std::vector<uint8_t> spans;  // [pairs][kSpan]
+  std::vector<uint32_t> spans;  // [pairs], each kSpan bytes
   std::vector<int64_t> counts;
 };
 
@@ -370,7 +370,10 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
       for_each_tile_of(p.data() + k * kParams, radius.data() + 2 * k, grid, log_alpha_min,
                        [&](int64_t local, const int64_t* span) {
         ch.tiles.push_back(int32_t(local));
-        for (int j = 0; j < kSpan; ++j) ch.spans.push_back(uint8_t(span[j]));
+        const uint8_t bytes[kSpan] = {uint8_t(span[0]), uint8_t(span[1]), uint8_t(span[2]), uint8_t(span[3])};
+        uint32_t packed;  // one 4-byte store (byte stores may alias anything: each would reload ch's pointers)
+        std::memcpy(&packed, bytes, kSpan);
+        ch.spans.push_back(packed);
         ++ch.counts[local];
       });
       gauss_offsets[g + 1] = int64_t(ch.tiles.size() - before);
@@ -405,14 +408,14 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
   for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
     BinChunk& ch = chunks[c];
     const int32_t* tile = ch.tiles.data();
-    const uint8_t* span = ch.spans.data();
+    const uint32_t* span = ch.spans.data();
     for (int64_t i = ch.begin; i < ch.end; ++i) {
       const int32_t g = order[ch.image][i];
-      for (int64_t dest = gauss_offsets[g]; dest < gauss_offsets[g + 1]; ++dest, span += kSpan) {
+      for (int64_t dest = gauss_offsets[g]; dest < gauss_offsets[g + 1]; ++dest) {
         const int64_t s = ch.counts[*tile++]++;
         slot_gauss[s] = g;
         gauss_slots[dest] = static_cast<int32_t>(s);
-        std::copy_n(span, kSpan, slot_span + s * kSpan);
+        std::memcpy(slot_span + s * kSpan, span++, kSpan);
       }
     }
   });
