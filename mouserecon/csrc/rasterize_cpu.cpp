@@ -141,7 +141,10 @@ struct ExpConstants<double> {
   static constexpr int mantissa = 52, bias = 1023, degree = 13;  // remainder 5e-18
 };
 
-// exp(x) for x clamped to [lo, hi] (NaN -> lo): x = n ln2 + r, exp(r) by Horner, times 2^n from the bits.
+// exp(x) for x clamped to [lo, hi] (NaN -> lo): x = n ln2 + r, exp(r) by its Taylor polynomial, times 2^n from
+// the bits. float's degree-7 polynomial is evaluated by Estrin's scheme (pairs, then pairs of pairs: 3
+// dependent multiply-adds instead of Horner's 7), since the compositing loops wait on this chain; double's
+// by Horner.
 template <typename T>
 inline T exp_vec(T x) {
   using C = ExpConstants<T>;
@@ -149,12 +152,20 @@ inline T exp_vec(T x) {
   x = x < C::hi ? x : C::hi;
   const T n = (x * T(1.4426950408889634) + C::shift) - C::shift;
   const T r = (x - n * C::ln2_hi) - n * C::ln2_lo;
-  T inv_factorial = 1;
-  for (int k = 2; k <= C::degree; ++k) inv_factorial /= T(k);  // folded at compile time
-  T p = inv_factorial;
-  for (int k = C::degree; k >= 1; --k) {
-    inv_factorial *= T(k);  // 1 / (k - 1)!
-    p = p * r + inv_factorial;
+  T p;
+  if constexpr (C::degree == 7) {
+    const T r2 = r * r, r4 = r2 * r2;
+    const T p01 = T(1) + r, p23 = T(1.0 / 2) + T(1.0 / 6) * r, p45 = T(1.0 / 24) + T(1.0 / 120) * r;
+    const T p67 = T(1.0 / 720) + T(1.0 / 5040) * r;
+    p = (p01 + r2 * p23) + r4 * (p45 + r2 * p67);
+  } else {
+    T inv_factorial = 1;
+    for (int k = 2; k <= C::degree; ++k) inv_factorial /= T(k);  // folded at compile time
+    p = inv_factorial;
+    for (int k = C::degree; k >= 1; --k) {
+      inv_factorial *= T(k);  // 1 / (k - 1)!
+      p = p * r + inv_factorial;
+    }
   }
   const typename C::Int bits = (static_cast<typename C::Int>(n) + C::bias) << C::mantissa;
   T scale;
