@@ -62,6 +62,11 @@ class SsimSettings:
     def radius(self) -> int:
         return self.win_size // 2
 
+    @property
+    def constants(self) -> tuple[float, float]:
+        """SSIM's stabilisers (c1, c2) = ((k1 L)^2, (k2 L)^2), L the data range."""
+        return (self.k1 * self.data_range) ** 2, (self.k2 * self.data_range) ** 2
+
     def msssim_kwargs(self) -> dict:
         """Keyword arguments for `pytorch_msssim.ssim` / `SSIM` (add `size_average`)."""
         return {"data_range": self.data_range, "win_size": self.win_size, "win_sigma": self.win_sigma,
@@ -183,8 +188,8 @@ def ssim_map(pred: Tensor, gt: Tensor, settings: SsimSettings = SSIM) -> Tensor:
     if not _compiled_ssim_takes(pred, gt):
         return ssim_map_torch(pred, gt, settings)
     window = _gaussian_window(settings, pred.device, pred.dtype)
-    c1, c2 = (settings.k1 * settings.data_range) ** 2, (settings.k2 * settings.data_range) ** 2
-    planes = _SsimCpp.apply(pred.reshape(-1, h, w).contiguous(), gt.reshape(-1, h, w).contiguous(), window, c1, c2)
+    planes = _SsimCpp.apply(pred.reshape(-1, h, w).contiguous(), gt.reshape(-1, h, w).contiguous(), window,
+                            *settings.constants)
     smap = planes.reshape(-1, 3, *planes.shape[-2:]).mean(dim=1, keepdim=True)
     return smap.reshape(*pred.shape[:-3], 1, *smap.shape[-2:])
 
@@ -203,7 +208,7 @@ def ssim_map_torch(pred: Tensor, gt: Tensor, settings: SsimSettings = SSIM) -> T
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (settings.k1 * settings.data_range) ** 2, (settings.k2 * settings.data_range) ** 2
+    c1, c2 = settings.constants
     ssim = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * ((2 * cov + c2) / (var_x + var_y + c2))
     return ssim.mean(dim=1, keepdim=True).reshape(*batch, 1, *ssim.shape[-2:])  # [..., 1, h', w']
 
