@@ -267,15 +267,19 @@ class _ProjectCpp(torch.autograd.Function):
         ctx.size = (width, height)
         ctx.save_for_backward(means, quats, scales, w2c, intrinsics)
         ctx.mark_non_differentiable(radii)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a tensor of zeros
         return means2d, covars2d, conics, depths, radii
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward: create_graph=True raises, never silently
-    def backward(ctx, grad_means2d: Tensor, grad_covars2d: Tensor, grad_conics: Tensor, grad_depths: Tensor, _grad_radii):
+    def backward(ctx, grad_means2d: Tensor | None, grad_covars2d: Tensor | None, grad_conics: Tensor | None,
+                 grad_depths: Tensor | None, _grad_radii):
         means, quats, scales, w2c, intrinsics = ctx.saved_tensors
-        grads = (grad_means2d, grad_covars2d, grad_conics, grad_depths)
+        # The kernel reads the gradients through their strides (those of means2d and conics are slices of the
+        # compositing's); an empty tensor stands for an unused output's.
+        grads = (means.new_empty(0) if g is None else g for g in (grad_means2d, grad_covars2d, grad_conics, grad_depths))
         grad_means, grad_quats, grad_scales = extension().project_backward(
-            means, quats, scales, w2c, intrinsics, *(g.contiguous() for g in grads), *ctx.size, *_projection_rules(),
+            means, quats, scales, w2c, intrinsics, *grads, *ctx.size, *_projection_rules(),
         )
         return grad_means, grad_quats, grad_scales, None, None, None, None, None
 

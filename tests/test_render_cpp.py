@@ -504,6 +504,21 @@ def test_projection_gradients_match_autograd(built):
         torch.testing.assert_close(out["cpp"][1][name], ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item(), msg=name)
 
 
+def test_projection_gradients_with_unused_outputs_and_sliced_gradients(built):
+    """As the renderer uses it: means2d and conics go on through one cat (their gradients arrive as strided
+    slices of its gradient), covars2d and depths are unused (no gradient at all); float64, equal autograd's."""
+    means, quats, scales, opacities, cams = projection_scene()
+    weights = torch.randn(*cams.w2c.shape[:2], means.shape[1], 5, dtype=torch.float64)
+    grads = {}
+    for name, fn in (("cpp", render_cpp.project_gaussians), ("torch", render_torch.project_gaussians)):
+        leaves = [t.clone().requires_grad_() for t in (means, quats, scales)]
+        proj = fn(*leaves, cams.w2c, cams.intrinsics, cams.width, cams.height, opacities)
+        (torch.cat([proj.means2d, proj.conics], -1) * weights).sum().backward()
+        grads[name] = [t.grad for t in leaves]
+    for mine, ref in zip(grads["cpp"], grads["torch"]):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
+
+
 def test_projection_gradients_at_clamp_ties_and_zero_quaternion(built):
     """An identity camera with means exactly on the clamp limits of x/z and y/z (torch.minimum/maximum give
     half the gradient at a tie), just inside and outside them, a zero quaternion (normalize's eps) and one

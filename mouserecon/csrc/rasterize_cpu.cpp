@@ -1093,6 +1093,25 @@ void project_forward_impl(const at::Tensor& means_t, const at::Tensor& quats_t, 
 
 // Gradients of the means, quats, scales from those of means2d [B,V,N,2], covars2d [B,V,N,2,2] (the four
 // entries), conics [B,V,N,3], depths [B,V,N], by the chain rule through the forward above, in reverse.
+// A gradient of a projection output [B, V, N, inner...] read through its strides (autograd hands over slices
+// of the compositing's [I*N, 6] gradient: no copy is made), or absent (no elements: the output was unused,
+// so its gradient is zero).
+template <typename scalar_t>
+struct GradView {
+  const scalar_t* data = nullptr;
+  int64_t sb = 0, sv = 0, sn = 0, s0 = 0, s1 = 0;
+  explicit GradView(const at::Tensor& t) {
+    if (t.numel() == 0) return;
+    data = t.data_ptr<scalar_t>();
+    sb = t.stride(0), sv = t.stride(1), sn = t.stride(2);
+    s0 = t.dim() > 3 ? t.stride(3) : 0;
+    s1 = t.dim() > 4 ? t.stride(4) : 0;
+  }
+  scalar_t operator()(int64_t b, int64_t v, int64_t i, int64_t j = 0, int64_t k = 0) const {
+    return data ? data[b * sb + v * sv + i * sn + j * s0 + k * s1] : scalar_t(0);
+  }
+};
+
 template <typename scalar_t>
 void project_backward_impl(const at::Tensor& means_t, const at::Tensor& quats_t, const at::Tensor& scales_t,
                            const at::Tensor& w2c_t, const at::Tensor& intr_t, int64_t width, int64_t height,
@@ -1105,10 +1124,7 @@ void project_backward_impl(const at::Tensor& means_t, const at::Tensor& quats_t,
   const scalar_t* scales = scales_t.data_ptr<scalar_t>();
   const scalar_t* w2c = w2c_t.data_ptr<scalar_t>();
   const scalar_t* intr = intr_t.data_ptr<scalar_t>();
-  const scalar_t* g_means2d = g_means2d_t.data_ptr<scalar_t>();
-  const scalar_t* g_covars = g_covars_t.data_ptr<scalar_t>();
-  const scalar_t* g_conics = g_conics_t.data_ptr<scalar_t>();
-  const scalar_t* g_depths = g_depths_t.data_ptr<scalar_t>();
+  const GradView<scalar_t> g_means2d(g_means2d_t), g_covars(g_covars_t), g_conics(g_conics_t), g_depths(g_depths_t);
   scalar_t* g_means = g_means_t.data_ptr<scalar_t>();
   scalar_t* g_quats = g_quats_t.data_ptr<scalar_t>();
   scalar_t* g_scales = g_scales_t.data_ptr<scalar_t>();
@@ -1125,10 +1141,10 @@ void project_backward_impl(const at::Tensor& means_t, const at::Tensor& quats_t,
         const ProjCamera<scalar_t>& cam = cams[bi * nv + v];
         const scalar_t* R = cam.R;
         const ProjView<scalar_t> pv(cam, means + 3 * g, sh, pr);
-        const int64_t o = (bi * nv + v) * n + i;
         // Covariance entries: directly (covars2d) and through the conic.
-        scalar_t ga = g_covars[4 * o], gb = g_covars[4 * o + 1] + g_covars[4 * o + 2], gc = g_covars[4 * o + 3];
-        const scalar_t g0 = g_conics[3 * o], g1 = g_conics[3 * o + 1], g2 = g_conics[3 * o + 2];
+        scalar_t ga = g_covars(bi, v, i, 0, 0), gb = g_covars(bi, v, i, 0, 1) + g_covars(bi, v, i, 1, 0);
+        scalar_t gc = g_covars(bi, v, i, 1, 1);
+        const scalar_t g0 = g_conics(bi, v, i, 0), g1 = g_conics(bi, v, i, 1), g2 = g_conics(bi, v, i, 2);
         ga += g2 * pv.inv_det, gb -= g1 * pv.inv_det, gc += g0 * pv.inv_det;
         if (pv.det > 0) {  // inv_det = 1 / det; elsewhere it is the constant 1
           const scalar_t g_det = -(g0 * pv.c - g1 * pv.b + g2 * pv.a) * pv.inv_det * pv.inv_det;
@@ -1158,11 +1174,11 @@ void project_backward_impl(const at::Tensor& means_t, const at::Tensor& quats_t,
         // Clamped x/z, y/z (no gradient through a clamped coordinate), then means2d = f x/z + c.
         const scalar_t grx_z = gux * clamp_fov_grad(pv.x * pv.iz, cam.lo_x, cam.hi_x);
         const scalar_t gry_z = guy * clamp_fov_grad(pv.y * pv.iz, cam.lo_y, cam.hi_y);
-        const scalar_t gmx = g_means2d[2 * o], gmy = g_means2d[2 * o + 1];
+        const scalar_t gmx = g_means2d(bi, v, i, 0), gmy = g_means2d(bi, v, i, 1);
         const scalar_t gx = grx_z * pv.iz + gmx * cam.fx * pv.iz;
         const scalar_t gy = gry_z * pv.iz + gmy * cam.fy * pv.iz;
         giz += grx_z * pv.x + gry_z * pv.y + gmx * cam.fx * pv.x + gmy * cam.fy * pv.y;
-        const scalar_t gz = g_depths[o] + (pv.in_depth ? -giz * pv.iz * pv.iz : scalar_t(0));
+        const scalar_t gz = g_depths(bi, v, i) + (pv.in_depth ? -giz * pv.iz * pv.iz : scalar_t(0));
         // p = R mean + t.
         for (int j = 0; j < 3; ++j) gmean[j] += R[j] * gx + R[3 + j] * gy + R[6 + j] * gz;
       }
@@ -1356,10 +1372,10 @@ std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tens
   const std::vector<std::pair<const at::Tensor*, std::vector<int64_t>>> grads = {
       {&grad_means2d, {nb, nv, n, 2}}, {&grad_covars2d, {nb, nv, n, 2, 2}}, {&grad_conics, {nb, nv, n, 3}},
       {&grad_depths, {nb, nv, n}}};
-  for (const auto& [t, shape] : grads) {
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(shape) && t->is_contiguous() && t->device().is_cpu() &&
+  for (const auto& [t, shape] : grads) {  // any strides; no elements: absent (zero)
+    TORCH_CHECK((t->numel() == 0 || t->sizes() == at::IntArrayRef(shape)) && t->device().is_cpu() &&
                     t->scalar_type() == means.scalar_type(),
-                "project_backward: gradients must be contiguous [B, V, N, ...] of the means' dtype, got ", t->sizes());
+                "project_backward: gradients must be [B, V, N, ...] of the means' dtype, or empty, got ", t->sizes());
   }
   auto grad_means = at::empty_like(means);
   auto grad_quats = at::empty_like(quats);
