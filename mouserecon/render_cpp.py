@@ -277,7 +277,8 @@ class _ProjectCpp(torch.autograd.Function):
         means, quats, scales, w2c, intrinsics = ctx.saved_tensors
         # The kernel reads the gradients through their strides (those of means2d and conics are slices of the
         # compositing's); an empty tensor stands for an unused output's.
-        grads = (means.new_empty(0) if g is None else g for g in (grad_means2d, grad_covars2d, grad_conics, grad_depths))
+        upstream = (grad_means2d, grad_covars2d, grad_conics, grad_depths)
+        grads = (means.new_empty(0) if g is None else g for g in upstream)
         grad_means, grad_quats, grad_scales = extension().project_backward(
             means, quats, scales, w2c, intrinsics, *grads, *ctx.size, *_projection_rules(),
         )

@@ -673,7 +673,8 @@ void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const 
   const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
 
   for_each_item(int64_t(tiles.size()), [] { return ForwardState<scalar_t>(); }, [&](int64_t i, ForwardState<scalar_t>& s) {
-    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed.get(), dim, s.scratch);
+    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed.get(), dim,
+                                          s.scratch);
     forward_tile<scalar_t, TS, D>(v, dim, rules, s);
     for (int64_t r = 0; r < v.rows; ++r) {
       const int64_t pix = v.image * hw + (v.y0 + r) * grid.width + v.x0;
@@ -893,7 +894,8 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
     return s;
   };
   for_each_item(int64_t(tiles.size()), make_state, [&](int64_t i, BackwardState<scalar_t>& s) {
-    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed.get(), dim, s.scratch);
+    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed.get(), dim,
+                                          s.scratch);
     s.g.assign(P * dim, scalar_t(0));
     s.T.assign(P, scalar_t(1));
     s.behind.assign(P, scalar_t(0));
@@ -1279,9 +1281,9 @@ std::vector<at::Tensor> composite_forward(const at::Tensor& params, const at::Te
   auto last = at::zeros({num_images, height, width}, colors.options().dtype(at::kInt));
   const Rules rules{alpha_min, alpha_max, t_min};
   dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
-    forward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets,
-                                                                                          slot_gauss, slot_span, grid, rules,
-                                                                                          fg, trans, last);
+    using T = typename decltype(type)::type;
+    forward_impl<T, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, slot_span, grid,
+                                                               rules, fg, trans, last);
   });
   return {fg, trans, last};
 }
@@ -1289,10 +1291,10 @@ std::vector<at::Tensor> composite_forward(const at::Tensor& params, const at::Te
 std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::Tensor& colors,
                                            const at::Tensor& offsets, const at::Tensor& slot_gauss,
                                            const at::Tensor& gauss_slots, const at::Tensor& gauss_offsets,
-                                           const at::Tensor& slot_span, const at::Tensor& trans, const at::Tensor& last, const at::Tensor& grad_fg,
-                                           const at::Tensor& grad_trans, int64_t num_images, int64_t height,
-                                           int64_t width, int64_t tile_size, double alpha_min, double alpha_max,
-                                           double t_min) {
+                                           const at::Tensor& slot_span, const at::Tensor& trans, const at::Tensor& last,
+                                           const at::Tensor& grad_fg, const at::Tensor& grad_trans, int64_t num_images,
+                                           int64_t height, int64_t width, int64_t tile_size, double alpha_min,
+                                           double alpha_max, double t_min) {
   const Grid grid = make_grid(num_images, height, width, tile_size);
   check_gaussians(params, colors, grid);
   check_bins(offsets, slot_gauss, slot_span, grid);
@@ -1313,8 +1315,10 @@ std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::T
   auto grad_colors = at::empty_like(colors);
   const Rules rules{alpha_min, alpha_max, t_min};
   dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
-    backward_impl<typename decltype(type)::type, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, gauss_slots, gauss_offsets, slot_span, grid, rules, trans,
-                                last, grad_fg, grad_trans, grad_params, grad_colors);
+    using T = typename decltype(type)::type;
+    backward_impl<T, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, gauss_slots,
+                                                                gauss_offsets, slot_span, grid, rules, trans, last,
+                                                                grad_fg, grad_trans, grad_params, grad_colors);
   });
   return {grad_params, grad_colors};
 }
