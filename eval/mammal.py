@@ -69,18 +69,19 @@ MAMMAL_FILES = tuple(f"mouse_model/mouse_txt/{n}.txt" for n in (
     "mouse_model/keypoint22_mapper.json",)
 
 
-def _mammal_reader(path: Path):
-    """(name -> text of that file of the MAMMAL_mouse repository, its git commit or None), for a checkout or
-    a bare git repository (e.g. a mirror)."""
-    if (path / MAMMAL_FILES[0]).is_file():
-        return (lambda name: (path / name).read_text()), None
+def repo_reader(path: Path, probe: str, label: str):
+    """(name -> bytes of that file of a repository, its git commit or None), for a checkout or a bare git
+    repository (e.g. a mirror). probe: a file any checkout has; label: the repository's name, for errors."""
+    if (path / probe).is_file():
+        return (lambda name: (path / name).read_bytes()), None
     if not ((path / "HEAD").is_file() and (path / "objects").is_dir()):
-        raise MeshMiceError(f"{path}: not a MAMMAL_mouse checkout (no {MAMMAL_FILES[0]}) nor its bare git repository")
+        raise MeshMiceError(f"{path}: not a {label} checkout (no {probe}) nor its bare git repository")
 
-    def show(name: str) -> str:
-        run = subprocess.run(["git", "--git-dir", str(path), "show", f"HEAD:{name}"], capture_output=True, text=True)
+    def show(name: str) -> bytes:
+        run = subprocess.run(["git", "--git-dir", str(path), "show", f"HEAD:{name}"], capture_output=True)
         if run.returncode:
-            raise MeshMiceError(f"{path}: cannot read {name} from the git repository ({run.stderr.strip()})")
+            raise MeshMiceError(f"{path}: cannot read {name} from the git repository "
+                                f"({run.stderr.decode(errors='replace').strip()})")
         return run.stdout
     head = subprocess.run(["git", "--git-dir", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
     return show, head.stdout.strip() or None
@@ -113,8 +114,8 @@ def _keypoint_map(text: str, path: Path, n: int, j: int) -> tuple:
 def load_mammal(path: str | Path) -> SkinnedMesh:
     """Read MAMMAL_mouse's articulated mouse (see the module docstring) -> SkinnedMesh; checks every table."""
     path = Path(path)
-    read, commit = _mammal_reader(path)
-    texts = {Path(name).stem: read(name) for name in MAMMAL_FILES}
+    read, commit = repo_reader(path, MAMMAL_FILES[0], "MAMMAL_mouse")
+    texts = {Path(name).stem: read(name).decode() for name in MAMMAL_FILES}
     vertices = _table(texts["vertices"], "vertices.txt", path, 3, np.float64)
     faces = _table(texts["faces_vert"], "faces_vert.txt", path, 3, np.int64)
     triples = _table(texts["skinning_weights"], "skinning_weights.txt", path, 3, np.float64)  # joint, vertex, w

@@ -1,6 +1,7 @@
-"""Evaluation samples rendered from a real mouse mesh (MAMMAL_mouse), not from our synthetic generator.
+"""Evaluation samples rendered from meshes made by others (MAMMAL_mouse, dm_control's virtual rodent), not
+from our synthetic generator.
 
-`python -m mouserecon.eval.mesh_mice --mammal PATH -o OUT/ [--n 12] [--resolution 256] [--rig real|facelift]
+`python -m mouserecon.eval.mesh_mice --mammal PATH|--rodent PATH -o OUT/ [--n 12] [--resolution 256] [--rig real|facelift]
 [--crop window|perspective] [--seed 0] [--sheet SHEET.png]` writes N sample folders (DESIGN.md section 4):
 `images/cam_000.png ...` (8-bit RGBA, alpha = coverage, white where alpha is 0), `opencv_cameras.json`
 (`world_up`; for the FaceLift rig also `normalization`), `depth.npz` (camera z at each pixel centre, 0 off
@@ -9,7 +10,9 @@ position, crops). Frames 0-5 are the 6 cameras of the real markerless_mouse_1 ri
 cameras at random azimuths, 0-30 deg elevation, ~300 mm from the mouse, aimed within 5 mm of its centre.
 
 Mesh and poses: `mouserecon.eval.mammal` (MAMMAL_mouse read at run time, posed by linear-blend skinning,
-fitted to the 81 labelled frames; a sample takes a fit of one pose family, turned a little more). Each
+fitted to the 81 labelled frames; a sample takes a fit of one pose family, turned a little more), or with
+`--rodent` `mouserecon.eval.rodent` (a rat's skinned mesh from dm_control, scaled to a mouse's body length,
+in poses of the same families drawn by our own joint rotations, not fitted to data). Each
 sample's mouse is the fitted size times up to `SCALE_JITTER` more or less. World: the rig's, mm, +Z up; the
 mouse's lowest point on the floor z = 0, its body (tail excluded) centred over a recorded position of the
 mouse (`com3d_mm_all_frames`), random heading.
@@ -41,6 +44,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +56,7 @@ from torch import Tensor
 from mouserecon.cameras import CameraError, Cameras, load_camera_file, look_at, save_opencv_cameras, validate_cameras
 from mouserecon.data import DEPTH_FILE, load_sample
 from mouserecon.errors import MouseReconError
+from mouserecon.eval import rodent
 from mouserecon.eval.mammal import (FAMILIES, TAIL, LabeledPose, MeshMiceError, SkinnedMesh, draw_pose,
                                     fit_labeled_poses, load_mammal, rot_z, skin)
 from mouserecon.normalize import Similarity
@@ -180,7 +185,9 @@ COATS = {
 }
 COAT_WEIGHTS = {"black": 0.6, "white": 0.2, "agouti": 0.2}
 # Skin parts by the joints that carry them (names start with these): ears, tail, paws (digits included), nose.
-PARTS = {"ears": ("ear_",), "tail": ("tail_",), "paws": ("hind_paw", "fore_paw"), "nose": ("snout",)}
+# MAMMAL_mouse's names, then the virtual rodent's (`rodent`: no ear or nose bones, so its ears and nose wear fur).
+PARTS = {"ears": ("ear_",), "tail": ("tail_", "vertebra_C"),
+         "paws": ("hind_paw", "fore_paw", "hand_", "finger_", "foot_", "toe_"), "nose": ("snout",)}
 
 
 def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
@@ -406,7 +413,28 @@ def frame_views(vertices: Tensor, cameras: Cameras, crop: str, resolution: int,
 # ---- samples ----------------------------------------------------------------------------------
 
 
-def generate_sample(mesh: SkinnedMesh, poses: list[LabeledPose], rig: Rig, out_dir: str | Path, seed: int,
+@dataclass(frozen=True)
+class Poser:
+    """How a mesh gets its samples' poses. draw(family, rng) -> (rotations [J, 3, 3] as `mammal.skin` takes
+    them, the pose's record); scale_mm: mm per model unit (before `SCALE_JITTER`); tail: the joints that
+    carry the tail (left out of the body's box that `place` centres)."""
+
+    draw: Callable[[str, np.random.Generator], tuple[Tensor, dict]]
+    scale_mm: float
+    tail: tuple[str, ...]
+
+
+def mammal_poser(mesh: SkinnedMesh, poses: list[LabeledPose]) -> Poser:
+    """MAMMAL_mouse posed by its fits to the labelled frames (`mammal.draw_pose`), at the fitted size."""
+    return Poser(lambda family, rng: draw_pose(mesh, poses, family, rng), poses[0].scale_mm, TAIL + ("tail_9_end",))
+
+
+def rodent_poser(mesh: SkinnedMesh) -> Poser:
+    """The virtual rodent posed by `rodent.draw_pose`, scaled to `rodent.BODY_MM` snout to tail base."""
+    return Poser(lambda family, rng: rodent.draw_pose(mesh, family, rng), rodent.scale_mm(mesh), rodent.TAIL)
+
+
+def generate_sample(mesh: SkinnedMesh, poser: Poser, rig: Rig, out_dir: str | Path, seed: int,
                     family: str, resolution: int = 256, crop: str | None = None,
                     margin: float = DEFAULT_CROP_MARGIN, supersample: int = 3) -> Path:
     """Draw pose, size, coat, light, position and held-out cameras from `seed`, render, write `out_dir`.
@@ -423,13 +451,13 @@ def generate_sample(mesh: SkinnedMesh, poses: list[LabeledPose], rig: Rig, out_d
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MeshMiceError(f"{out_dir}: output folder exists and is not empty")
     rng = np.random.default_rng(seed)
-    rotations, pose_record = draw_pose(mesh, poses, family, rng)
-    scale = poses[0].scale_mm * rng.uniform(1.0 - SCALE_JITTER, 1.0 + SCALE_JITTER)
+    rotations, pose_record = poser.draw(family, rng)
+    scale = poser.scale_mm * rng.uniform(1.0 - SCALE_JITTER, 1.0 + SCALE_JITTER)
     posed = skin(mesh, rotations)[0] * scale  # [N, 3] mm, model axes
     coat = str(rng.choice(list(COAT_WEIGHTS), p=list(COAT_WEIGHTS.values())))
     albedo, specular, shininess = paint(mesh, coat, rng)
     light = draw_light(rng, shininess)
-    body = mesh.weights[:, mesh.index(TAIL + ("tail_9_end",))].sum(1) < 0.5
+    body = mesh.weights[:, mesh.index(poser.tail)].sum(1) < 0.5
     high = rig.com_mm[:, 2] >= 35.0
     positions = rig.com_mm[high if family == "rear" else rig.com_mm[:, 2] < 25.0]
     for attempt in range(1, POSITION_TRIES + 1):
@@ -478,20 +506,29 @@ def write_sample(out_dir: Path, rgba: Tensor, depth: Tensor, cameras: Cameras, r
     return out_dir
 
 
-def generate_dataset(mammal: str | Path, rig_dir: str | Path, out_dir: str | Path, n: int, rig: str = "real",
-                     resolution: int = 256, seed: int = 0, crop: str | None = None) -> list[Path]:
-    """Write n samples `out_dir/sample_00000 ...`: sample i has seed seed + i and pose family
-    FAMILIES[i % 5] (so any 5 in a row cover them all). Fits the mesh to the labelled frames first."""
+def generate_dataset(mesh_kind: str, mesh_path: str | Path, rig_dir: str | Path, out_dir: str | Path, n: int,
+                     rig: str = "real", resolution: int = 256, seed: int = 0, crop: str | None = None) -> list[Path]:
+    """Write n samples `out_dir/sample_00000 ...` of the mesh `mesh_kind` ("mammal": MAMMAL_mouse fitted to
+    the labelled frames first; "rodent": dm_control's virtual rodent) read from mesh_path: sample i has seed
+    seed + i and pose family FAMILIES[i % 5] (so any 5 in a row cover them all)."""
     if n < 1 or resolution < 8:
         raise MeshMiceError(f"need --n >= 1 and --resolution >= 8, got {n}, {resolution}")
-    mesh, loaded = load_mammal(mammal), load_rig(rig_dir, rig)
-    poses = fit_labeled_poses(mesh, loaded.labels, loaded.frames, loaded.names)
-    rmse = np.array([p.rmse_mm for p in poses])
-    log.info("fitted the mesh to %d labelled frames: %.1f mm per unit, keypoint RMSE median %.1f mm (max %.1f)",
-             len(poses), poses[0].scale_mm, np.median(rmse), rmse.max())
+    loaded = load_rig(rig_dir, rig)
+    if mesh_kind == "mammal":
+        mesh = load_mammal(mesh_path)
+        poses = fit_labeled_poses(mesh, loaded.labels, loaded.frames, loaded.names)
+        rmse = np.array([p.rmse_mm for p in poses])
+        log.info("fitted the mesh to %d labelled frames: %.1f mm per unit, keypoint RMSE median %.1f mm (max %.1f)",
+                 len(poses), poses[0].scale_mm, np.median(rmse), rmse.max())
+        poser = mammal_poser(mesh, poses)
+    elif mesh_kind == "rodent":
+        mesh = rodent.load_rodent(mesh_path)
+        poser = rodent_poser(mesh)
+    else:
+        raise MeshMiceError(f"unknown mesh {mesh_kind!r}: mammal or rodent")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    folders = [generate_sample(mesh, poses, loaded, out_dir / f"sample_{i:05d}", seed + i, FAMILIES[i % len(FAMILIES)],
+    folders = [generate_sample(mesh, poser, loaded, out_dir / f"sample_{i:05d}", seed + i, FAMILIES[i % len(FAMILIES)],
                                resolution, crop) for i in progress(range(n), desc="mesh mice", unit="sample")]
     log.info("wrote %d samples to %s", n, out_dir)
     return folders
@@ -526,7 +563,9 @@ def default_rig_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mammal", required=True, help="MAMMAL_mouse checkout or its bare git repository")
+    mesh = parser.add_mutually_exclusive_group(required=True)
+    mesh.add_argument("--mammal", help="MAMMAL_mouse checkout or its bare git repository")
+    mesh.add_argument("--rodent", help="dm_control checkout or its bare git repository (the virtual rodent)")
     parser.add_argument("-o", "--out", required=True, help="output folder (sample_00000 ... inside)")
     parser.add_argument("--n", type=int, default=12)
     parser.add_argument("--resolution", type=int, default=256)
@@ -538,7 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        folders = generate_dataset(args.mammal, args.rig_dir or default_rig_dir(), args.out, args.n, args.rig,
+        kind, path = ("mammal", args.mammal) if args.mammal else ("rodent", args.rodent)
+        folders = generate_dataset(kind, path, args.rig_dir or default_rig_dir(), args.out, args.n, args.rig,
                                    args.resolution, args.seed, args.crop)
         if args.sheet:
             log.info("contact sheet: %s", contact_sheet(folders, args.sheet))

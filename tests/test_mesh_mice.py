@@ -300,7 +300,7 @@ def test_the_real_mammal_mesh_fits_the_labels_and_makes_samples(shared_dir, tmp_
     body = mesh.weights[:, mesh.index(mammal.TAIL)].sum(1) < 0.5
     world = mm.place(rear * poses[2].scale_mm, body, 30.0, np.array([50.0, 60.0]))
     assert world[:, 2].min() == pytest.approx(0.0, abs=1e-9) and world[:, 2].max() > 60.0  # up on its hind legs
-    folder = mm.generate_sample(mesh, poses, rig, tmp_path / "sample", seed=0, family="rear", resolution=48)
+    folder = mm.generate_sample(mesh, mm.mammal_poser(mesh, poses), rig, tmp_path / "sample", seed=0, family="rear", resolution=48)
     sample = load_sample(folder)
     assert sample.num_views == 8 and (sample.masks.flatten(1).amax(1) > 0.99).all()
     record = json.loads((folder / mm.RECORD_FILE).read_text())
