@@ -189,43 +189,32 @@ class Bins(NamedTuple):
 
 
 def bin_tiles(params: Tensor, depths: Tensor, radii: Tensor, grid: tuple[int, int, int, int]) -> Bins:
-    """params [I*N, 6 + D] (mean x, mean y, conic xx, xy, yy, log opacity, then anything, e.g. the colours of
-    `pack_gaussians`), depths [I*N], radii [I*N, 2] (0 = culled), grid (I, height, width, tile_size) -> the
-    tiles' lists (see `Bins`)."""
+    """params [I*N, 6] (mean x, mean y, conic xx, xy, yy, log opacity), depths [I*N], radii [I*N, 2]
+    (0 = culled), grid (I, height, width, tile_size) -> the tiles' lists (see `Bins`)."""
     return Bins(*extension().bin_tiles(params.detach().contiguous(), depths.detach().to(params.dtype).contiguous(),
                                        radii.to(torch.int32).contiguous(), *grid, render_torch.ALPHA_MIN))
 
 
-def pack_gaussians(means2d: Tensor, conics: Tensor, log_opacities: Tensor, colors: Tensor) -> Tensor:
-    """means2d [I, N, 2], conics [I, N, 3], log_opacities [I, N], colors [I, N, D] (any strides: a broadcast
-    over images costs no copy) -> gaussians [I*N, 6 + D] contiguous, the table the kernels read."""
-    return extension().pack_gaussians(means2d.detach(), conics.detach(), log_opacities.detach(), colors.detach())
-
-
 class _CompositeCpp(torch.autograd.Function):
-    """means2d [I, N, 2], conics [I, N, 3], log_opacities [I, N], colors [I, N, D], with `gaussians` their
-    packed table and `bins` its tiles -> fg [I, D, H, W] = sum_i c_i alpha_i T_i and final transmittance
-    [I, 1, H, W]."""
+    """params [I*N, 6] (mean x, mean y, conic xx, xy, yy, log opacity), colors [I*N, D] ->
+    fg [I, D, H, W] = sum_i c_i alpha_i T_i and final transmittance [I, 1, H, W]."""
 
     @staticmethod
-    def forward(ctx, means2d: Tensor, conics: Tensor, log_opacities: Tensor, colors: Tensor, gaussians: Tensor,
-                bins: Bins, grid: tuple[int, int, int, int]):
-        fg, trans, last = extension().composite_forward(gaussians, bins.offsets, bins.slot_gauss, bins.slot_span,
+    def forward(ctx, params: Tensor, colors: Tensor, bins: Bins, grid: tuple[int, int, int, int]):
+        params, colors = params.contiguous(), colors.contiguous()
+        fg, trans, last = extension().composite_forward(params, colors, bins.offsets, bins.slot_gauss, bins.slot_span,
                                                         *grid, *_rules())
         ctx.grid, ctx.bins = grid, bins
-        ctx.save_for_backward(gaussians, trans, last)
+        ctx.save_for_backward(params, colors, trans, last)
         return fg, trans
 
     @staticmethod
     def backward(ctx, grad_fg: Tensor, grad_trans: Tensor):
-        gaussians, trans, last = ctx.saved_tensors
+        params, colors, trans, last = ctx.saved_tensors
         grad_params, grad_colors = extension().composite_backward(
-            gaussians, *ctx.bins, trans, last, grad_fg.contiguous(), grad_trans.contiguous(), *ctx.grid, *_rules(),
+            params, colors, *ctx.bins, trans, last, grad_fg.contiguous(), grad_trans.contiguous(), *ctx.grid, *_rules(),
         )
-        num_images = ctx.grid[0]
-        grad_params = grad_params.view(num_images, -1, 6)  # the inputs' gradients are views of its columns
-        return (grad_params[..., :2], grad_params[..., 2:5], grad_params[..., 5],
-                grad_colors.view(num_images, -1, grad_colors.shape[-1]), None, None, None)
+        return grad_params, grad_colors, None, None
 
 
 def composite(
@@ -241,8 +230,7 @@ def composite(
 ) -> tuple[Tensor, Tensor]:
     """`render_torch.composite` in C++: fg [I, D, H, W] (no background) and transmittance [I, 1, H, W].
 
-    CPU tensors, float32 or float64; differentiable w.r.t. means2d, conics, log_opacities, colors (read
-    through their strides: an input broadcast over the images is not copied).
+    CPU tensors, float32 or float64; differentiable w.r.t. means2d, conics, log_opacities, colors.
     tile_size: one of TILE_SIZES (px); results do not depend on it beyond rounding.
     """
     num_images, n = depths.shape
@@ -254,9 +242,9 @@ def composite(
     if tile_size not in TILE_SIZES:
         raise ValueError(f"tile_size must be one of {TILE_SIZES}, got {tile_size}")
     grid = (num_images, height, width, tile_size)
-    gaussians = pack_gaussians(means2d, conics, log_opacities, colors)
-    bins = bin_tiles(gaussians, depths.reshape(num_images * n), radii.reshape(num_images * n, 2), grid)
-    return _CompositeCpp.apply(means2d, conics, log_opacities, colors, gaussians, bins, grid)
+    params = torch.cat([means2d, conics, log_opacities[..., None]], -1).reshape(num_images * n, 6)
+    bins = bin_tiles(params, depths.reshape(num_images * n), radii.reshape(num_images * n, 2), grid)
+    return _CompositeCpp.apply(params, colors.reshape(num_images * n, colors.shape[-1]), bins, grid)
 
 
 def _projection_rules() -> tuple[float, float, float]:

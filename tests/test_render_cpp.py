@@ -127,40 +127,6 @@ def test_composite_gradients_with_early_stop_and_clamp(built, channels):
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_inputs_are_read_through_their_strides(built):
-    """Broadcast (stride 0 over the images, as render passes one set of colours to every view) and transposed
-    inputs: the packed table equals torch.cat of contiguous copies, and the composite and its gradients equal
-    those of the copies (autograd sums a broadcast input's gradient over the images)."""
-    images, n = 3, 9
-    gen = torch.Generator().manual_seed(4)
-    means2d = (torch.rand(images, 2, n, generator=gen, dtype=torch.float64) * 9).transpose(1, 2)  # strides (2n, 1, n)
-    conics = torch.tensor([0.4, 0.05, 0.3], dtype=torch.float64).expand(images, n, 3)
-    log_opac = -torch.rand(1, n, generator=gen, dtype=torch.float64).expand(images, n)
-    colors = torch.rand(1, n, 3, generator=gen, dtype=torch.float64).expand(images, n, 3)
-    packed = render_cpp.pack_gaussians(means2d, conics, log_opac, colors)
-    reference = torch.cat([means2d, conics, log_opac[..., None], colors], -1).reshape(images * n, 9)
-    assert packed.is_contiguous() and torch.equal(packed, reference)
-    depths = torch.rand(images, n, generator=gen, dtype=torch.float64) + 1
-    radii = torch.full((images, n, 2), 6, dtype=torch.int32)
-    weights = torch.rand(images, 3, 7, 9, generator=gen, dtype=torch.float64)
-
-    def run(inputs, copy: bool):
-        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-        strided = (leaves[0].transpose(1, 2), leaves[1].expand(images, n, 3), leaves[2].expand(images, n),
-                   leaves[3].expand(images, n, 3))
-        copies = [t.contiguous() for t in strided] if copy else strided
-        fg, trans = render_cpp.composite(*copies, depths, radii, 9, 7, tile_size=4)
-        ((fg * weights).sum() + trans.square().sum()).backward()
-        return fg.detach(), trans.detach(), [t.grad for t in leaves]
-
-    sources = (means2d.transpose(1, 2), conics[:1, :1], log_opac[:1], colors[:1])
-    ours, theirs = run(sources, copy=False), run(sources, copy=True)
-    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
-    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=0)
-    for mine, ref in zip(ours[2], theirs[2]):
-        torch.testing.assert_close(mine, ref, rtol=1e-12, atol=1e-14)
-
-
 def test_deterministic_across_runs_and_thread_counts(built):
     """render() twice: bit-identical. The compositing alone is also independent of the thread count (so
     is the C++ projection: test_projection_and_render_deterministic_across_thread_counts)."""

@@ -7,8 +7,7 @@
 // pixel stops before a Gaussian that would bring T to <= t_min. The constants come from Python.
 //
 // Layout. params [M, 6] = (mean x, mean y, conic a, b, c, log opacity), colors [M, D], M = I * N
-// image-Gaussians (row g = image * N + n), packed as one table gaussians [M, 6 + D] (pack_gaussians, from the
-// caller's tensors through their strides), which binning and compositing read. Tile t = image * tiles_per_image + row * tiles_x + column owns
+// image-Gaussians (row g = image * N + n). Tile t = image * tiles_per_image + row * tiles_x + column owns
 // the slots offsets[t] .. offsets[t + 1] - 1, front to back; slot s holds Gaussian slot_gauss[s].
 //
 // Binning (bin_tiles). A Gaussian goes to the tiles of its bounding box (radii, exactly the tiles the
@@ -344,10 +343,9 @@ struct BinChunk {
 template <typename scalar_t>
 std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& depths_t, const at::Tensor& radii_t,
                                  const Grid& grid, double alpha_min) {
-  const scalar_t* params = params_t.data_ptr<scalar_t>();  // [M, >= 6]: the params, then anything (colours)
+  const scalar_t* params = params_t.data_ptr<scalar_t>();
   const int32_t* radii = radii_t.data_ptr<int32_t>();
   const int64_t m = params_t.size(0), n = grid.num_images ? m / grid.num_images : 0, tpi = grid.tiles_per_image();
-  const int64_t row = params_t.size(1);
   const double log_alpha_min = std::log(alpha_min);
   const auto order = depth_order(depths_t.data_ptr<scalar_t>(), radii, grid.num_images, n);
 
@@ -373,7 +371,7 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
     std::vector<scalar_t> p(count * kParams);
     std::vector<int32_t> radius(count * 2);
     for (int64_t i = 0; i < count; ++i) {
-      std::copy_n(params + int64_t(run[i]) * row, kParams, p.data() + i * kParams);
+      std::copy_n(params + int64_t(run[i]) * kParams, kParams, p.data() + i * kParams);
       std::copy_n(radii + 2 * int64_t(run[i]), 2, radius.data() + 2 * i);
     }
     for (int64_t i = ch.begin; i < ch.end; ++i) {
@@ -446,35 +444,19 @@ struct TileView {
   const uint8_t* span;
 };
 
-// means2d [I, N, 2], conics [I, N, 3], log opacities [I, N] and colors [I, N, D], any strides (a view's
-// broadcast over images has stride 0), as one contiguous [M, 6 + D] table, M = I * N: the tiles' gathers then
-// read one record (about one cache line) per Gaussian, and the caller makes no copies of its inputs.
+// params [M, 6] and colors [M, D] as one [M, 6 + D] table: a tile's gather then reads one record
+// (about one cache line) per Gaussian instead of two; the reads are random, so misses are what costs.
 template <typename scalar_t>
-void pack_impl(const at::Tensor& means2d_t, const at::Tensor& conics_t, const at::Tensor& log_opac_t,
-               const at::Tensor& colors_t, at::Tensor& packed_t) {
-  const scalar_t* sources[4] = {means2d_t.data_ptr<scalar_t>(), conics_t.data_ptr<scalar_t>(),
-                                log_opac_t.data_ptr<scalar_t>(), colors_t.data_ptr<scalar_t>()};
-  const at::Tensor* tensors[4] = {&means2d_t, &conics_t, &log_opac_t, &colors_t};
-  int64_t image_stride[4], row_stride[4], col_stride[4], width[4];
-  for (int k = 0; k < 4; ++k) {
-    const at::Tensor& t = *tensors[k];
-    image_stride[k] = t.stride(0);
-    row_stride[k] = t.stride(1);
-    col_stride[k] = t.dim() == 3 ? t.stride(2) : 0;
-    width[k] = t.dim() == 3 ? t.size(2) : 1;
-  }
-  scalar_t* packed = packed_t.data_ptr<scalar_t>();
-  const int64_t n = means2d_t.size(1), m = means2d_t.size(0) * n, stride = packed_t.size(1), block = 16384;
+std::unique_ptr<scalar_t[]> pack_gaussians(const scalar_t* params, const scalar_t* colors, int64_t m, int64_t dim) {
+  const int64_t stride = kParams + dim, block = 16384;
+  std::unique_ptr<scalar_t[]> packed(new scalar_t[m * stride]);  // every entry is written: no zeroing
   for_each_item((m + block - 1) / block, [] { return 0; }, [&](int64_t b, int) {
     for (int64_t g = b * block; g < std::min(m, (b + 1) * block); ++g) {
-      scalar_t* out = packed + g * stride;
-      const int64_t image = g / n, row = g % n;
-      for (int k = 0; k < 4; ++k) {
-        const scalar_t* src = sources[k] + image * image_stride[k] + row * row_stride[k];
-        for (int64_t j = 0; j < width[k]; ++j) *out++ = src[j * col_stride[k]];
-      }
+      for (int j = 0; j < kParams; ++j) packed[g * stride + j] = params[g * kParams + j];
+      for (int64_t d = 0; d < dim; ++d) packed[g * stride + kParams + d] = colors[g * dim + d];
     }
   });
+  return packed;
 }
 
 // Starts loading what `address` points at (a later gather's miss overlaps this one's work).
@@ -675,21 +657,24 @@ void forward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules, 
 }
 
 template <typename scalar_t, int TS, int D>
-void forward_impl(const at::Tensor& packed_t, const at::Tensor& offsets_t, const at::Tensor& slot_t,
-                  const at::Tensor& span_t, const Grid& grid, const Rules& rules, at::Tensor& fg_t, at::Tensor& trans_t,
-                  at::Tensor& last_t) {
-  const scalar_t* packed = packed_t.data_ptr<scalar_t>();
+void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
+                  const at::Tensor& slot_t, const at::Tensor& span_t, const Grid& grid, const Rules& rules,
+                  at::Tensor& fg_t, at::Tensor& trans_t, at::Tensor& last_t) {
+  const scalar_t* params = params_t.data_ptr<scalar_t>();
+  const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
   const int32_t* slot_gauss = slot_t.data_ptr<int32_t>();
   const uint8_t* slot_span = span_t.data_ptr<uint8_t>();
   scalar_t* fg = fg_t.data_ptr<scalar_t>();
   scalar_t* trans = trans_t.data_ptr<scalar_t>();
   int32_t* last = last_t.data_ptr<int32_t>();
-  const int64_t dim = packed_t.size(1) - kParams, hw = grid.height * grid.width;
+  const int64_t dim = colors_t.size(1), hw = grid.height * grid.width;
   const auto tiles = busiest_first(offsets, grid.num_tiles());  // empty tiles keep fg 0, T 1, last 0
+  const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
 
   for_each_item(int64_t(tiles.size()), [] { return ForwardState<scalar_t>(); }, [&](int64_t i, ForwardState<scalar_t>& s) {
-    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed, dim, s.scratch);
+    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed.get(), dim,
+                                          s.scratch);
     forward_tile<scalar_t, TS, D>(v, dim, rules, s);
     for (int64_t r = 0; r < v.rows; ++r) {
       const int64_t pix = v.image * hw + (v.y0 + r) * grid.width + v.x0;
@@ -881,11 +866,13 @@ void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules,
 }
 
 template <typename scalar_t, int TS, int D>
-void backward_impl(const at::Tensor& packed_t, const at::Tensor& offsets_t, const at::Tensor& slot_t, const at::Tensor& gauss_slots_t, const at::Tensor& gauss_offsets_t,
+void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const at::Tensor& offsets_t,
+                   const at::Tensor& slot_t, const at::Tensor& gauss_slots_t, const at::Tensor& gauss_offsets_t,
                    const at::Tensor& span_t, const Grid& grid, const Rules& rules, const at::Tensor& trans_t,
                    const at::Tensor& last_t, const at::Tensor& grad_fg_t, const at::Tensor& grad_trans_t,
                    at::Tensor& grad_params_t, at::Tensor& grad_colors_t) {
-  const scalar_t* packed = packed_t.data_ptr<scalar_t>();
+  const scalar_t* params = params_t.data_ptr<scalar_t>();
+  const scalar_t* colors = colors_t.data_ptr<scalar_t>();
   const int64_t* offsets = offsets_t.data_ptr<int64_t>();
   const int32_t* slot_gauss = slot_t.data_ptr<int32_t>();
   const uint8_t* slot_span = span_t.data_ptr<uint8_t>();
@@ -894,19 +881,21 @@ void backward_impl(const at::Tensor& packed_t, const at::Tensor& offsets_t, cons
   const int32_t* last = last_t.data_ptr<int32_t>();
   const scalar_t* grad_fg = grad_fg_t.data_ptr<scalar_t>();
   const scalar_t* grad_trans = grad_trans_t.data_ptr<scalar_t>();
-  const int64_t dim = packed_t.size(1) - kParams, stride = kParams + dim, hw = grid.height * grid.width;
+  const int64_t dim = colors_t.size(1), stride = kParams + dim, hw = grid.height * grid.width;
   constexpr int P = TS * TS;
   // Per-slot gradients [S, 6 + D], in slot order: every slot is written once, so the buffer is left
   // uninitialised (zeroing it cost more than some tiles).
   std::unique_ptr<scalar_t[]> slot_grads(new scalar_t[slot_t.size(0) * stride]);
   const auto tiles = busiest_first(offsets, grid.num_tiles());
+  const auto packed = pack_gaussians(params, colors, params_t.size(0), dim);
   auto make_state = [&] {
     BackwardState<scalar_t> s;
     s.sums.resize(stride * TS);
     return s;
   };
   for_each_item(int64_t(tiles.size()), make_state, [&](int64_t i, BackwardState<scalar_t>& s) {
-    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed, dim, s.scratch);
+    const auto v = view_tile<scalar_t, D>(tiles[i], grid, offsets, slot_gauss, slot_span, packed.get(), dim,
+                                          s.scratch);
     s.g.assign(P * dim, scalar_t(0));
     s.T.assign(P, scalar_t(1));
     s.behind.assign(P, scalar_t(0));
@@ -930,7 +919,7 @@ void backward_impl(const at::Tensor& packed_t, const at::Tensor& offsets_t, cons
   scalar_t* grad_params = grad_params_t.data_ptr<scalar_t>();
   scalar_t* grad_colors = grad_colors_t.data_ptr<scalar_t>();
   const int64_t* gauss_offsets = gauss_offsets_t.data_ptr<int64_t>();
-  const int64_t m = packed_t.size(0), block = 4096, ahead = 8;
+  const int64_t m = params_t.size(0), block = 4096, ahead = 8;
   auto make_total = [&] { return std::vector<scalar_t>(stride); };
   for_each_item((m + block - 1) / block, make_total, [&](int64_t blk, std::vector<scalar_t>& total) {
     const int64_t end = std::min(m, (blk + 1) * block), last_entry = gauss_offsets[end];
@@ -1247,15 +1236,14 @@ void dispatch(const at::Tensor& params, const Grid& grid, int64_t dim, const Bod
   });
 }
 
-// gaussians [M, 6 + D] (D >= 0) contiguous: the params (see Layout), then the colours, as pack_gaussians
-// writes them.
-void check_gaussians(const at::Tensor& gaussians, const Grid& grid) {
-  TORCH_CHECK(gaussians.device().is_cpu(), "rasterize_cpu: CPU tensors only");
-  TORCH_CHECK(gaussians.dim() == 2 && gaussians.size(1) >= kParams && gaussians.is_contiguous(),
-              "gaussians must be [M, 6 + D] contiguous (params, then colours)");
-  TORCH_CHECK(gaussians.size(0) < std::numeric_limits<int32_t>::max(), "rasterize_cpu: more than 2^31 Gaussians");
-  TORCH_CHECK(grid.num_images > 0 ? gaussians.size(0) % grid.num_images == 0 : gaussians.size(0) == 0,
-              "gaussians rows must be a multiple of num_images");
+void check_gaussians(const at::Tensor& params, const at::Tensor& colors, const Grid& grid) {
+  TORCH_CHECK(params.device().is_cpu() && colors.device().is_cpu(), "rasterize_cpu: CPU tensors only");
+  TORCH_CHECK(params.dim() == 2 && params.size(1) == kParams && params.is_contiguous(), "params must be [M, 6] contiguous");
+  TORCH_CHECK(colors.dim() == 2 && colors.size(0) == params.size(0) && colors.is_contiguous(), "colors must be [M, D] contiguous");
+  TORCH_CHECK(colors.scalar_type() == params.scalar_type(), "params and colors must share a dtype");
+  TORCH_CHECK(params.size(0) < std::numeric_limits<int32_t>::max(), "rasterize_cpu: more than 2^31 Gaussians");
+  TORCH_CHECK(grid.num_images > 0 ? params.size(0) % grid.num_images == 0 : params.size(0) == 0,
+              "params rows must be a multiple of num_images");
 }
 
 void check_bins(const at::Tensor& offsets, const at::Tensor& slot_gauss, const at::Tensor& slot_span,
@@ -1271,7 +1259,7 @@ std::vector<at::Tensor> bin_tiles(const at::Tensor& params, const at::Tensor& de
                                   int64_t num_images, int64_t height, int64_t width, int64_t tile_size,
                                   double alpha_min) {
   const Grid grid = make_grid(num_images, height, width, tile_size);
-  check_gaussians(params, grid);
+  check_gaussians(params, params.new_empty({params.size(0), 0}), grid);
   TORCH_CHECK(depths.sizes() == at::IntArrayRef({params.size(0)}) && depths.is_contiguous() &&
                   depths.scalar_type() == params.scalar_type(), "depths must be [M] contiguous, the params' dtype");
   TORCH_CHECK(radii.sizes() == at::IntArrayRef({params.size(0), 2}) && radii.is_contiguous() &&
@@ -1281,76 +1269,56 @@ std::vector<at::Tensor> bin_tiles(const at::Tensor& params, const at::Tensor& de
   return out;
 }
 
-at::Tensor pack_gaussians(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& log_opacities,
-                          const at::Tensor& colors) {
-  const int64_t i = means2d.size(0), n = means2d.dim() > 1 ? means2d.size(1) : 0;
-  TORCH_CHECK(means2d.sizes() == at::IntArrayRef({i, n, 2}) && conics.sizes() == at::IntArrayRef({i, n, 3}) &&
-                  log_opacities.sizes() == at::IntArrayRef({i, n}) && colors.dim() == 3 && colors.size(0) == i &&
-                  colors.size(1) == n, "pack_gaussians: need means2d [I, N, 2], conics [I, N, 3], log_opacities "
-              "[I, N], colors [I, N, D]");
-  for (const at::Tensor* t : {&means2d, &conics, &log_opacities, &colors}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == means2d.scalar_type(),
-                "pack_gaussians: CPU tensors of one dtype");
-  }
-  auto packed = at::empty({i * n, kParams + colors.size(2)}, means2d.options());
-  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "pack_gaussians", [&] {
-    pack_impl<scalar_t>(means2d, conics, log_opacities, colors, packed);
-  });
-  return packed;
-}
-
-std::vector<at::Tensor> composite_forward(const at::Tensor& gaussians, const at::Tensor& offsets,
+std::vector<at::Tensor> composite_forward(const at::Tensor& params, const at::Tensor& colors, const at::Tensor& offsets,
                                           const at::Tensor& slot_gauss, const at::Tensor& slot_span, int64_t num_images,
                                           int64_t height, int64_t width, int64_t tile_size, double alpha_min,
                                           double alpha_max, double t_min) {
   const Grid grid = make_grid(num_images, height, width, tile_size);
-  check_gaussians(gaussians, grid);
+  check_gaussians(params, colors, grid);
   check_bins(offsets, slot_gauss, slot_span, grid);
-  const int64_t dim = gaussians.size(1) - kParams;
-  auto fg = at::zeros({num_images, dim, height, width}, gaussians.options());
-  auto trans = at::ones({num_images, 1, height, width}, gaussians.options());
-  auto last = at::zeros({num_images, height, width}, gaussians.options().dtype(at::kInt));
+  auto fg = at::zeros({num_images, colors.size(1), height, width}, colors.options());
+  auto trans = at::ones({num_images, 1, height, width}, colors.options());
+  auto last = at::zeros({num_images, height, width}, colors.options().dtype(at::kInt));
   const Rules rules{alpha_min, alpha_max, t_min};
-  dispatch(gaussians, grid, dim, [&](auto type, auto ts, auto d) {
+  dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
     using T = typename decltype(type)::type;
-    forward_impl<T, decltype(ts)::value, decltype(d)::value>(gaussians, offsets, slot_gauss, slot_span, grid, rules,
-                                                             fg, trans, last);
+    forward_impl<T, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, slot_span, grid,
+                                                               rules, fg, trans, last);
   });
   return {fg, trans, last};
 }
 
-std::vector<at::Tensor> composite_backward(const at::Tensor& gaussians, const at::Tensor& offsets,
-                                           const at::Tensor& slot_gauss, const at::Tensor& gauss_slots,
-                                           const at::Tensor& gauss_offsets, const at::Tensor& slot_span,
-                                           const at::Tensor& trans, const at::Tensor& last, const at::Tensor& grad_fg,
-                                           const at::Tensor& grad_trans, int64_t num_images, int64_t height,
-                                           int64_t width, int64_t tile_size, double alpha_min, double alpha_max,
-                                           double t_min) {
+std::vector<at::Tensor> composite_backward(const at::Tensor& params, const at::Tensor& colors,
+                                           const at::Tensor& offsets, const at::Tensor& slot_gauss,
+                                           const at::Tensor& gauss_slots, const at::Tensor& gauss_offsets,
+                                           const at::Tensor& slot_span, const at::Tensor& trans, const at::Tensor& last,
+                                           const at::Tensor& grad_fg, const at::Tensor& grad_trans, int64_t num_images,
+                                           int64_t height, int64_t width, int64_t tile_size, double alpha_min,
+                                           double alpha_max, double t_min) {
   const Grid grid = make_grid(num_images, height, width, tile_size);
-  check_gaussians(gaussians, grid);
+  check_gaussians(params, colors, grid);
   check_bins(offsets, slot_gauss, slot_span, grid);
-  const int64_t m = gaussians.size(0), dim = gaussians.size(1) - kParams;
   TORCH_CHECK(gauss_slots.sizes() == slot_gauss.sizes() && gauss_slots.scalar_type() == at::kInt &&
                   gauss_slots.is_contiguous(), "gauss_slots must be int32 like slot_gauss");
-  TORCH_CHECK(gauss_offsets.sizes() == at::IntArrayRef({m + 1}) && gauss_offsets.scalar_type() == at::kLong &&
+  TORCH_CHECK(gauss_offsets.sizes() == at::IntArrayRef({params.size(0) + 1}) && gauss_offsets.scalar_type() == at::kLong &&
                   gauss_offsets.is_contiguous(), "gauss_offsets must be int64 [M + 1]");
-  TORCH_CHECK(grad_fg.sizes() == at::IntArrayRef({num_images, dim, height, width}) && grad_fg.is_contiguous(),
+  TORCH_CHECK(grad_fg.sizes() == at::IntArrayRef({num_images, colors.size(1), height, width}) && grad_fg.is_contiguous(),
               "grad_fg must be [I, D, H, W] contiguous");
   TORCH_CHECK(trans.sizes() == at::IntArrayRef({num_images, 1, height, width}) && trans.is_contiguous() &&
                   grad_trans.sizes() == trans.sizes() && grad_trans.is_contiguous(),
               "trans and grad_trans must be [I, 1, H, W] contiguous");
-  TORCH_CHECK(grad_fg.scalar_type() == gaussians.scalar_type() && grad_trans.scalar_type() == gaussians.scalar_type() &&
-                  trans.scalar_type() == gaussians.scalar_type(), "trans and the gradients must share the gaussians' dtype");
+  TORCH_CHECK(grad_fg.scalar_type() == params.scalar_type() && grad_trans.scalar_type() == params.scalar_type() &&
+                  trans.scalar_type() == params.scalar_type(), "trans and the gradients must share the params' dtype");
   TORCH_CHECK(last.sizes() == at::IntArrayRef({num_images, height, width}) && last.scalar_type() == at::kInt &&
                   last.is_contiguous(), "last must be int32 [I, H, W] contiguous");
-  auto grad_params = at::empty({m, kParams}, gaussians.options());  // every entry is written (backward_impl)
-  auto grad_colors = at::empty({m, dim}, gaussians.options());
+  auto grad_params = at::empty_like(params);  // every entry is written (backward_impl)
+  auto grad_colors = at::empty_like(colors);
   const Rules rules{alpha_min, alpha_max, t_min};
-  dispatch(gaussians, grid, dim, [&](auto type, auto ts, auto d) {
+  dispatch(params, grid, colors.size(1), [&](auto type, auto ts, auto dim) {
     using T = typename decltype(type)::type;
-    backward_impl<T, decltype(ts)::value, decltype(d)::value>(gaussians, offsets, slot_gauss, gauss_slots,
-                                                              gauss_offsets, slot_span, grid, rules, trans, last,
-                                                              grad_fg, grad_trans, grad_params, grad_colors);
+    backward_impl<T, decltype(ts)::value, decltype(dim)::value>(params, colors, offsets, slot_gauss, gauss_slots,
+                                                                gauss_offsets, slot_span, grid, rules, trans, last,
+                                                                grad_fg, grad_trans, grad_params, grad_colors);
   });
   return {grad_params, grad_colors};
 }
@@ -1428,7 +1396,6 @@ std::vector<at::Tensor> project_backward(const at::Tensor& means, const at::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bin_tiles", &bin_tiles, "depth-sorted tile lists -> (offsets, slot_gauss, gauss_slots, gauss_offsets, slot_span)");
-  m.def("pack_gaussians", &pack_gaussians, "(means2d, conics, log opacities, colours) -> one [M, 6 + D] table");
   m.def("composite_forward", &composite_forward, "tile compositing forward -> (fg, trans, last)");
   m.def("composite_backward", &composite_backward, "tile compositing backward -> (grad_params, grad_colors)");
   m.def("project_forward", &project_forward, "EWA projection -> (means2d, covars2d, conics, depths, radii)");
