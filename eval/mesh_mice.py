@@ -1,8 +1,8 @@
 """Evaluation samples rendered from meshes made by others (MAMMAL_mouse, dm_control's virtual rodent), not
 from our synthetic generator.
 
-`python -m mouserecon.eval.mesh_mice --mammal PATH|--rodent PATH -o OUT/ [--n 12] [--resolution 256] [--rig real|facelift]
-[--crop window|perspective] [--seed 0] [--sheet SHEET.png]` writes N sample folders (DESIGN.md section 4):
+`python -m mouserecon.eval.mesh_mice --mammal PATH|--rodent PATH -o OUT/ [--n 12] [--resolution 256]
+[--rig real|facelift] [--crop window|perspective] [--seed 0] [--sheet SHEET.png]` writes N sample folders (DESIGN.md section 4):
 `images/cam_000.png ...` (8-bit RGBA, alpha = coverage, white where alpha is 0), `opencv_cameras.json`
 (`world_up`; for the FaceLift rig also `normalization`), `depth.npz` (camera z at each pixel centre, 0 off
 the mouse, as `mouserecon.data.DEPTH_FILE`) and `mesh_mouse.json` (mesh source, seed, pose, coat, light,
