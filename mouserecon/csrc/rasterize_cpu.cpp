@@ -28,7 +28,10 @@
 // own (range reduction + Taylor polynomial, 1-2 ulp), because libm's does not vectorise without -ffast-math.
 // The forward saves the final transmittance and, per pixel, the position of its last composited Gaussian
 // + 1; the backward walks each tile back to front from there, recovering T before each Gaussian by
-// division (the 3DGS scheme). Tiles and Gaussian records are gathered into per-thread scratch first.
+// division (the 3DGS scheme). Per pixel it accumulates only G = dL/dlog(alpha), G dy and G dy^2 (and the
+// colour terms): a lane's dx is the same in every row, so the six parameter gradients follow per Gaussian
+// from these and dx (finish_lanes, finish_gaussian). Tiles and Gaussian records are gathered into
+// per-thread scratch first.
 //
 // Threads: torch's OpenMP ones where render_cpp builds with -fopenmp, else std::thread (run_workers).
 // Determinism: each tile (and each Gaussian's sum) is computed by one thread in a fixed order; work is
@@ -688,8 +691,10 @@ void forward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const 
 }
 
 // Backward over W lanes of one row of a TS x TS tile for Gaussian k, back to front: undoes its compositing
-// in T and behind and adds its per-lane gradient sums: sum [6 + D][TS] (mean x, mean y, conic a, b, c, log
-// opacity, colour) at the first lane. q = <dL/dfg, colour> per lane, g = dL/dfg [dim][TS * TS] at the row.
+// in T and behind and adds to its per-lane sums sum [6 + D][TS] at the first lane: rows 0-2 the sums over
+// rows of G, G dy and G dy^2, G = dL/dlog(alpha) at the pixel, dy = mean y - pixel y (a lane's dx is the same
+// in every row, so these three give all six parameter gradients: see finish_gaussian); rows 6.. the colour
+// gradients. q = <dL/dfg, colour> per lane, g = dL/dfg [dim][TS * TS] at the row.
 // As in forward_row, a fixed colour count D keeps the colour terms in the lane loop; D = 0 computes q and
 // adds them around it.
 template <typename scalar_t, int W, int TS, int D>
@@ -729,12 +734,10 @@ inline void backward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, con
     // d alpha / d log(alpha) = alpha, except where clamped (alpha does not depend on the parameters).
     const scalar_t free = raw < alpha_max ? use : scalar_t(0);
     const scalar_t grad_log = free != scalar_t(0) ? grad_alpha * alpha : scalar_t(0);
-    sum[0 * TS + l] -= grad_log * (gr.a * dx + gr.bdy);
-    sum[1 * TS + l] -= grad_log * (gr.b * dx + gr.c * gr.dy);
-    sum[2 * TS + l] -= grad_log * scalar_t(0.5) * dx * dx;
-    sum[3 * TS + l] -= grad_log * dx * gr.dy;
-    sum[4 * TS + l] -= grad_log * scalar_t(0.5) * gr.dy * gr.dy;
-    sum[5 * TS + l] += grad_log;
+    const scalar_t grad_dy = grad_log * gr.dy;
+    sum[0 * TS + l] += grad_log;
+    sum[1 * TS + l] += grad_dy;
+    sum[2 * TS + l] += grad_dy * gr.dy;
   }
   if constexpr (D == 0) {
     for (int64_t d = 0; d < dim; ++d) add_product<scalar_t, W>(sum + (kParams + d) * TS, g + d * P, w);
@@ -807,24 +810,51 @@ struct BackwardState {
   std::vector<Index<scalar_t>> stop;
 };
 
+// Lane rows 3-5 of a Gaussian's sums (backward_row's layout) from rows 0-1 and each lane's dx = mean x -
+// pixel x: sum_r G dx, sum_r G dx^2, sum_r G dy dx.
+template <typename scalar_t, int W, int TS>
+inline void finish_lanes(scalar_t mean_x, const scalar_t* RESTRICT px, scalar_t* RESTRICT sum) {
+  for (int l = 0; l < W; ++l) {
+    const scalar_t dx = mean_x - px[l];
+    sum[3 * TS + l] = sum[0 * TS + l] * dx;
+    sum[4 * TS + l] = sum[3 * TS + l] * dx;
+    sum[5 * TS + l] = sum[1 * TS + l] * dx;
+  }
+}
+
+// The parameter gradients from the summed rows (out[0..5] = sums of G, G dy, G dy^2, G dx, G dx^2, G dx dy
+// over the pixels, G = dL/dlog(alpha)): log(alpha) = log opacity - (a dx^2 / 2 + b dx dy + c dy^2 / 2).
+template <typename scalar_t>
+inline void finish_gaussian(const scalar_t* p, scalar_t* out) {
+  const scalar_t g = out[0], g_dy = out[1], g_dy2 = out[2], g_dx = out[3], g_dx2 = out[4], g_dxdy = out[5];
+  out[0] = -(p[2] * g_dx + p[3] * g_dy);  // mean x
+  out[1] = -(p[3] * g_dx + p[4] * g_dy);  // mean y
+  out[2] = scalar_t(-0.5) * g_dx2;        // conic a
+  out[3] = -g_dxdy;                       // conic b
+  out[4] = scalar_t(-0.5) * g_dy2;        // conic c
+  out[5] = g;                             // log opacity
+}
+
 // Gradient [6 + D] of the tile's k-th Gaussian (rows it reaches where some pixel composited it) into out.
 // A narrow one (narrow_lanes) runs on its half-width window and sums that window's lanes (sum_lanes); a
 // wide one runs on whole rows and folds all lanes by halves.
 template <typename scalar_t, int TS, int D>
 void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, const Rules& rules,
-                       const int32_t* row_stop, BackwardState<scalar_t>& s, scalar_t* out) {
+                       const int32_t* row_stop, const scalar_t* px, BackwardState<scalar_t>& s, scalar_t* out) {
   constexpr int P = TS * TS;
   const scalar_t* p = v.gauss + k * (kParams + dim);
   const uint8_t* sp = v.span + k * kSpan;
   const int64_t ra = sp[0], rb = sp[1], ca = sp[2], cb = sp[3];
-  scalar_t px[TS], q[TS], w[TS];
-  for (int l = 0; l < TS; ++l) px[l] = scalar_t(v.x0 + l) + scalar_t(0.5);
+  scalar_t q[TS], w[TS];
   const int64_t o = narrow_lanes<TS>(ca, cb), first = std::max<int64_t>(o, 0);
-  // Only the lanes the rows below add to are zeroed (a fill of all of them is a memset call per slot).
+  // Only the lanes and sums the rows below add to are zeroed (a fill of all of them is a memset call per
+  // slot): rows 3-5 are written by finish_lanes.
   if (o < 0) {
-    zero_lanes<scalar_t, TS>(s.sums.data(), kParams + dim, TS);
+    zero_lanes<scalar_t, TS>(s.sums.data(), 3, TS);
+    zero_lanes<scalar_t, TS>(s.sums.data() + kParams * TS, dim, TS);
   } else {
-    zero_lanes<scalar_t, Half<TS>>(s.sums.data() + o, kParams + dim, TS);
+    zero_lanes<scalar_t, Half<TS>>(s.sums.data() + o, 3, TS);
+    zero_lanes<scalar_t, Half<TS>>(s.sums.data() + kParams * TS + o, dim, TS);
   }
   for (int64_t r = ra; r < rb; ++r) {
     if (row_stop[r] <= k) continue;
@@ -841,11 +871,14 @@ void backward_gaussian(const TileView<scalar_t>& v, int64_t k, int64_t dim, cons
     }
   }
   if (o >= 0) {
+    finish_lanes<scalar_t, Half<TS>, TS>(p[0], px + o, s.sums.data() + o);
     sum_rows<scalar_t, Half<TS>>(s.sums.data() + o, TS, kParams + dim, out);
-    return;
+  } else {
+    finish_lanes<scalar_t, TS, TS>(p[0], px, s.sums.data());
+    fold_lanes<scalar_t, TS / 2>(s.sums.data(), kParams + dim, TS);
+    for (int64_t j = 0; j < kParams + dim; ++j) out[j] = s.sums[j * TS];
   }
-  fold_lanes<scalar_t, TS / 2>(s.sums.data(), kParams + dim, TS);
-  for (int64_t j = 0; j < kParams + dim; ++j) out[j] = s.sums[j * TS];
+  finish_gaussian(p, out);
 }
 
 template <typename scalar_t, int TS, int D>
@@ -855,13 +888,15 @@ void backward_tile(const TileView<scalar_t>& v, int64_t dim, const Rules& rules,
   int32_t row_stop[TS] = {};
   for (int64_t r = 0; r < v.rows; ++r) row_stop[r] = *std::max_element(s.stop.begin() + r * TS, s.stop.begin() + (r + 1) * TS);
   const int64_t max_stop = *std::max_element(row_stop, row_stop + TS);
+  scalar_t px[TS];  // the pixel centres' x along a row
+  for (int l = 0; l < TS; ++l) px[l] = scalar_t(v.x0 + l) + scalar_t(0.5);
   for (int64_t k = v.count - 1; k >= 0; --k) {
     scalar_t* out = slot_grads + (v.begin + k) * stride;
     if (k >= max_stop) {
       std::fill(out, out + stride, scalar_t(0));
       continue;
     }
-    backward_gaussian<scalar_t, TS, D>(v, k, dim, rules, row_stop, s, out);
+    backward_gaussian<scalar_t, TS, D>(v, k, dim, rules, row_stop, px, s, out);
   }
 }
 
