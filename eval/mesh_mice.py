@@ -2,10 +2,10 @@
 from our synthetic generator.
 
 `python -m mouserecon.eval.mesh_mice --mammal PATH|--rodent PATH -o OUT/ [--n 12] [--resolution 256]
-[--rig real|facelift] [--crop window|perspective] [--seed 0] [--sheet SHEET.png]` writes N sample folders (DESIGN.md section 4):
-`images/cam_000.png ...` (8-bit RGBA, alpha = coverage, white where alpha is 0), `opencv_cameras.json`
-(`world_up`; for the FaceLift rig also `normalization`), `depth.npz` (camera z at each pixel centre, 0 off
-the mouse, as `mouserecon.data.DEPTH_FILE`) and `mesh_mouse.json` (mesh source, seed, pose, coat, light,
+[--rig real|facelift] [--crop window|perspective] [--seed 0] [--sheet SHEET.png]` writes N sample folders
+(DESIGN.md section 4): `images/cam_000.png ...` (8-bit RGBA, alpha = coverage, white where alpha is 0),
+`opencv_cameras.json` (`world_up`; for the FaceLift rig also `normalization`), `depth.npz` (camera z at each
+pixel centre, 0 off the mouse, as `mouserecon.data.DEPTH_FILE`) and `mesh_mouse.json` (mesh source, seed, pose, coat, light,
 position, crops). Frames 0-5 are the 6 cameras of the real markerless_mouse_1 rig, frames 6-7 two held-out
 cameras at random azimuths, 0-30 deg elevation, ~300 mm from the mouse, aimed within 5 mm of its centre.
 
@@ -184,10 +184,9 @@ COATS = {
                (0.78, 0.58, 0.52), (0.70, 0.50, 0.46), 0.12, 15.0),
 }
 COAT_WEIGHTS = {"black": 0.6, "white": 0.2, "agouti": 0.2}
-# Skin parts by the joints that carry them (names start with these): ears, tail, paws (digits included), nose.
-# MAMMAL_mouse's names, then the virtual rodent's (`rodent`: no ear or nose bones, so its ears and nose wear fur).
-PARTS = {"ears": ("ear_",), "tail": ("tail_", "vertebra_C"),
-         "paws": ("hind_paw", "fore_paw", "hand_", "finger_", "foot_", "toe_"), "nose": ("snout",)}
+# MAMMAL_mouse's skin parts by the joints that carry them (names start with these): ears, tail, paws (digits
+# included), nose, in COATS' order (`rodent.PARTS` names the virtual rodent's).
+PARTS = {"ears": ("ear_",), "tail": ("tail_",), "paws": ("hind_paw", "fore_paw"), "nose": ("snout",)}
 
 
 def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
@@ -198,10 +197,11 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
     return torch.nn.functional.normalize(normals, dim=-1)
 
 
-def paint(mesh: SkinnedMesh, coat: str, rng: np.random.Generator) -> tuple[Tensor, Tensor, float]:
+def paint(mesh: SkinnedMesh, coat: str, rng: np.random.Generator,
+          parts: dict[str, tuple[str, ...]] = PARTS) -> tuple[Tensor, Tensor, float]:
     """Per-vertex sRGB albedo [N, 3] and specular strength [N] of `coat`, and its shininess.
 
-    Fur blends from dorsal to ventral with the rest-pose normal; a vertex belongs to a part (`PARTS`) by
+    Fur blends from dorsal to ventral with the rest-pose normal; a vertex belongs to a part (`parts`) by
     the summed skinning weight of the part's joints; fur gets a +-6 % per-vertex mottle and the whole coat a
     brightness in [0.9, 1.1].
     """
@@ -211,7 +211,7 @@ def paint(mesh: SkinnedMesh, coat: str, rng: np.random.Generator) -> tuple[Tenso
     albedo = t(dorsal) * (1 - belly) + t(ventral) * belly
     albedo = albedo * torch.from_numpy(rng.uniform(0.94, 1.06, size=(len(albedo), 1)))
     spec = torch.full((len(albedo),), specular, dtype=torch.float64)
-    for (part, prefixes), colour in zip(PARTS.items(), part_colours):
+    for (part, prefixes), colour in zip(parts.items(), part_colours):
         joints = [j for j, name in enumerate(mesh.names) if name.startswith(prefixes)]
         share = mesh.weights[:, joints].sum(1).clamp(0.0, 1.0)[:, None]  # [N, 1]
         albedo = albedo * (1 - share) + t(colour) * share
@@ -417,21 +417,24 @@ def frame_views(vertices: Tensor, cameras: Cameras, crop: str, resolution: int,
 class Poser:
     """How a mesh gets its samples' poses. draw(family, rng) -> (rotations [J, 3, 3] as `mammal.skin` takes
     them, the pose's record); scale_mm: mm per model unit (before `SCALE_JITTER`); tail: the joints that
-    carry the tail (left out of the body's box that `place` centres)."""
+    carry the tail (left out of the body's box that `place` centres); parts: its skin parts for `paint`."""
 
     draw: Callable[[str, np.random.Generator], tuple[Tensor, dict]]
     scale_mm: float
     tail: tuple[str, ...]
+    parts: dict[str, tuple[str, ...]]
 
 
 def mammal_poser(mesh: SkinnedMesh, poses: list[LabeledPose]) -> Poser:
     """MAMMAL_mouse posed by its fits to the labelled frames (`mammal.draw_pose`), at the fitted size."""
-    return Poser(lambda family, rng: draw_pose(mesh, poses, family, rng), poses[0].scale_mm, TAIL + ("tail_9_end",))
+    return Poser(lambda family, rng: draw_pose(mesh, poses, family, rng), poses[0].scale_mm, TAIL + ("tail_9_end",),
+                 PARTS)
 
 
 def rodent_poser(mesh: SkinnedMesh) -> Poser:
     """The virtual rodent posed by `rodent.draw_pose`, scaled to `rodent.BODY_MM` snout to tail base."""
-    return Poser(lambda family, rng: rodent.draw_pose(mesh, family, rng), rodent.scale_mm(mesh), rodent.TAIL)
+    return Poser(lambda family, rng: rodent.draw_pose(mesh, family, rng), rodent.scale_mm(mesh), rodent.TAIL,
+                 rodent.PARTS)
 
 
 def generate_sample(mesh: SkinnedMesh, poser: Poser, rig: Rig, out_dir: str | Path, seed: int,
@@ -455,7 +458,7 @@ def generate_sample(mesh: SkinnedMesh, poser: Poser, rig: Rig, out_dir: str | Pa
     scale = poser.scale_mm * rng.uniform(1.0 - SCALE_JITTER, 1.0 + SCALE_JITTER)
     posed = skin(mesh, rotations)[0] * scale  # [N, 3] mm, model axes
     coat = str(rng.choice(list(COAT_WEIGHTS), p=list(COAT_WEIGHTS.values())))
-    albedo, specular, shininess = paint(mesh, coat, rng)
+    albedo, specular, shininess = paint(mesh, coat, rng, poser.parts)
     light = draw_light(rng, shininess)
     body = mesh.weights[:, mesh.index(poser.tail)].sum(1) < 0.5
     high = rig.com_mm[:, 2] >= 35.0

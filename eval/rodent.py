@@ -48,6 +48,8 @@ NECK = ("vertebra_cervical_5", "vertebra_cervical_4", "vertebra_cervical_3", "ve
         "vertebra_cervical_1", "vertebra_axis", "vertebra_atlant")
 TAIL = tuple(f"vertebra_C{i}" for i in range(1, 31))
 TAIL_BASE = "vertebra_C1"
+# Skin parts for `mesh_mice.paint` (as its PARTS): no ear or nose bones, so the ears and nose wear fur.
+PARTS = {"ears": (), "tail": ("vertebra_C",), "paws": ("hand_", "finger_", "foot_", "toe_"), "nose": ()}
 _NAME_BYTES = 40
 
 
