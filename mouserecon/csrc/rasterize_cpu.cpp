@@ -182,30 +182,43 @@ inline T exp_vec(T x) {
 // 0.5 c dy^2 <= L, d = mean - pixel, L = log_opacity - log(alpha_min) (plus a 1e-3 margin, so rounding
 // never drops a pixel; the exact test is still made per pixel).
 struct Ellipse {
-  double mx, my, a, b, c, L;
+  double mx, my, a, b, c, L, det;  // det = a c - b^2
   bool empty, degenerate;  // no pixel can pass / not positive definite: every pixel of the box may pass
 };
 
 template <typename scalar_t>
 inline Ellipse ellipse(const scalar_t* p, double log_alpha_min) {
-  Ellipse el{p[0], p[1], p[2], p[3], p[4], double(p[5]) - log_alpha_min + 1e-3, false, false};
+  Ellipse el{p[0], p[1], p[2], p[3], p[4], double(p[5]) - log_alpha_min + 1e-3, 0.0, false, false};
+  el.det = el.a * el.c - el.b * el.b;
   el.empty = !(el.L > 0);
-  el.degenerate = !(el.a > 0 && el.a * el.c - el.b * el.b > 0);
+  el.degenerate = !(el.a > 0 && el.det > 0);
   return el;
 }
 
 // Does the ellipse reach a pixel centre of [cx0, cx1] x [cy0, cy1] (centre coordinates)? The smallest q
-// over the box is 0 if the mean is inside, else on an edge, where q is a parabola in one variable.
+// over the box is 0 if the mean is inside, else on an edge. Along the edge at dx, q is a parabola in dy,
+// smallest at dy* = -b dx / c with value dx^2 det / (2 c), or at the end of [dy_lo, dy_hi] nearer dy*; the
+// tests are multiplied through by c > 0 (or a, along y), so they take no division.
 inline bool reaches_box(const Ellipse& el, double cx0, double cx1, double cy0, double cy1) {
   if (el.empty) return false;
   if (el.degenerate) return true;
   const double dx_lo = el.mx - cx1, dx_hi = el.mx - cx0, dy_lo = el.my - cy1, dy_hi = el.my - cy0;
   if (dx_lo <= 0 && dx_hi >= 0 && dy_lo <= 0 && dy_hi >= 0) return true;
-  auto q = [&](double dx, double dy) { return 0.5 * el.a * dx * dx + el.b * dx * dy + 0.5 * el.c * dy * dy; };
-  double best = std::numeric_limits<double>::infinity();
-  for (const double dx : {dx_lo, dx_hi}) best = std::min(best, q(dx, std::clamp(-el.b * dx / el.c, dy_lo, dy_hi)));
-  for (const double dy : {dy_lo, dy_hi}) best = std::min(best, q(std::clamp(-el.b * dy / el.a, dx_lo, dx_hi), dy));
-  return best <= el.L;
+  const auto q = [&](double dx, double dy) { return 0.5 * el.a * dx * dx + el.b * dx * dy + 0.5 * el.c * dy * dy; };
+  // Edge at u (fixed), v in [lo, hi]; k = the coefficient of v^2 (times 2): min of q <= L?
+  const auto edge = [&](double u, double k, double lo, double hi, auto q_at) {
+    const double t = -el.b * u;  // k * v*
+    if (t <= k * lo) return q_at(lo) <= el.L;
+    if (t >= k * hi) return q_at(hi) <= el.L;
+    return 0.5 * u * u * el.det <= el.L * k;
+  };
+  for (const double dx : {dx_lo, dx_hi}) {
+    if (edge(dx, el.c, dy_lo, dy_hi, [&](double dy) { return q(dx, dy); })) return true;
+  }
+  for (const double dy : {dy_lo, dy_hi}) {
+    if (edge(dy, el.a, dx_lo, dx_hi, [&](double dx) { return q(dx, dy); })) return true;
+  }
+  return false;
 }
 
 // A non-empty ellipse's reach: the pixels i along x (y) whose centre i + 0.5 it reaches are those in
@@ -218,8 +231,8 @@ struct Reach {
     if (el.degenerate) {
       x_lo = y_lo = -inf, x_hi = y_hi = inf;
     } else {
-      const double det = el.a * el.c - el.b * el.b;
-      const double hx = std::sqrt(2.0 * el.L * el.c / det), hy = std::sqrt(2.0 * el.L * el.a / det);
+      const double s = 2.0 * el.L / el.det;
+      const double hx = std::sqrt(s * el.c), hy = std::sqrt(s * el.a);
       x_lo = el.mx - hx - 0.5, x_hi = el.mx + hx - 0.5, y_lo = el.my - hy - 0.5, y_hi = el.my + hy - 0.5;
     }
   }
@@ -373,10 +386,12 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
     const int64_t count = ch.end - ch.begin;
     std::vector<scalar_t> p(count * kParams);
     std::vector<int32_t> radius(count * 2);
-    for (int64_t i = 0; i < count; ++i) {
-      std::copy_n(params + int64_t(run[i]) * kParams, kParams, p.data() + i * kParams);
-      std::copy_n(radii + 2 * int64_t(run[i]), 2, radius.data() + 2 * i);
+    for (int64_t i = 0; i < count; ++i) {  // fixed-size memcpy: inlined (std::copy_n called memmove per row)
+      std::memcpy(p.data() + i * kParams, params + int64_t(run[i]) * kParams, kParams * sizeof(scalar_t));
+      std::memcpy(radius.data() + 2 * i, radii + 2 * int64_t(run[i]), 2 * sizeof(int32_t));
     }
+    ch.tiles.reserve(2 * count);  // most Gaussians reach 1 or 2 tiles
+    ch.spans.reserve(2 * count);
     for (int64_t i = ch.begin; i < ch.end; ++i) {
       const int32_t g = order[ch.image][i];
       const size_t before = ch.tiles.size();
