@@ -44,9 +44,10 @@ SOURCE = Path(__file__).parent / "csrc" / "rasterize_cpu.cpp"
 TILE_SIZE = 16  # px: one row of a tile is one 512-bit vector of float32
 TILE_SIZES = (4, 8, 16, 32)  # the tile sizes the kernel is compiled for
 NATIVE_FLAGS = (("-march=native",), ("-mcpu=native",))  # tried in order, the first the compiler takes
-# FP operations may be assumed not to trap (results are unchanged): without it GCC keeps the kernel's
-# selects as branches, and scalar, for AVX2.
-OPTIONAL_FLAGS = ("-fno-trapping-math",)
+# FP operations may be assumed not to trap, and sqrt not to set errno (results are unchanged; nothing reads
+# errno): without them GCC keeps the kernel's selects as branches, and a sqrt as a call for negative input,
+# so those loops stay scalar.
+OPTIONAL_FLAGS = ("-fno-trapping-math", "-fno-math-errno")
 # Where torch runs its threads on OpenMP, the kernel's threads are torch's own (an OpenMP parallel region
 # in the same runtime): threads of our own would compete for the cores with torch's, which spin-wait for
 # a while after each torch op. Compiled and linked with it where the compiler builds an OpenMP program.

@@ -994,15 +994,17 @@ void backward_impl(const at::Tensor& params_t, const at::Tensor& colors_t, const
 // J W = (fx/z (w0 - ux w2), fy/z (w1 - uy w2)) with ux, uy = x/z, y/z clamped to 1.3x the field of view;
 // half-covariance rows h = (J W) (R_q diag(s)); covariance (a, b, c) = (|hx|^2 + eps, hx.hy, |hy|^2 + eps);
 // conic = (c, -b, a) / det (1/det -> 1 where det <= 0); means2d = (fx x/z + cx, fy y/z + cy); depth z.
-// The backward recomputes these from the inputs. Work is split by blocks of Gaussians: a block's
-// outputs, and its Gaussians' gradient sums over the views (in view order), are one thread's.
+// The backward recomputes these from the inputs. Work is split by blocks of kProjectBlock Gaussians: a
+// block's outputs, and its Gaussians' gradient sums over the views (in view order), are one thread's. A
+// block's view-independent parts are laid out one array per quantity (ProjBlock) and each view is one
+// loop over the block without branches, which the compiler vectorises (project_block, its backward).
 
 struct ProjectRules {
   double near_plane, far_plane, eps2d, extend, alpha_min;
 };
 
 constexpr double kNormEps = 1e-12;  // F.normalize's default eps (quaternion normalisation)
-constexpr int64_t kProjectBlock = 1024;  // Gaussians per work item
+constexpr int64_t kProjectBlock = 256;  // Gaussians per work item
 
 // One view: w2c rotation (row-major) and translation, intrinsics, the clamp range of x/z and y/z.
 template <typename scalar_t>
@@ -1055,12 +1057,14 @@ template <typename scalar_t>
 struct ProjView {
   scalar_t x, y, z, iz, ux, uy, rx[3], ry[3], hx[3], hy[3], a, b, c, det, inv_det;
   bool in_depth;
-  ProjView(const ProjCamera<scalar_t>& cam, const scalar_t* mean, const ProjShape<scalar_t>& sh, const ProjectRules& pr) {
+  // mean (x, y, z); M [9] = rotation diag(scale), row-major, entry e at M[e * stride].
+  ProjView(const ProjCamera<scalar_t>& cam, scalar_t mx, scalar_t my, scalar_t mz, const scalar_t* M, int64_t stride,
+           const ProjectRules& pr) {
     const scalar_t* R = cam.R;
-    x = R[0] * mean[0] + R[1] * mean[1] + R[2] * mean[2] + cam.t[0];
-    y = R[3] * mean[0] + R[4] * mean[1] + R[5] * mean[2] + cam.t[1];
-    z = R[6] * mean[0] + R[7] * mean[1] + R[8] * mean[2] + cam.t[2];
-    in_depth = z > scalar_t(pr.near_plane) && z < scalar_t(pr.far_plane);
+    x = R[0] * mx + R[1] * my + R[2] * mz + cam.t[0];
+    y = R[3] * mx + R[4] * my + R[5] * mz + cam.t[1];
+    z = R[6] * mx + R[7] * my + R[8] * mz + cam.t[2];
+    in_depth = (z > scalar_t(pr.near_plane)) & (z < scalar_t(pr.far_plane));  // & (not &&): no branch
     iz = scalar_t(1) / (in_depth ? z : scalar_t(1));
     ux = clamp_fov(x * iz, cam.lo_x, cam.hi_x);
     uy = clamp_fov(y * iz, cam.lo_y, cam.hi_y);
@@ -1070,8 +1074,8 @@ struct ProjView {
       ry[i] = ky * (R[3 + i] - uy * R[6 + i]);
     }
     for (int j = 0; j < 3; ++j) {
-      hx[j] = rx[0] * sh.M[j] + rx[1] * sh.M[3 + j] + rx[2] * sh.M[6 + j];
-      hy[j] = ry[0] * sh.M[j] + ry[1] * sh.M[3 + j] + ry[2] * sh.M[6 + j];
+      hx[j] = rx[0] * M[j * stride] + rx[1] * M[(3 + j) * stride] + rx[2] * M[(6 + j) * stride];
+      hy[j] = ry[0] * M[j * stride] + ry[1] * M[(3 + j) * stride] + ry[2] * M[(6 + j) * stride];
     }
     const scalar_t eps = scalar_t(pr.eps2d);
     a = (hx[0] * hx[0] + hx[1] * hx[1] + hx[2] * hx[2]) + eps;
@@ -1085,8 +1089,54 @@ struct ProjView {
 // float -> int32 as torch's .int() gives it on x86-64: values it cannot represent (and NaN) become INT32_MIN.
 template <typename scalar_t>
 inline int32_t to_int32(scalar_t v) {
-  return v < scalar_t(2147483648.0) && v >= scalar_t(-2147483648.0) ? static_cast<int32_t>(v)
-                                                                      : std::numeric_limits<int32_t>::min();
+  return (v < scalar_t(2147483648.0)) & (v >= scalar_t(-2147483648.0)) ? static_cast<int32_t>(v)
+                                                                          : std::numeric_limits<int32_t>::min();
+}
+
+// A block's Gaussians, view-independent parts, one array per quantity (so that the per-view loops over the
+// block vectorise): means, M = R_q diag(s) ([9][kProjectBlock]); for the forward, the extent and whether
+// the opacity is drawn (1 or 0); for the backward, the sums over the views of the gradients of M and means.
+template <typename scalar_t>
+struct ProjBlock {
+  std::vector<scalar_t> data = std::vector<scalar_t>(26 * kProjectBlock);
+  scalar_t* mean(int j) { return data.data() + j * kProjectBlock; }
+  scalar_t* M() { return data.data() + 3 * kProjectBlock; }
+  scalar_t* extend() { return data.data() + 12 * kProjectBlock; }
+  scalar_t* opaque() { return data.data() + 13 * kProjectBlock; }
+  scalar_t* grad_M() { return data.data() + 14 * kProjectBlock; }  // backward: sums over the views, [9][...]
+  scalar_t* grad_mean() { return data.data() + 23 * kProjectBlock; }  // [3][...]
+  void load(const scalar_t* means, const scalar_t* quats, const scalar_t* scales, int64_t begin, int64_t count) {
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t g = begin + k;
+      const ProjShape<scalar_t> sh(quats + 4 * g, scales + 3 * g);
+      for (int j = 0; j < 3; ++j) mean(j)[k] = means[3 * g + j];
+      for (int e = 0; e < 9; ++e) M()[e * kProjectBlock + k] = sh.M[e];
+    }
+  }
+};
+
+// One view of a block (count <= kProjectBlock Gaussians, ProjBlock's arrays) -> the block's outputs. A
+// function of its own so that its pointers' restrict holds (GCC does not honour it on local pointers), the
+// camera and rules by value (no alias checks against them): the loop vectorises across the block.
+template <typename scalar_t>
+inline void project_block(const ProjCamera<scalar_t> cam, const ProjectRules pr, int64_t count,
+                          const scalar_t* RESTRICT mx, const scalar_t* RESTRICT my, const scalar_t* RESTRICT mz,
+                          const scalar_t* RESTRICT M, const scalar_t* RESTRICT extend, const scalar_t* RESTRICT opaque,
+                          scalar_t w_px, scalar_t h_px, scalar_t* RESTRICT m2, scalar_t* RESTRICT cov,
+                          scalar_t* RESTRICT con, scalar_t* RESTRICT dep, int32_t* RESTRICT rad) {
+  for (int64_t k = 0; k < count; ++k) {
+    const ProjView<scalar_t> pv(cam, mx[k], my[k], mz[k], M + k, kProjectBlock, pr);
+    const scalar_t px = cam.fx * pv.x * pv.iz + cam.cx, py = cam.fy * pv.y * pv.iz + cam.cy;
+    m2[2 * k] = px, m2[2 * k + 1] = py;
+    cov[4 * k] = pv.a, cov[4 * k + 1] = pv.b, cov[4 * k + 2] = pv.b, cov[4 * k + 3] = pv.c;
+    con[3 * k] = pv.c * pv.inv_det, con[3 * k + 1] = -pv.b * pv.inv_det, con[3 * k + 2] = pv.a * pv.inv_det;
+    dep[k] = pv.z;
+    const scalar_t rad_x = std::ceil(extend[k] * std::sqrt(pv.a)), rad_y = std::ceil(extend[k] * std::sqrt(pv.c));
+    const bool inside = (px + rad_x > 0) & (py + rad_y > 0) & (px - rad_x < w_px) & (py - rad_y < h_px);
+    const bool keep = pv.in_depth & (pv.det > 0) & (opaque[k] > 0) & inside;  // & (not &&): no branches
+    rad[2 * k] = keep ? to_int32(rad_x) : 0;
+    rad[2 * k + 1] = keep ? to_int32(rad_y) : 0;
+  }
 }
 
 template <typename scalar_t>
@@ -1110,41 +1160,105 @@ void project_forward_impl(const at::Tensor& means_t, const at::Tensor& quats_t, 
   const scalar_t alpha_min = scalar_t(pr.alpha_min), extend0 = scalar_t(pr.extend);
   const scalar_t w_px = scalar_t(width), h_px = scalar_t(height);
   const int64_t blocks = (n + kProjectBlock - 1) / kProjectBlock;
-  for_each_item(nb * blocks, [] { return 0; }, [&](int64_t item, int) {
-    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock, end = std::min(n, begin + kProjectBlock);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = bi * n + i;
-      const ProjShape<scalar_t> sh(quats + 4 * g, scales + 3 * g);
+  for_each_item(nb * blocks, [] { return ProjBlock<scalar_t>(); }, [&](int64_t item, ProjBlock<scalar_t>& blk) {
+    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock;
+    const int64_t count = std::min(n, begin + kProjectBlock) - begin;
+    blk.load(means, quats, scales, bi * n + begin, count);
+    scalar_t* extend = blk.extend();
+    scalar_t* opaque = blk.opaque();
+    for (int64_t k = 0; k < count; ++k) {
       // Opacity-aware extent: min(3.33, sqrt(2 ln(max(opacity, 1/255) * 255))), culled below 1/255.
-      bool opaque = true;
-      scalar_t extend = extend0;
+      extend[k] = extend0, opaque[k] = 1;
       if (opacities != nullptr) {
-        const scalar_t op = opacities[g];
-        opaque = op >= alpha_min;
+        const scalar_t op = opacities[bi * n + begin + k];
+        opaque[k] = op >= alpha_min ? 1 : 0;
         const scalar_t e = std::sqrt(scalar_t(2) * std::log((op < alpha_min ? alpha_min : op) / alpha_min));
-        extend = e < extend ? e : extend;
+        extend[k] = e < extend0 ? e : extend0;
       }
-      for (int64_t v = 0; v < nv; ++v) {
-        const ProjCamera<scalar_t>& cam = cams[bi * nv + v];
-        const ProjView<scalar_t> pv(cam, means + 3 * g, sh, pr);
-        const int64_t o = (bi * nv + v) * n + i;  // [B, V, N] entry
-        const scalar_t mx = cam.fx * pv.x * pv.iz + cam.cx, my = cam.fy * pv.y * pv.iz + cam.cy;
-        means2d[2 * o] = mx, means2d[2 * o + 1] = my;
-        covars[4 * o] = pv.a, covars[4 * o + 1] = pv.b, covars[4 * o + 2] = pv.b, covars[4 * o + 3] = pv.c;
-        conics[3 * o] = pv.c * pv.inv_det, conics[3 * o + 1] = -pv.b * pv.inv_det, conics[3 * o + 2] = pv.a * pv.inv_det;
-        depths[o] = pv.z;
-        const scalar_t rad_x = std::ceil(extend * std::sqrt(pv.a)), rad_y = std::ceil(extend * std::sqrt(pv.c));
-        const bool inside = mx + rad_x > 0 && my + rad_y > 0 && mx - rad_x < w_px && my - rad_y < h_px;
-        const bool keep = pv.in_depth && pv.det > 0 && opaque && inside;
-        radii[2 * o] = keep ? to_int32(rad_x) : 0;
-        radii[2 * o + 1] = keep ? to_int32(rad_y) : 0;
-      }
+    }
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t o = (bi * nv + v) * n + begin;  // the block's first [B, V, N] entry
+      project_block(cams[bi * nv + v], pr, count, blk.mean(0), blk.mean(1), blk.mean(2), blk.M(), blk.extend(),
+                    blk.opaque(), w_px, h_px, means2d + 2 * o, covars + 4 * o, conics + 3 * o, depths + o,
+                    radii + 2 * o);
     }
   });
 }
 
-// Gradients of the means, quats, scales from those of means2d [B,V,N,2], covars2d [B,V,N,2,2] (the four
-// entries), conics [B,V,N,3], depths [B,V,N], by the chain rule through the forward above, in reverse.
+// Strides of a gradient's rows over a block of one view: entry (k, j, l) at k * sn + j * s0 + l * s1 (all 0
+// for an absent gradient, which reads one zero).
+struct Strides {
+  int64_t sn, s0, s1;
+};
+
+// One view of a block, backward (the chain rule through project_block, in reverse): adds its terms to the
+// block's sums over the views, gM [9][kProjectBlock] (of M = R_q diag(s)) and gmean [3][kProjectBlock]. The
+// upstream gradients g_m2 [count, 2], g_cov [count, 2, 2], g_con [count, 3], g_dep [count] are read through
+// their strides. A function of its own for restrict, like project_block.
+template <typename scalar_t>
+inline void project_block_backward(const ProjCamera<scalar_t> cam, const ProjectRules pr, int64_t count,
+                                   const scalar_t* RESTRICT mx, const scalar_t* RESTRICT my,
+                                   const scalar_t* RESTRICT mz, const scalar_t* RESTRICT M_block,
+                                   const scalar_t* RESTRICT g_m2, Strides m2s, const scalar_t* RESTRICT g_cov,
+                                   Strides covs, const scalar_t* RESTRICT g_con, Strides cons,
+                                   const scalar_t* RESTRICT g_dep, Strides deps,
+                                   scalar_t* RESTRICT gM_block, scalar_t* RESTRICT gmean_block) {
+  const scalar_t* R = cam.R;
+  const auto g_means2d = [&](int64_t k, int64_t j) { return g_m2[k * m2s.sn + j * m2s.s0]; };
+  const auto g_covars = [&](int64_t k, int64_t j, int64_t l) { return g_cov[k * covs.sn + j * covs.s0 + l * covs.s1]; };
+  const auto g_conics = [&](int64_t k, int64_t j) { return g_con[k * cons.sn + j * cons.s0]; };
+  const auto g_depths = [&](int64_t k) { return g_dep[k * deps.sn]; };
+  for (int64_t k = 0; k < count; ++k) {
+    const scalar_t* M = M_block + k;
+    const auto Me = [&](int e) { return M[e * kProjectBlock]; };
+    scalar_t* gM = gM_block + k;
+    scalar_t* gmean = gmean_block + k;
+    const ProjView<scalar_t> pv(cam, mx[k], my[k], mz[k], M, kProjectBlock, pr);
+    // Covariance entries: directly (covars2d) and through the conic.
+    scalar_t ga = g_covars(k, 0, 0), gb = g_covars(k, 0, 1) + g_covars(k, 1, 0);
+    scalar_t gc = g_covars(k, 1, 1);
+    const scalar_t g0 = g_conics(k, 0), g1 = g_conics(k, 1), g2 = g_conics(k, 2);
+    ga += g2 * pv.inv_det, gb -= g1 * pv.inv_det, gc += g0 * pv.inv_det;
+    {  // inv_det = 1 / det where det > 0; elsewhere it is the constant 1 (selects: no branch)
+      const bool has = pv.det > 0;
+      const scalar_t g_det = -(g0 * pv.c - g1 * pv.b + g2 * pv.a) * pv.inv_det * pv.inv_det;
+      ga = has ? ga + g_det * pv.c : ga, gc = has ? gc + g_det * pv.a : gc;
+      gb = has ? gb - scalar_t(2) * pv.b * g_det : gb;
+    }
+    // h rows, then J W rows and M = R_q diag(s).
+    scalar_t ghx[3], ghy[3], grx[3], gry[3];
+    for (int j = 0; j < 3; ++j) {
+      ghx[j] = scalar_t(2) * ga * pv.hx[j] + gb * pv.hy[j];
+      ghy[j] = scalar_t(2) * gc * pv.hy[j] + gb * pv.hx[j];
+    }
+    for (int r = 0; r < 3; ++r) {
+      grx[r] = ghx[0] * Me(3 * r) + ghx[1] * Me(3 * r + 1) + ghx[2] * Me(3 * r + 2);
+      gry[r] = ghy[0] * Me(3 * r) + ghy[1] * Me(3 * r + 1) + ghy[2] * Me(3 * r + 2);
+      for (int j = 0; j < 3; ++j) gM[(3 * r + j) * kProjectBlock] += pv.rx[r] * ghx[j] + pv.ry[r] * ghy[j];
+    }
+    // rx = kx (w0 - ux w2), kx = fx / z (and y alike).
+    scalar_t gkx = 0, gky = 0, gux = 0, guy = 0;
+    for (int r = 0; r < 3; ++r) {
+      gkx += grx[r] * (R[r] - pv.ux * R[6 + r]);
+      gky += gry[r] * (R[3 + r] - pv.uy * R[6 + r]);
+      gux += grx[r] * R[6 + r];
+      guy += gry[r] * R[6 + r];
+    }
+    gux *= -cam.fx * pv.iz, guy *= -cam.fy * pv.iz;
+    scalar_t giz = cam.fx * gkx + cam.fy * gky;
+    // Clamped x/z, y/z (no gradient through a clamped coordinate), then means2d = f x/z + c.
+    const scalar_t grx_z = gux * clamp_fov_grad(pv.x * pv.iz, cam.lo_x, cam.hi_x);
+    const scalar_t gry_z = guy * clamp_fov_grad(pv.y * pv.iz, cam.lo_y, cam.hi_y);
+    const scalar_t gmx = g_means2d(k, 0), gmy = g_means2d(k, 1);
+    const scalar_t gx = grx_z * pv.iz + gmx * cam.fx * pv.iz;
+    const scalar_t gy = gry_z * pv.iz + gmy * cam.fy * pv.iz;
+    giz += grx_z * pv.x + gry_z * pv.y + gmx * cam.fx * pv.x + gmy * cam.fy * pv.y;
+    const scalar_t gz = g_depths(k) + (pv.in_depth ? -giz * pv.iz * pv.iz : scalar_t(0));
+    // p = R mean + t.
+    for (int j = 0; j < 3; ++j) gmean[j * kProjectBlock] += R[j] * gx + R[3 + j] * gy + R[6 + j] * gz;
+  }
+}
+
 // A gradient of a projection output [B, V, N, inner...] read through its strides (autograd hands over slices
 // of the compositing's [I*N, 6] gradient: no copy is made), or absent (no elements: the output was unused,
 // so its gradient is zero).
@@ -1159,11 +1273,17 @@ struct GradView {
     s0 = t.dim() > 3 ? t.stride(3) : 0;
     s1 = t.dim() > 4 ? t.stride(4) : 0;
   }
-  scalar_t operator()(int64_t b, int64_t v, int64_t i, int64_t j = 0, int64_t k = 0) const {
-    return data ? data[b * sb + v * sv + i * sn + j * s0 + k * s1] : scalar_t(0);
+  // View v of batch entry b, from Gaussian `begin` on, and the strides there.
+  const scalar_t* rows(int64_t b, int64_t v, int64_t begin) const {
+    static constexpr scalar_t zero = 0;
+    return data ? data + b * sb + v * sv + begin * sn : &zero;
   }
+  Strides strides() const { return {sn, s0, s1}; }
 };
 
+// Gradients of the means, quats, scales from those of means2d [B,V,N,2], covars2d [B,V,N,2,2] (the four
+// entries), conics [B,V,N,3], depths [B,V,N]: per block, the views' terms summed (in view order), then the
+// chain rule through M = R_q diag(s) and the quaternion's normalisation per Gaussian.
 template <typename scalar_t>
 void project_backward_impl(const at::Tensor& means_t, const at::Tensor& quats_t, const at::Tensor& scales_t,
                            const at::Tensor& w2c_t, const at::Tensor& intr_t, int64_t width, int64_t height,
@@ -1183,75 +1303,44 @@ void project_backward_impl(const at::Tensor& means_t, const at::Tensor& quats_t,
   std::vector<ProjCamera<scalar_t>> cams;
   for (int64_t bv = 0; bv < nb * nv; ++bv) cams.emplace_back(w2c + 16 * bv, intr + 4 * bv, width, height);
   const int64_t blocks = (n + kProjectBlock - 1) / kProjectBlock;
-  for_each_item(nb * blocks, [] { return 0; }, [&](int64_t item, int) {
-    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock, end = std::min(n, begin + kProjectBlock);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = bi * n + i;
+  for_each_item(nb * blocks, [] { return ProjBlock<scalar_t>(); }, [&](int64_t item, ProjBlock<scalar_t>& blk) {
+    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock;
+    const int64_t count = std::min(n, begin + kProjectBlock) - begin;
+    blk.load(means, quats, scales, bi * n + begin, count);
+    scalar_t* gM_block = blk.grad_M();
+    scalar_t* gmean_block = blk.grad_mean();
+    std::fill_n(gM_block, 9 * kProjectBlock, scalar_t(0));
+    std::fill_n(gmean_block, 3 * kProjectBlock, scalar_t(0));
+    for (int64_t v = 0; v < nv; ++v) {  // sums over the views, in view order
+      project_block_backward(cams[bi * nv + v], pr, count, blk.mean(0), blk.mean(1), blk.mean(2), blk.M(),
+                             g_means2d.rows(bi, v, begin), g_means2d.strides(), g_covars.rows(bi, v, begin),
+                             g_covars.strides(), g_conics.rows(bi, v, begin), g_conics.strides(),
+                             g_depths.rows(bi, v, begin), g_depths.strides(), gM_block, gmean_block);
+    }
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t g = bi * n + begin + k;
       const ProjShape<scalar_t> sh(quats + 4 * g, scales + 3 * g);
-      scalar_t gM[9] = {}, gmean[3] = {};  // sums over the views
-      for (int64_t v = 0; v < nv; ++v) {
-        const ProjCamera<scalar_t>& cam = cams[bi * nv + v];
-        const scalar_t* R = cam.R;
-        const ProjView<scalar_t> pv(cam, means + 3 * g, sh, pr);
-        // Covariance entries: directly (covars2d) and through the conic.
-        scalar_t ga = g_covars(bi, v, i, 0, 0), gb = g_covars(bi, v, i, 0, 1) + g_covars(bi, v, i, 1, 0);
-        scalar_t gc = g_covars(bi, v, i, 1, 1);
-        const scalar_t g0 = g_conics(bi, v, i, 0), g1 = g_conics(bi, v, i, 1), g2 = g_conics(bi, v, i, 2);
-        ga += g2 * pv.inv_det, gb -= g1 * pv.inv_det, gc += g0 * pv.inv_det;
-        if (pv.det > 0) {  // inv_det = 1 / det; elsewhere it is the constant 1
-          const scalar_t g_det = -(g0 * pv.c - g1 * pv.b + g2 * pv.a) * pv.inv_det * pv.inv_det;
-          ga += g_det * pv.c, gc += g_det * pv.a, gb -= scalar_t(2) * pv.b * g_det;
-        }
-        // h rows, then J W rows and M = R_q diag(s).
-        scalar_t ghx[3], ghy[3], grx[3], gry[3];
-        for (int j = 0; j < 3; ++j) {
-          ghx[j] = scalar_t(2) * ga * pv.hx[j] + gb * pv.hy[j];
-          ghy[j] = scalar_t(2) * gc * pv.hy[j] + gb * pv.hx[j];
-        }
-        for (int r = 0; r < 3; ++r) {
-          grx[r] = ghx[0] * sh.M[3 * r] + ghx[1] * sh.M[3 * r + 1] + ghx[2] * sh.M[3 * r + 2];
-          gry[r] = ghy[0] * sh.M[3 * r] + ghy[1] * sh.M[3 * r + 1] + ghy[2] * sh.M[3 * r + 2];
-          for (int j = 0; j < 3; ++j) gM[3 * r + j] += pv.rx[r] * ghx[j] + pv.ry[r] * ghy[j];
-        }
-        // rx = kx (w0 - ux w2), kx = fx / z (and y alike).
-        scalar_t gkx = 0, gky = 0, gux = 0, guy = 0;
-        for (int r = 0; r < 3; ++r) {
-          gkx += grx[r] * (R[r] - pv.ux * R[6 + r]);
-          gky += gry[r] * (R[3 + r] - pv.uy * R[6 + r]);
-          gux += grx[r] * R[6 + r];
-          guy += gry[r] * R[6 + r];
-        }
-        gux *= -cam.fx * pv.iz, guy *= -cam.fy * pv.iz;
-        scalar_t giz = cam.fx * gkx + cam.fy * gky;
-        // Clamped x/z, y/z (no gradient through a clamped coordinate), then means2d = f x/z + c.
-        const scalar_t grx_z = gux * clamp_fov_grad(pv.x * pv.iz, cam.lo_x, cam.hi_x);
-        const scalar_t gry_z = guy * clamp_fov_grad(pv.y * pv.iz, cam.lo_y, cam.hi_y);
-        const scalar_t gmx = g_means2d(bi, v, i, 0), gmy = g_means2d(bi, v, i, 1);
-        const scalar_t gx = grx_z * pv.iz + gmx * cam.fx * pv.iz;
-        const scalar_t gy = gry_z * pv.iz + gmy * cam.fy * pv.iz;
-        giz += grx_z * pv.x + gry_z * pv.y + gmx * cam.fx * pv.x + gmy * cam.fy * pv.y;
-        const scalar_t gz = g_depths(bi, v, i) + (pv.in_depth ? -giz * pv.iz * pv.iz : scalar_t(0));
-        // p = R mean + t.
-        for (int j = 0; j < 3; ++j) gmean[j] += R[j] * gx + R[3 + j] * gy + R[6 + j] * gz;
-      }
-      for (int j = 0; j < 3; ++j) g_means[3 * g + j] = gmean[j];
-      // M = rot diag(s): scales, then the rotation's entries, then the unit quaternion (wxyz).
-      scalar_t G[9];
-      for (int j = 0; j < 3; ++j) {
-        g_scales[3 * g + j] = gM[j] * sh.rot[j] + gM[3 + j] * sh.rot[3 + j] + gM[6 + j] * sh.rot[6 + j];
-      }
-      for (int e = 0; e < 9; ++e) G[e] = gM[e] * scales[3 * g + e % 3];
-      const scalar_t w = sh.q[0], x = sh.q[1], y = sh.q[2], z = sh.q[3];
-      const scalar_t gq[4] = {
-          2 * (-z * G[1] + y * G[2] + z * G[3] - x * G[5] - y * G[6] + x * G[7]),
-          2 * (y * G[1] + z * G[2] + y * G[3] - 2 * x * G[4] - w * G[5] + z * G[6] + w * G[7] - 2 * x * G[8]),
-          2 * (-2 * y * G[0] + x * G[1] + w * G[2] + x * G[3] + z * G[5] - w * G[6] + z * G[7] - 2 * y * G[8]),
-          2 * (-2 * z * G[0] - w * G[1] + x * G[2] + w * G[3] - 2 * z * G[4] + y * G[5] + x * G[6] + y * G[7])};
-      // q / max(|q|, eps): the norm carries gradient where it is not clamped (and is not 0).
-      const scalar_t* q = quats + 4 * g;
-      const scalar_t dot = q[0] * gq[0] + q[1] * gq[1] + q[2] * gq[2] + q[3] * gq[3];
-      const scalar_t radial = sh.norm >= scalar_t(kNormEps) ? dot / (sh.denom * sh.denom * sh.norm) : scalar_t(0);
-      for (int k = 0; k < 4; ++k) g_quats[4 * g + k] = gq[k] / sh.denom - radial * q[k];
+      scalar_t gM[9], gmean[3];
+      for (int e = 0; e < 9; ++e) gM[e] = gM_block[e * kProjectBlock + k];
+      for (int j = 0; j < 3; ++j) gmean[j] = gmean_block[j * kProjectBlock + k];
+    for (int j = 0; j < 3; ++j) g_means[3 * g + j] = gmean[j];
+    // M = rot diag(s): scales, then the rotation's entries, then the unit quaternion (wxyz).
+    scalar_t G[9];
+    for (int j = 0; j < 3; ++j) {
+      g_scales[3 * g + j] = gM[j] * sh.rot[j] + gM[3 + j] * sh.rot[3 + j] + gM[6 + j] * sh.rot[6 + j];
+    }
+    for (int e = 0; e < 9; ++e) G[e] = gM[e] * scales[3 * g + e % 3];
+    const scalar_t w = sh.q[0], x = sh.q[1], y = sh.q[2], z = sh.q[3];
+    const scalar_t gq[4] = {
+        2 * (-z * G[1] + y * G[2] + z * G[3] - x * G[5] - y * G[6] + x * G[7]),
+        2 * (y * G[1] + z * G[2] + y * G[3] - 2 * x * G[4] - w * G[5] + z * G[6] + w * G[7] - 2 * x * G[8]),
+        2 * (-2 * y * G[0] + x * G[1] + w * G[2] + x * G[3] + z * G[5] - w * G[6] + z * G[7] - 2 * y * G[8]),
+        2 * (-2 * z * G[0] - w * G[1] + x * G[2] + w * G[3] - 2 * z * G[4] + y * G[5] + x * G[6] + y * G[7])};
+    // q / max(|q|, eps): the norm carries gradient where it is not clamped (and is not 0).
+    const scalar_t* q = quats + 4 * g;
+    const scalar_t dot = q[0] * gq[0] + q[1] * gq[1] + q[2] * gq[2] + q[3] * gq[3];
+    const scalar_t radial = sh.norm >= scalar_t(kNormEps) ? dot / (sh.denom * sh.denom * sh.norm) : scalar_t(0);
+    for (int k = 0; k < 4; ++k) g_quats[4 * g + k] = gq[k] / sh.denom - radial * q[k];
     }
   });
 }
