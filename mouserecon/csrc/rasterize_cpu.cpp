@@ -253,6 +253,15 @@ inline void span(double lo, double hi, int64_t origin, int64_t count, int64_t& f
 // the Gaussian's reach, so the compositing passes take no square root and read them in slot order).
 constexpr int kSpan = 4;
 
+// Starts loading what `address` points at (a later gather's miss overlaps this one's work).
+inline void prefetch(const void* address) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(address);
+#else
+  (void)address;
+#endif
+}
+
 // ---- binning ------------------------------------------------------------------------------------
 
 // Tiles [tx0, tx1) x [ty0, ty1) of a Gaussian's bounding box, as render_torch._bin_tiles computes them.
@@ -387,6 +396,7 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
     std::vector<scalar_t> p(count * kParams);
     std::vector<int32_t> radius(count * 2);
     for (int64_t i = 0; i < count; ++i) {  // fixed-size memcpy: inlined (std::copy_n called memmove per row)
+      if (i + 16 < count) prefetch(params + int64_t(run[i + 16]) * kParams);
       std::memcpy(p.data() + i * kParams, params + int64_t(run[i]) * kParams, kParams * sizeof(scalar_t));
       std::memcpy(radius.data() + 2 * i, radii + 2 * int64_t(run[i]), 2 * sizeof(int32_t));
     }
@@ -475,15 +485,6 @@ std::unique_ptr<scalar_t[]> pack_gaussians(const scalar_t* params, const scalar_
     }
   });
   return packed;
-}
-
-// Starts loading what `address` points at (a later gather's miss overlaps this one's work).
-inline void prefetch(const void* address) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(address);
-#else
-  (void)address;
-#endif
 }
 
 // D > 0: the colour count, fixed at compile time (a record's copy is then a few vector moves, not a call).
