@@ -3,7 +3,8 @@
 The EWA projection (`project_gaussians`: `render_torch.project_gaussians`' maths, with a hand-derived
 backward), tile binning, the per-pixel compositing and its backward run in C++ (`csrc/rasterize_cpu.cpp`,
 shipped as package data), with the same rules and constants as `render_torch`; SH colours are
-`render_torch.sh_colors` (plain autograd). Binning keeps a Gaussian only on the
+`render_torch.sh_colors` (plain autograd). The projection, forward and backward, is one vectorised loop
+per view over each block of Gaussians. Binning keeps a Gaussian only on the
 tiles of its bounding box that its alpha > 1/255 ellipse reaches, in per-tile depth-sorted lists;
 each Gaussian then visits the rows of the tile its ellipse reaches, all pixels of a row (or the half
 that holds its columns) at once in vector registers. The forward saves the final transmittance and the position of the last composited
