@@ -456,11 +456,17 @@ def project_both(means, quats, scales, opacities, cams, grads=None):
     return out
 
 
+# 150 random Gaussians (161 per batch entry) fit in one of the kernel's blocks of 256; 600 (611) take three,
+# the last one partial.
+SCENE_SIZES = [150, 600]
+
+
+@pytest.mark.parametrize("n", SCENE_SIZES)
 @pytest.mark.parametrize("opacity_aware", [False, True])
-def test_projection_forward_matches_torch(built, opacity_aware):
+def test_projection_forward_matches_torch(built, opacity_aware, n):
     """float64, batched: every output equals render_torch's, radii exactly (both the 3.33-sigma and the
     opacity-aware boxes); the scene exercises the near/far cull, the field-of-view clamp and opacity culling."""
-    means, quats, scales, opacities, cams = projection_scene()
+    means, quats, scales, opacities, cams = projection_scene(n)
     out = project_both(means, quats, scales, opacities if opacity_aware else None, cams)
     (ours, _), (ref, _) = out["cpp"], out["torch"]
     for field in ("means2d", "covars2d", "conics", "depths"):
@@ -491,11 +497,12 @@ def test_projection_unbatched_float32_and_empty(built):
     assert empty.means2d.shape == (2, 3, 0, 2) and empty.radii.shape == (2, 3, 0, 2)
 
 
-def test_projection_gradients_match_autograd(built):
+@pytest.mark.parametrize("n", SCENE_SIZES)
+def test_projection_gradients_match_autograd(built, n):
     """Random upstream gradients on means2d, covars2d, conics, depths (float64): the analytic backward's
     gradients of means, quats, scales equal torch autograd's through render_torch, culled and clamped
     Gaussians included (the scene of test_projection_forward_matches_torch)."""
-    means, quats, scales, opacities, cams = projection_scene()
+    means, quats, scales, opacities, cams = projection_scene(n)
     shape = (*cams.w2c.shape[:2], means.shape[1])
     grads = render_torch.Projection(torch.randn(*shape, 2, dtype=torch.float64), torch.randn(*shape, 2, 2, dtype=torch.float64),
                                     torch.randn(*shape, 3, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64), None)
@@ -504,10 +511,11 @@ def test_projection_gradients_match_autograd(built):
         torch.testing.assert_close(out["cpp"][1][name], ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item(), msg=name)
 
 
-def test_projection_gradients_with_unused_outputs_and_sliced_gradients(built):
+@pytest.mark.parametrize("n", SCENE_SIZES)
+def test_projection_gradients_with_unused_outputs_and_sliced_gradients(built, n):
     """As the renderer uses it: means2d and conics go on through one cat (their gradients arrive as strided
     slices of its gradient), covars2d and depths are unused (no gradient at all); float64, equal autograd's."""
-    means, quats, scales, opacities, cams = projection_scene()
+    means, quats, scales, opacities, cams = projection_scene(n)
     weights = torch.randn(*cams.w2c.shape[:2], means.shape[1], 5, dtype=torch.float64)
     grads = {}
     for name, fn in (("cpp", render_cpp.project_gaussians), ("torch", render_torch.project_gaussians)):
