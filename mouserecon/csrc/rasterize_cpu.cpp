@@ -1116,6 +1116,20 @@ struct ProjBlock {
   }
 };
 
+// Calls fn(bi, begin, count, blk) for each block of kProjectBlock Gaussians (from `begin`, `count` of them)
+// of each batch entry bi of nb with n Gaussians, its view-independent parts loaded into blk (one per thread).
+template <typename scalar_t, typename F>
+void for_each_block(int64_t nb, int64_t n, const scalar_t* means, const scalar_t* quats, const scalar_t* scales,
+                    const F& fn) {
+  const int64_t blocks = (n + kProjectBlock - 1) / kProjectBlock;
+  for_each_item(nb * blocks, [] { return ProjBlock<scalar_t>(); }, [&](int64_t item, ProjBlock<scalar_t>& blk) {
+    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock;
+    const int64_t count = std::min(n, begin + kProjectBlock) - begin;
+    blk.load(means, quats, scales, bi * n + begin, count);
+    fn(bi, begin, count, blk);
+  });
+}
+
 // One view of a block (count <= kProjectBlock Gaussians, ProjBlock's arrays) -> the block's outputs. A
 // function of its own so that its pointers' restrict holds (GCC does not honour it on local pointers), the
 // camera and rules by value (no alias checks against them): the loop vectorises across the block.
@@ -1160,11 +1174,7 @@ void project_forward_impl(const at::Tensor& means_t, const at::Tensor& quats_t, 
   for (int64_t bv = 0; bv < nb * nv; ++bv) cams.emplace_back(w2c + 16 * bv, intr + 4 * bv, width, height);
   const scalar_t alpha_min = scalar_t(pr.alpha_min), extend0 = scalar_t(pr.extend);
   const scalar_t w_px = scalar_t(width), h_px = scalar_t(height);
-  const int64_t blocks = (n + kProjectBlock - 1) / kProjectBlock;
-  for_each_item(nb * blocks, [] { return ProjBlock<scalar_t>(); }, [&](int64_t item, ProjBlock<scalar_t>& blk) {
-    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock;
-    const int64_t count = std::min(n, begin + kProjectBlock) - begin;
-    blk.load(means, quats, scales, bi * n + begin, count);
+  for_each_block(nb, n, means, quats, scales, [&](int64_t bi, int64_t begin, int64_t count, ProjBlock<scalar_t>& blk) {
     scalar_t* extend = blk.extend();
     scalar_t* opaque = blk.opaque();
     for (int64_t k = 0; k < count; ++k) {
@@ -1303,11 +1313,7 @@ void project_backward_impl(const at::Tensor& means_t, const at::Tensor& quats_t,
   scalar_t* g_scales = g_scales_t.data_ptr<scalar_t>();
   std::vector<ProjCamera<scalar_t>> cams;
   for (int64_t bv = 0; bv < nb * nv; ++bv) cams.emplace_back(w2c + 16 * bv, intr + 4 * bv, width, height);
-  const int64_t blocks = (n + kProjectBlock - 1) / kProjectBlock;
-  for_each_item(nb * blocks, [] { return ProjBlock<scalar_t>(); }, [&](int64_t item, ProjBlock<scalar_t>& blk) {
-    const int64_t bi = item / blocks, begin = (item % blocks) * kProjectBlock;
-    const int64_t count = std::min(n, begin + kProjectBlock) - begin;
-    blk.load(means, quats, scales, bi * n + begin, count);
+  for_each_block(nb, n, means, quats, scales, [&](int64_t bi, int64_t begin, int64_t count, ProjBlock<scalar_t>& blk) {
     scalar_t* gM_block = blk.grad_M();
     scalar_t* gmean_block = blk.grad_mean();
     std::fill_n(gM_block, 9 * kProjectBlock, scalar_t(0));
