@@ -735,18 +735,22 @@ inline void backward_row(const RowGaussian<scalar_t>& gr, Index<scalar_t> k, con
     const scalar_t dx = gr.mx - px[l];
     const scalar_t raw = gr.raw_alpha(dx);
     const scalar_t alpha = raw < alpha_max ? raw : alpha_max;
-    const scalar_t inv_one_minus = scalar_t(1) / (scalar_t(1) - alpha);  // one division, used twice
     const scalar_t use = k < stop[l] ? (raw > alpha_min ? scalar_t(1) : scalar_t(0)) : scalar_t(0);
-    const scalar_t t_behind = T[l], t_front = t_behind * inv_one_minus;  // T in front of this Gaussian
-    const scalar_t weight = use != scalar_t(0) ? alpha * t_front : scalar_t(0), tail = behind[l];
+    // Where this Gaussian was not composited its alpha counts as 0, so that T and behind come out unchanged
+    // (x / (1 - 0) = x, x + q 0 = x) from the same arithmetic: selects of the old values would be compiled to
+    // masked stores, which are microcoded on AMD's Zen and cost more than the rest of the loop.
+    const scalar_t alpha_used = use != scalar_t(0) ? alpha : scalar_t(0);
+    const scalar_t inv_one_minus = scalar_t(1) / (scalar_t(1) - alpha_used);  // one division, used twice
+    const scalar_t t_behind = T[l], t_front = t_behind * inv_one_minus;       // T in front of this Gaussian
+    const scalar_t weight = alpha_used * t_front, tail = behind[l];
     const scalar_t grad_alpha = ql * t_front - tail * inv_one_minus;
     if constexpr (D > 0) {
       for (int d = 0; d < D; ++d) sum[(kParams + d) * TS + l] += g[d * P + l] * weight;
     } else {
       w[l] = weight;
     }
-    behind[l] = use != scalar_t(0) ? tail + ql * weight : tail;
-    T[l] = use != scalar_t(0) ? t_front : t_behind;
+    behind[l] = tail + ql * weight;
+    T[l] = t_front;
     // d alpha / d log(alpha) = alpha, except where clamped (alpha does not depend on the parameters).
     const scalar_t free = raw < alpha_max ? use : scalar_t(0);
     const scalar_t grad_log = free != scalar_t(0) ? grad_alpha * alpha : scalar_t(0);
