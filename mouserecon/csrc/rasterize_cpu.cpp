@@ -393,12 +393,19 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
     // these scattered reads are in flight at once (in the tile loop below, about one at a time).
     const int32_t* run = order[ch.image].data() + ch.begin;
     const int64_t count = ch.end - ch.begin;
+    const scalar_t* params_at = params;  // locals (and p_at, radius_at): the memcpy might alias the others
+    const int32_t* radii_at = radii;
     std::vector<scalar_t> p(count * kParams);
     std::vector<int32_t> radius(count * 2);
+    scalar_t* p_at = p.data();
+    int32_t* radius_at = radius.data();
     for (int64_t i = 0; i < count; ++i) {  // fixed-size memcpy: inlined (std::copy_n called memmove per row)
-      if (i + 16 < count) prefetch(params + int64_t(run[i + 16]) * kParams);
-      std::memcpy(p.data() + i * kParams, params + int64_t(run[i]) * kParams, kParams * sizeof(scalar_t));
-      std::memcpy(radius.data() + 2 * i, radii + 2 * int64_t(run[i]), 2 * sizeof(int32_t));
+      if (i + 16 < count) {
+        prefetch(params_at + int64_t(run[i + 16]) * kParams);
+        prefetch(radii_at + 2 * int64_t(run[i + 16]));
+      }
+      std::memcpy(p_at + i * kParams, params_at + int64_t(run[i]) * kParams, kParams * sizeof(scalar_t));
+      std::memcpy(radius_at + 2 * i, radii_at + 2 * int64_t(run[i]), 2 * sizeof(int32_t));
     }
     ch.tiles.reserve(2 * count);  // most Gaussians reach 1 or 2 tiles
     ch.spans.reserve(2 * count);
@@ -446,12 +453,16 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& params_t, const at::Tensor& d
   uint8_t* slot_span = slot_span_t.data_ptr<uint8_t>();
   for_each_item(int64_t(chunks.size()), [] { return 0; }, [&](int64_t c, int) {
     BinChunk& ch = chunks[c];
+    // Locals, not ch's members: the int32 stores below may alias those, which would reload them each time.
     const int32_t* tile = ch.tiles.data();
     const uint32_t* span = ch.spans.data();
+    const int32_t* run = order[ch.image].data();
+    int64_t* next = ch.counts.data();
     for (int64_t i = ch.begin; i < ch.end; ++i) {
-      const int32_t g = order[ch.image][i];
+      if (i + 16 < ch.end) prefetch(gauss_offsets + run[i + 16]);  // scattered, as in the gather above
+      const int32_t g = run[i];
       for (int64_t dest = gauss_offsets[g]; dest < gauss_offsets[g + 1]; ++dest) {
-        const int64_t s = ch.counts[*tile++]++;
+        const int64_t s = next[*tile++]++;
         slot_gauss[s] = g;
         gauss_slots[dest] = static_cast<int32_t>(s);
         std::memcpy(slot_span + s * kSpan, span++, kSpan);
