@@ -197,6 +197,20 @@ def bin_tiles(params: Tensor, depths: Tensor, radii: Tensor, grid: tuple[int, in
                                        radii.to(torch.int32).contiguous(), *grid, render_torch.ALPHA_MIN))
 
 
+class _JoinColumns(torch.autograd.Function):
+    """Tables [M, k_i] -> [M, sum k_i] (torch.cat along the last dimension), in the extension: torch's copy
+    moves one element at a time for rows of 2, 3 and 1 floats (0.75 ms of a 30 ms refine step)."""
+
+    @staticmethod
+    def forward(ctx, *parts: Tensor):
+        ctx.widths = [p.shape[1] for p in parts]
+        return extension().join_columns([p.contiguous() for p in parts])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return tuple(extension().split_columns(grad.contiguous(), ctx.widths))
+
+
 class _CompositeCpp(torch.autograd.Function):
     """params [I*N, 6] (mean x, mean y, conic xx, xy, yy, log opacity), colors [I*N, D] ->
     fg [I, D, H, W] = sum_i c_i alpha_i T_i and final transmittance [I, 1, H, W]."""
@@ -244,7 +258,8 @@ def composite(
     if tile_size not in TILE_SIZES:
         raise ValueError(f"tile_size must be one of {TILE_SIZES}, got {tile_size}")
     grid = (num_images, height, width, tile_size)
-    params = torch.cat([means2d, conics, log_opacities[..., None]], -1).reshape(num_images * n, 6)
+    m = num_images * n
+    params = _JoinColumns.apply(means2d.reshape(m, 2), conics.reshape(m, 3), log_opacities.reshape(m, 1))
     bins = bin_tiles(params, depths.reshape(num_images * n), radii.reshape(num_images * n, 2), grid)
     return _CompositeCpp.apply(params, colors.reshape(num_images * n, colors.shape[-1]), bins, grid)
 

@@ -372,6 +372,26 @@ def test_bins_are_depth_sorted_and_keep_every_tile_a_gaussian_reaches(built):
     assert len(bins.slot_gauss) < 0.7 * int(boxes.num_chunks.sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_join_columns_is_cat_and_its_backward_splits(built, dtype):
+    """The params' concatenation in C++ (render_cpp._JoinColumns) against torch.cat and slicing, on more
+    rows than one thread's block, with a width the kernel has no fixed-width loop for."""
+    torch.manual_seed(0)
+    parts = [torch.randn(40_000, k, dtype=dtype, requires_grad=True) for k in (2, 3, 1, 5)]
+    joined = render_cpp._JoinColumns.apply(*parts)
+    assert torch.equal(joined, torch.cat(parts, -1))
+    grad = torch.randn_like(joined)
+    joined.backward(grad)
+    for part, chunk in zip(parts, grad.split([2, 3, 1, 5], -1)):
+        assert part.grad.is_contiguous() and torch.equal(part.grad, chunk)
+    small = [torch.randn(3, k, dtype=torch.float64, requires_grad=True) for k in (2, 1)]
+    assert torch.autograd.gradcheck(render_cpp._JoinColumns.apply, small)
+    with pytest.raises(RuntimeError, match="widths add up to 5, the table has 6"):
+        render_cpp.extension().split_columns(grad[:, :6].contiguous(), [2, 3])
+    with pytest.raises(RuntimeError, match="contiguous, of one dtype"):
+        render_cpp.extension().join_columns([parts[0].detach(), parts[1].detach().float().double()[:5]])
+
+
 def test_unsupported_tile_size_is_an_error(built):
     args = scene("mostly_empty", 20, 17)
     with pytest.raises(ValueError, match="tile_size must be one of"):
