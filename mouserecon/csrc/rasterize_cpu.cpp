@@ -26,6 +26,7 @@
 // so the compiler vectorises them for the host's vector unit (render_cpp compiles with -march=native and
 // -fno-trapping-math where the compiler takes them; see forward_row for the form GCC needs). exp() is our
 // own (range reduction + Taylor polynomial, 1-2 ulp), because libm's does not vectorise without -ffast-math.
+// A Gaussian's alphas over its rows are computed first, in a pass of their own (raw_rows), then composited.
 // The forward saves the final transmittance and, per pixel, the position of its last composited Gaussian
 // + 1; the backward walks each tile back to front from there, recovering T before each Gaussian by
 // division (the 3DGS scheme). Per pixel it accumulates only G = dL/dlog(alpha), G dy and G dy^2 (and the
@@ -605,10 +606,11 @@ inline void add_product(scalar_t* RESTRICT y, const scalar_t* RESTRICT x1, const
   for (int l = 0; l < TS; ++l) y[l] += x1[l] * x2[l];
 }
 
-// Forward over W lanes of one row of a TS x TS tile for Gaussian k, its raw alphas there raw (raw_row):
+// Forward over W lanes of one row of a TS x TS tile for Gaussian k, its raw alphas there raws (raw_rows):
 // composites it into the pixels still open (colour sums acc [dim][TS * TS] at the row's first lane), stops
-// those it would bring to T <= t_min. Returns the number stopped. With a fixed colour count D the colours are added in the lane loop itself; with D = 0
-// (dim at run time) the weights alpha T (0 where not composited) go through w, and are added after it.
+// those it would bring to T <= t_min. Returns the number stopped. With a fixed colour count D the colours
+// are added in the lane loop itself; with D = 0 (dim at run time) the weights alpha T (0 where not
+// composited) go through w, and are added after it.
 template <typename scalar_t, int W, int TS, int D>
 inline int forward_row(const scalar_t* RESTRICT raws, Index<scalar_t> k, const Rules& rules,
                        const scalar_t* RESTRICT color, int64_t dim, scalar_t* RESTRICT T, scalar_t* RESTRICT done,
