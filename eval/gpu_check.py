@@ -112,7 +112,7 @@ def _parent(args) -> int:
               "host": platform.node(), "install": None, "stages": {}}
     env = _stage_env()
     try:
-        report["install"] = _install(args, env, logs / "install.log")
+        report["install"] = _install(args, env, logs / "install.log", work)
         _write(args.out, report)
         for name, limit in STAGES.items():
             remaining = deadline - time.monotonic()
@@ -188,8 +188,9 @@ def _tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
-def _install(args, env: dict, log: Path) -> dict:
-    """Make `mouserecon` importable: nothing to do when it is; else pip install from the wheel folder."""
+def _install(args, env: dict, log: Path, work: Path) -> dict:
+    """Make `mouserecon` importable: nothing to do when it is; else pip install, from the wheel folder, the
+    pinned packages this Python lacks (split_requirements), then the project itself (editable)."""
     probe = [sys.executable, "-c", "import mouserecon.train, mouserecon.eval, importlib.metadata as m; "
              "print(m.version('mouserecon'))"]
     rc, _ = _run(probe, env, log, 120)
@@ -205,9 +206,12 @@ def _install(args, env: dict, log: Path) -> dict:
                          "PyPI and carry build/gpu_wheels"}
     if _run([sys.executable, "-m", "pip", "--version"], env, log, 60)[0] != 0:
         _run([sys.executable, "-m", "ensurepip", "--default-pip"], env, log, 120)
+    missing, kept = split_requirements(requirements.read_text().split())
+    todo = [["--requirement", _written(work / "requirements.missing.txt", missing)]] if missing else []
+    todo.append(["-e", str(ROOT)])
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(args.wheels), "--no-deps",
            "--disable-pip-version-check"]
-    for what in (["-r", str(requirements)], ["-e", str(ROOT)]):
+    for what in todo:
         rc, _ = _run(pip + what, env, log, 300)
         if rc != 0 and "externally-managed-environment" in _tail(log, 5000):
             rc, _ = _run(pip + ["--break-system-packages"] + what, env, log, 300)
@@ -217,10 +221,40 @@ def _install(args, env: dict, log: Path) -> dict:
     _run([sys.executable, "-m", "pip", "check"], env, log, 60)
     rc, _ = _run(probe, env, log, 120)
     result = {"status": "ok" if rc == 0 else "failed", "seconds": round(time.monotonic() - start, 1),
-              "pip_check": _tail(log, 1500).split("pip check\n")[-1]}
+              "installed": missing, "kept": kept, "pip_check": _tail(log, 1500).split("pip check\n")[-1]}
     if rc != 0:
         result.update(error="mouserecon still not importable after installing", log_tail=_tail(log))
     return result
+
+
+def split_requirements(pins: list[str], installed=None) -> tuple[list[str], dict[str, str]]:
+    """Split `name==version` pins into those this Python lacks (to install from the wheel folder) and those it
+    has at some version, kept as they are (-> {name: "installed X, pinned Y"} where X != Y): the image's own
+    packages are never replaced, and the wheel folder need not hold them (gpu_prepare leaves them out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed_version(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    installed = installed_version if installed is None else installed
+    missing, kept = [], {}
+    for pin in pins:
+        name, _, pinned = pin.partition("==")
+        have = installed(name)
+        if have is None:
+            missing.append(pin)
+        elif have != pinned:
+            kept[name] = f"installed {have}, pinned {pinned}"
+    return missing, kept
+
+
+def _written(path: Path, lines: list[str]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return str(path)
 
 
 def _run_stage(name: str, args, work: Path, env: dict, limit: float, log: Path) -> dict:

@@ -9,8 +9,10 @@
    torch, torchvision and what torch itself pulls in (nvidia-*, cuda-*, triton, sympy, ...):
    preinstalled there; and the dependencies the check never imports (`DROPPED`, with the reason).
    Added: pytest (the CUDA-marked tests) and setuptools (the editable install's build backend).
-   `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux...`
-   writes them to `--wheels` with the pinned list as `requirements.txt`.
+   The pinned list goes to `--wheels`/requirements.txt; `pip download --no-deps --only-binary=:all:
+   --python-version 3.12 --platform manylinux...` writes there the wheels of those the H200 image does not
+   already hold (`ON_IMAGE`; gpu_check keeps the image's own versions of those), plus setuptools: about
+   2 MiB instead of 50, which matters because a device call carries at most 64 MiB with the working tree.
 2. Synthetic data (`mouserecon.synth`): `--samples` mice, 6 views at `--resolution` px, in mm,
    under `--data`/samples, plus `prepared.json` (what was made, with which versions).
 
@@ -54,6 +56,15 @@ DROPPED = {
     "scipy": "DANNCE .mat calibrations (and lpips) only",
 }
 EXTRA = ("pytest", "setuptools")  # the CUDA-marked tests; the build backend of `pip install -e .`
+BUILD_BACKEND = "setuptools"  # its wheel always travels: `pip install -e .` builds in isolation, from the folder
+# Distributions the H200 image already holds (/work/.library/device/KINDS.md, "Python packages already there",
+# read 2026-11-17): gpu_check keeps whatever version the image has, so their wheels need not travel (the travel
+# limit is 64 MiB with the working tree; numpy + matplotlib + pillow alone are 32 MiB). `--all-wheels` takes all.
+ON_IMAGE = frozenset({
+    "click", "contourpy", "cycler", "fonttools", "imageio", "iniconfig", "jaxtyping", "kiwisolver",
+    "markdown-it-py", "matplotlib", "mdurl", "ninja", "numpy", "packaging", "pillow", "pluggy", "pygments",
+    "pyparsing", "pytest", "python-dateutil", "pyyaml", "rich", "setuptools", "six", "tqdm", "wadler-lindig",
+})
 REQUIREMENTS = "requirements.txt"
 
 
@@ -118,19 +129,28 @@ def wheel_requirements(pyproject: Path = ROOT / "pyproject.toml", dropped: dict[
     return sorted(f"{name}=={distribution(name).version}" for name in keep)
 
 
-def download_wheels(requirements: list[str], folder: Path, python_version: str = PYTHON_VERSION) -> list[Path]:
-    """`pip download` binary wheels of `requirements` (no dependency resolution) into `folder` (emptied)."""
+def wheels_to_fetch(requirements: list[str], on_image: frozenset[str] = ON_IMAGE) -> list[str]:
+    """The pins whose wheels must travel: those the GPU image lacks, and the build backend."""
+    return [r for r in requirements
+            if canonicalize_name(Requirement(r).name) not in on_image - {BUILD_BACKEND}]
+
+
+def download_wheels(requirements: list[str], folder: Path, python_version: str = PYTHON_VERSION,
+                    on_image: frozenset[str] = ON_IMAGE) -> list[Path]:
+    """`pip download` binary wheels (no dependency resolution) into `folder` (emptied) of the `requirements`
+    not `on_image`; `folder`/requirements.txt lists them all (gpu_check installs those the machine lacks)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    fetch = wheels_to_fetch(requirements, on_image)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
            python_version, "--implementation", "cp", "--abi", f"cp{python_version.replace('.', '')}",
-           *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(folder), *requirements]
+           *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(folder), *fetch]
     subprocess.run(cmd, check=True)
     (folder / REQUIREMENTS).write_text("\n".join(requirements) + "\n")
     wheels = sorted(folder.glob("*.whl"))
     got = {canonicalize_name(re.split(r"-\d", w.name, maxsplit=1)[0]) for w in wheels}
-    missing = sorted({canonicalize_name(r.split("==")[0]) for r in requirements} - got)
+    missing = sorted({canonicalize_name(r.split("==")[0]) for r in fetch} - got)
     if missing:
         raise RuntimeError(f"no wheel downloaded for {missing}")
     return wheels
@@ -163,13 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--skip-wheels", action="store_true", help="only (re)make the data")
     parser.add_argument("--skip-data", action="store_true", help="only (re)download the wheels")
+    parser.add_argument("--all-wheels", action="store_true",
+                        help="also the wheels of packages the H200 image holds (ON_IMAGE): for another machine")
     args = parser.parse_args(argv)
     if not args.skip_wheels:
         reqs = wheel_requirements()
         print(f"{len(reqs)} wheels for Python {PYTHON_VERSION}: {' '.join(reqs)}")
         print("left out: " + "; ".join(f"{k} ({v})" for k, v in DROPPED.items())
               + "; torch, torchvision and torch's own dependencies (preinstalled there)")
-        wheels = download_wheels(reqs, args.wheels)
+        on_image = frozenset() if args.all_wheels else ON_IMAGE
+        print(f"on the H200 image, not downloaded: {' '.join(r for r in reqs if r not in wheels_to_fetch(reqs, on_image))}")
+        wheels = download_wheels(reqs, args.wheels, on_image=on_image)
         for w in wheels:
             print(f"{w.stat().st_size / 2**20:7.2f} MiB  {w.name}")
         print(f"{args.wheels}: {len(wheels)} wheels, {folder_mib(args.wheels):.1f} MiB")

@@ -151,11 +151,14 @@ def _render_gsplat(g: Gaussians, cams: Cameras, height: int, width: int, bg: Ten
         far_plane=render_torch.FAR_PLANE,
         eps2d=render_torch.EPS2D,
         sh_degree=g.sh_degree,
-        backgrounds=bg,  # [B, V, 3]
         render_mode="RGB+ED" if render_depth else "RGB",
         rasterize_mode="classic",
         packed=True,
     )  # [B, V, H, W, 3 or 4], [B, V, H, W, 1]
+    # The background is composited here, as gsplat's kernel would (colour + T * bg): gsplat 1.5.3's packed
+    # path refuses any `backgrounds` (rasterize_to_pixels asserts its shape against packed means2d's empty
+    # leading dims), seen on an H200.
     renders = renders.permute(0, 1, 4, 2, 3)
+    alphas = alphas.permute(0, 1, 4, 2, 3)
     depths = renders[:, :, 3:] if render_depth else None
-    return renders[:, :, :3], alphas.permute(0, 1, 4, 2, 3), depths
+    return renders[:, :, :3] + (1.0 - alphas) * bg[..., None, None], alphas, depths

@@ -46,6 +46,20 @@ def test_wheel_list_is_the_runtime_closure_minus_torch_and_what_the_check_never_
     assert len(gpu_check.DROPPED_MODULES) == len(gpu_prepare.DROPPED)
 
 
+def test_only_wheels_the_gpu_image_lacks_travel_and_the_install_keeps_what_a_machine_has():
+    pins = ["gsplat==1.5.3", "numpy==2.4.6", "plyfile==1.1.5", "setuptools==84.2.1", "tqdm==4.70.1"]
+    # numpy, tqdm and setuptools are on the image, but the build backend's wheel travels all the same
+    assert gpu_prepare.wheels_to_fetch(pins) == ["gsplat==1.5.3", "plyfile==1.1.5", "setuptools==84.2.1"]
+    assert gpu_prepare.wheels_to_fetch(pins, on_image=frozenset()) == pins
+    assert gpu_prepare.ON_IMAGE <= {Requirement(r).name for r in gpu_prepare.wheel_requirements()} | {"ninja"}
+    machine = {"numpy": "2.5.2", "tqdm": "4.70.1", "setuptools": "80.0"}
+    missing, kept = gpu_check.split_requirements(pins, installed=machine.get)
+    assert missing == ["gsplat==1.5.3", "plyfile==1.1.5"]
+    assert kept == {"numpy": "installed 2.5.2, pinned 2.4.6", "setuptools": "installed 80.0, pinned 84.2.1"}
+    # on this Python, everything the check needs is installed (the tests ran with it)
+    assert gpu_check.split_requirements(gpu_prepare.wheel_requirements())[0] == []
+
+
 @pytest.mark.slow
 def test_dry_run_runs_every_stage_that_needs_no_cuda_and_reports_the_rest_skipped(tmp_path):
     gpu_prepare.prepare_data(tmp_path / "data", samples=3, resolution=64)
