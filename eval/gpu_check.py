@@ -6,33 +6,36 @@ Here (with PyPI), once: wheels for Python 3.12 and the synthetic data, into igno
 
 There (one H200, Python 3.12, torch with CUDA preinstalled), with carry ["build/gpu_wheels", "build/gpu_data"]:
 
-    python eval/gpu_check.py --out $OUT/gpu_check.json
+    python eval/gpu_check.py --out $OUT/gpu_check.json; tar czf $OUT/logs.tgz -C $OUT gpu_check_logs
+
+(the device tool brings back at most 8 files, hence one archive of the nine stage logs).
 
 Run as a file there: the project is not installed yet, so the script (standard library only at its top
-level) first installs it: `pip install --no-index --find-links build/gpu_wheels --no-deps -r
-requirements.txt`, then `pip install ... --no-deps -e .` (setuptools comes from the wheel folder), then runs
+level) first installs it: `pip install --no-index --find-links build/gpu_wheels --no-deps` of the pinned
+requirements the machine lacks (those it has stay at its own versions; the report lists both), then
+`pip install ... --no-deps -e .` (setuptools comes from the wheel folder), then runs
 each stage in its own process (`python -m mouserecon.eval.gpu_check --stage NAME`) with its own time limit,
 so that a crash, a sticky CUDA error or a hang in one stage still leaves the others' results. Everything
 stops within `--budget` seconds (default 460: under 8 minutes, so it can be rerun in a 15-minute window;
 a rerun on the same machine reuses gsplat's build in build/torch_extensions). Here, `--dry-run` runs every
 stage that does not need CUDA on the CPU, small (about a minute; tests/test_gpu_check.py runs it).
 
-Stages, in order of value, with the expected time on the H200 (an estimate, not a measurement):
-  install         ~30 s  pip install from the wheel folder (skipped when the project is importable)
-  environment     ~10 s  python, torch, CUDA, GPU name/memory/capability, nvcc, compiler, data present
-  gsplat_compile  ~90-240 s  gsplat's JIT CUDA build, TORCH_CUDA_ARCH_LIST = the GPU's (9.0), MAX_JOBS =
+Stages, in order of value, with the seconds each took on an H200 on 2026-12-04 (whole check: 278 s):
+  install         10 s   pip install from the wheel folder (skipped when the project is importable)
+  environment     8 s    python, torch, CUDA, GPU name/memory/capability, nvcc, compiler, data present
+  gsplat_compile  73 s   gsplat's JIT CUDA build, TORCH_CUDA_ARCH_LIST = the GPU's (9.0), MAX_JOBS =
                          the cores (16); our C++ CPU kernel is built beside it. Cached: ~5 s
-  render_compare  ~30 s  gsplat (CUDA) vs cpp (CPU) on bench_render's scenes a (5x128^2 Gaussians into
+  render_compare  7 s    gsplat (CUDA) vs cpp (CPU) on bench_render's scenes a (5x128^2 Gaussians into
                          6x128^2) and b (256): images, alphas, depths; gradients of a fixed random weighting
                          of all three w.r.t. means, sh (colours), opacity_logits, log_scales, quats
-  model_forward   ~20 s  facelift preset (random init), 5 views x 512 px, bf16 autocast: 1 warm-up then
+  model_forward   20 s   facelift preset (random init), 5 views x 512 px, bf16 autocast: 1 warm-up then
                          3 timed runs (best = time per reconstruction; GS-LRM reports 0.23 s on an A100),
                          peak CUDA memory; saves the model for the next stages
-  finetune        ~60 s  30 exp_c steps, facelift preset, 512 px, synthetic samples, one huge-gradient step
+  finetune        56 s   30 exp_c steps, facelift preset, 512 px, synthetic samples, one huge-gradient step
                          injected (step 10) so that the skip rule must fire: steps/s, peak memory, losses
-  reconstruct     ~30 s  `mouserecon reconstruct SAMPLE -o x.ply --device cuda`, that model and the demo
-  sequence        ~45 s  `mouserecon reconstruct SAMPLES/ -o OUT/ --device cuda` on 32 frames: frames/s
-  cuda_tests      ~20 s  `pytest -m cuda` on the test files that hold CUDA-marked tests
+  reconstruct     27 s   `mouserecon reconstruct SAMPLE -o x.ply --device cuda`, that model and the demo
+  sequence        65 s   `mouserecon reconstruct SAMPLES/ -o OUT/ --device cuda` on 32 frames: frames/s
+  cuda_tests      12 s   `pytest -m cuda` on the test files that hold CUDA-marked tests
 
 Reading the JSON (`format` "mouserecon-gpu-check"): `ok` is true when every stage is "ok" (or, in a
 dry run, "skipped" for want of CUDA). `install` and `stages.<name>` each have `status` ("ok", "failed",
