@@ -210,7 +210,8 @@ def _install(args, env: dict, log: Path, work: Path) -> dict:
     if _run([sys.executable, "-m", "pip", "--version"], env, log, 60)[0] != 0:
         _run([sys.executable, "-m", "ensurepip", "--default-pip"], env, log, 120)
     missing, kept = split_requirements(requirements.read_text().split())
-    todo = [["--requirement", _written(work / "requirements.missing.txt", missing)]] if missing else []
+    (work / "requirements.missing.txt").write_text("".join(f"{pin}\n" for pin in missing))
+    todo = [["--requirement", str(work / "requirements.missing.txt")]] if missing else []
     todo.append(["-e", str(ROOT)])
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(args.wheels), "--no-deps",
            "--disable-pip-version-check"]
@@ -252,12 +253,6 @@ def split_requirements(pins: list[str], installed=None) -> tuple[list[str], dict
         elif have != pinned:
             kept[name] = f"installed {have}, pinned {pinned}"
     return missing, kept
-
-
-def _written(path: Path, lines: list[str]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{line}\n" for line in lines))
-    return str(path)
 
 
 def _run_stage(name: str, args, work: Path, env: dict, limit: float, log: Path) -> dict:

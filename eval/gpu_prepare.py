@@ -12,7 +12,7 @@
    The pinned list goes to `--wheels`/requirements.txt; `pip download --no-deps --only-binary=:all:
    --python-version 3.12 --platform manylinux...` writes there the wheels of those the H200 image does not
    already hold (`ON_IMAGE`; gpu_check keeps the image's own versions of those), plus setuptools: about
-   2 MiB instead of 50, which matters because a device call carries at most 64 MiB with the working tree.
+   7 MiB instead of 50, which matters because a device call carries at most 64 MiB with the working tree.
 2. Synthetic data (`mouserecon.synth`): `--samples` mice, 6 views at `--resolution` px, in mm,
    under `--data`/samples, plus `prepared.json` (what was made, with which versions).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "build" / "gpu_wheels"
@@ -186,22 +189,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--all-wheels", action="store_true",
                         help="also the wheels of packages the H200 image holds (ON_IMAGE): for another machine")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.skip_wheels:
         reqs = wheel_requirements()
-        print(f"{len(reqs)} wheels for Python {PYTHON_VERSION}: {' '.join(reqs)}")
-        print("left out: " + "; ".join(f"{k} ({v})" for k, v in DROPPED.items())
-              + "; torch, torchvision and torch's own dependencies (preinstalled there)")
+        log.info("%d pinned packages for Python %s: %s", len(reqs), PYTHON_VERSION, " ".join(reqs))
+        log.info("left out: %s; torch, torchvision and torch's own dependencies (preinstalled there)",
+                 "; ".join(f"{k} ({v})" for k, v in DROPPED.items()))
         on_image = frozenset() if args.all_wheels else ON_IMAGE
-        print(f"on the H200 image, not downloaded: {' '.join(r for r in reqs if r not in wheels_to_fetch(reqs, on_image))}")
+        fetch = wheels_to_fetch(reqs, on_image)
+        log.info("on the H200 image, no wheel downloaded: %s", " ".join(sorted(set(reqs) - set(fetch))) or "none")
         wheels = download_wheels(reqs, args.wheels, on_image=on_image)
         for w in wheels:
-            print(f"{w.stat().st_size / 2**20:7.2f} MiB  {w.name}")
-        print(f"{args.wheels}: {len(wheels)} wheels, {folder_mib(args.wheels):.1f} MiB")
+            log.info("%7.2f MiB  %s", w.stat().st_size / 2**20, w.name)
+        log.info("%s: %d wheels, %.1f MiB", args.wheels, len(wheels), folder_mib(args.wheels))
     if not args.skip_data:
         record = prepare_data(args.data, args.samples, args.resolution)
-        print(f"{args.data}: {record['samples']} samples at {record['resolution']} px in {record['seconds']} s, "
-              f"{folder_mib(args.data):.1f} MiB")
-
+        log.info("%s: %d samples at %d px in %s s, %.1f MiB", args.data, record["samples"], record["resolution"],
+                 record["seconds"], folder_mib(args.data))
 
 if __name__ == "__main__":
     main()
