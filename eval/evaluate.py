@@ -229,11 +229,12 @@ def _ply_files(path: Path, sample_ids: list[str]) -> dict[str, Path]:
     return files
 
 
-def _predictor(model: _Model, sample_ids: list[str], device: torch.device) -> Predictor:
+def _predictor(model: _Model, protocol: Protocol, device: torch.device) -> Predictor:
     if model.kind == "checkpoint":
-        return CheckpointPredictor(load_checkpoint(model.source, device)[0], refined=model.refine > 0)
+        return CheckpointPredictor(load_checkpoint(model.source, device)[0], refined=model.refine > 0,
+                                   resolution=protocol.resolution)
     if model.kind == "ply":
-        return PlyPredictor(_ply_files(Path(model.source), sample_ids))
+        return PlyPredictor(_ply_files(Path(model.source), list(protocol.sample_ids)))
     return {"flat": FlatPredictor, "hull": HullPredictor}[model.source]()
 
 
@@ -244,7 +245,7 @@ def _evaluate_model(model: _Model, sample_dirs: list[Path], protocol: Protocol, 
                     lpips_net, render_dir: Path) -> ViewMetrics:
     """Metrics [S, V] of one model over every sample; saves its renders into `render_dir`."""
     render_dir.mkdir()
-    predictor = _predictor(model, list(protocol.sample_ids), device)
+    predictor = _predictor(model, protocol, device)
     per_sample = []
     start = time.perf_counter()
     for k, sample_dir in enumerate(sample_dirs):

@@ -107,7 +107,8 @@ def reconstruct(options: ReconstructOptions) -> ReconstructResult:
         if o.units == "input" and config.sh_degree > 0:
             raise ReconstructError(f"{checkpoint_path}: SH degree {config.sh_degree} Gaussians cannot be mapped to "
                                    "the input frame (view-dependent colour would need rotating); use units 'model'")
-        predictor, resolution = CheckpointPredictor(model, refined=o.refine > 0), o.resolution or config.image_size
+        resolution = o.resolution or config.image_size
+        predictor = CheckpointPredictor(model, refined=o.refine > 0, resolution=resolution)
     with _timed("loading sample", timings):
         scene = prepare(o.views_dir, o.inputs, o.heldout, resolution, predictor.crop, predictor.input_resolution)
     seen = scene.inputs.cameras.height

@@ -144,8 +144,8 @@ def reconstruct_sequence(options: SequenceOptions) -> SequenceResult:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     checkpoint = resolve_checkpoint(o.checkpoint)
     model, info = load_checkpoint(checkpoint, device)
-    predictor = CheckpointPredictor(model, refined=o.refine > 0)
     resolution = o.resolution or info.config.image_size
+    predictor = CheckpointPredictor(model, refined=o.refine > 0, resolution=resolution)
     model_record = {"path": str(checkpoint), "sha1": file_sha1(checkpoint), "format": info.format,
                     "step": info.step, "n_params": info.n_params}
     o.out.mkdir(parents=True, exist_ok=True)

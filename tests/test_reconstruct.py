@@ -28,6 +28,7 @@ from mouserecon.cli import main
 from mouserecon.data import crop_to_foreground, foreground_center, load_sample
 from mouserecon.device import DeviceError
 from mouserecon.model import GSLRM, ModelConfig
+from mouserecon.pipeline import CheckpointPredictor
 from mouserecon.ply import load_ply, property_names
 from mouserecon.reconstruct import ReconstructError, ReconstructOptions, reconstruct, turntable_cameras
 from mouserecon.render import render
@@ -422,6 +423,28 @@ def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sa
         # a crop pixel shows the mouse where the PNG pixel under its Gaussian does (edges aside)
         agree = (seen[inside] == (png[inside] >= 0.5)).mean()
         assert agree > 0.95, agree
+
+
+@pytest.mark.parametrize("resolution, refine, side", [(64, 1, 64), (64, 0, 32), (16, 1, 32)])
+def test_a_model_to_be_refined_sees_its_inputs_at_the_scene_resolution_when_that_is_larger(
+        demo_sample, tiny_checkpoint, tmp_path, resolution, refine, side):
+    """The 32 px tiny model: refined at 64 px it predicts from 64 px inputs (one Gaussian per input pixel at the
+    side refinement fits), feed-forward and below its own side it keeps 32 px."""
+    out = tmp_path / "m.ply"
+    result = _invoke(str(demo_sample), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--resolution",
+                     str(resolution), "--refine", str(refine))
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["input_resolution"] == side
+    tiny = ModelConfig.preset("tiny")
+    assert sidecar["counts"]["predicted"] == tiny.n_gaussians + 5 * side * side
+
+
+def test_a_prediction_to_be_refined_rounds_the_scene_side_up_to_the_model_patch():
+    model = GSLRM(ModelConfig.preset("tiny", image_size=32))  # patch 8
+    assert CheckpointPredictor(model, refined=True, resolution=60).input_resolution == 64
+    assert CheckpointPredictor(model, refined=True, resolution=40).input_resolution == 40
+    assert CheckpointPredictor(model, refined=True).input_resolution == 32
 
 
 def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, tmp_path, monkeypatch):
