@@ -93,7 +93,8 @@ def _view_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Held-out frame indices, scored and previewed (default: every frame not an input).")
 @click.option("--resolution", type=click.IntRange(min=1),
               help="Square side of the frames scored and refined against (default: the model's; 256 for the hull). "
-                   "The model sees its inputs at its own resolution.")
+                   "The model sees its inputs at its own resolution, or with --refine at this one, up to 1.5x "
+                   "its own.")
 @click.option("--units", type=click.Choice(UNITS), default=default(ReconstructOptions, "units"), show_default=True,
               help="input: the camera file's frame and units (e.g. mm); model: the normalised rig.")
 @click.option("--min-opacity", type=float, default=default(ReconstructOptions, "min_opacity"), show_default=True,

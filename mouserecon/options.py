@@ -81,7 +81,8 @@ class ReconstructOptions:
     inputs:        input frame indices in the order given (distinct); None = the first 5.
     heldout:       held-out frame indices (scores and previews); None = every frame not an input.
     resolution:    square side in pixels the frames are resized to (held-out scores, refinement); None = the
-                   model's image_size (256 for the hull). The model always sees its inputs at its image_size.
+                   model's image_size (256 for the hull). The model sees its inputs at its image_size, or, to be
+                   refined, at this side where it is larger, up to 1.5x (`pipeline.CheckpointPredictor`).
     units:         "input" = the user's frame (the camera file's units, e.g. mm); "model" = normalised rig.
     min_opacity:   prune Gaussians with opacity below this (0 keeps all).
     refine:        steps of per-scene refinement against the input views (0 = feed-forward only).

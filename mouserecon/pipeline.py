@@ -13,7 +13,7 @@ re-implement none of them:
    resolution, whatever the scene's: a GS-LRM makes one Gaussian per input pixel, so at 4x its resolution
    it makes 16x as many, each sized for its training pixel, and their faint tails cover the background),
    except where the prediction is to be refined at a larger scene resolution: then it sees them at the
-   scene's, so that refinement starts from one Gaussian per input pixel at the side it fits them at (its
+   scene's, up to 1.5x its own side, so that refinement starts from more Gaussians per input pixel (its
    silhouette term removes the faint tails; `CheckpointPredictor`).
    With `crop` (the margin of a model trained on crops) each input view is a perspective crop aimed at the
    mouse from the full-resolution image (`data.crop_to_foreground`), as in training.
@@ -205,16 +205,22 @@ class Predictor(ABC):
     def predict(self, scene: Scene, device: torch.device) -> Prediction: ...
 
 
+REFINE_INPUT_GROWTH = 1.5  # a prediction to be refined sees inputs up to this many times the model's side
+
+
 class CheckpointPredictor(Predictor):
     """A GS-LRM: 2 token Gaussians + one per input pixel, in the model frame. A `hull_depth` model (one that
     takes the input masks as its geometric prior) is filled with the hull (`baselines.hull_fill`, on the
     input views at the scene resolution) unless `fill` is False or there is one input view (whose hull is
     its mask's whole cone, so the front-most voxels would float in front of the mouse). `refined`: the
     prediction is to be refined, so the fill takes the pixels below `baselines.REFINE_FILL_ALPHA` instead, and
-    the model sees its inputs at the larger of its own side and the scene `resolution` (rounded up to its
-    patch). Why: on renders of two mouse meshes through the real rig at 256 px, the demo model (128 px) fed
-    256 px inputs refined to +0.26 to +0.40 dB more held-out foreground PSNR than fed 128 px ones, at IoU
-    -0.002 to -0.006; feed-forward the same inputs cost 0.1 IoU (faint tails), so it keeps its own side."""
+    the model sees its inputs at the scene `resolution` where that is above its own side, capped at
+    `REFINE_INPUT_GROWTH` times its side (rounded up to its patch). Why: on renders of two mouse meshes at
+    256 px (5 sets of 12: two seeds of each through the real rig, one through the FaceLift rig), the demo
+    model (128 px) refined from 192 px inputs scored -0.03 to +0.46 dB held-out foreground PSNR against
+    128 px ones and -0.04 to +0.64 against 256 px ones (which lost 0.3 dB where the mouse is small in the
+    frames), with about half the Gaussians of 256 px; feed-forward, larger inputs cost IoU (faint tails),
+    so it keeps its own side. The model card has the numbers."""
 
     refinable = True
 
@@ -223,7 +229,7 @@ class CheckpointPredictor(Predictor):
         self.crop = model.config.input_crop
         side, patch = model.config.image_size, model.config.patch_size
         if refined and resolution is not None and resolution > side:
-            side = -(-resolution // patch) * patch
+            side = -(-min(resolution, int(REFINE_INPUT_GROWTH * side)) // patch) * patch
         self.input_resolution = side
         self.fill = fill and model.config.hull_depth
         self.fill_alpha = REFINE_FILL_ALPHA if refined else FILL_ALPHA

@@ -425,11 +425,11 @@ def test_a_model_trained_on_crops_sees_each_input_cropped_around_the_mouse(mm_sa
         assert agree > 0.95, agree
 
 
-@pytest.mark.parametrize("resolution, refine, side", [(64, 1, 64), (64, 0, 32), (16, 1, 32)])
+@pytest.mark.parametrize("resolution, refine, side", [(40, 1, 40), (64, 1, 48), (64, 0, 32), (16, 1, 32)])
 def test_a_model_to_be_refined_sees_its_inputs_at_the_scene_resolution_when_that_is_larger(
         demo_sample, tiny_checkpoint, tmp_path, resolution, refine, side):
-    """The 32 px tiny model: refined at 64 px it predicts from 64 px inputs (one Gaussian per input pixel at the
-    side refinement fits), feed-forward and below its own side it keeps 32 px."""
+    """The 32 px tiny model: refined at 40 px it predicts from 40 px inputs, at 64 px from 48 px ones (1.5x its
+    side); feed-forward and below its own side it keeps 32 px."""
     out = tmp_path / "m.ply"
     result = _invoke(str(demo_sample), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--resolution",
                      str(resolution), "--refine", str(refine))
@@ -440,11 +440,14 @@ def test_a_model_to_be_refined_sees_its_inputs_at_the_scene_resolution_when_that
     assert sidecar["counts"]["predicted"] == tiny.n_gaussians + 5 * side * side
 
 
-def test_a_prediction_to_be_refined_rounds_the_scene_side_up_to_the_model_patch():
-    model = GSLRM(ModelConfig.preset("tiny", image_size=32))  # patch 8
-    assert CheckpointPredictor(model, refined=True, resolution=60).input_resolution == 64
+def test_a_prediction_to_be_refined_rounds_the_scene_side_up_to_the_model_patch_within_the_cap():
+    model = GSLRM(ModelConfig.preset("tiny", image_size=32))  # patch 8, so at most 48 px
+    assert CheckpointPredictor(model, refined=True, resolution=42).input_resolution == 48
     assert CheckpointPredictor(model, refined=True, resolution=40).input_resolution == 40
+    assert CheckpointPredictor(model, refined=True, resolution=1000).input_resolution == 48
     assert CheckpointPredictor(model, refined=True).input_resolution == 32
+    model = GSLRM(ModelConfig.preset("tiny", image_size=40))  # 1.5 x 40 = 60, up to the patch: 64
+    assert CheckpointPredictor(model, refined=True, resolution=256).input_resolution == 64
 
 
 def test_a_crop_model_refines_against_its_crops_and_the_whole_frames(mm_sample, tmp_path, monkeypatch):
