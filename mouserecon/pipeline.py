@@ -13,7 +13,7 @@ re-implement none of them:
    resolution, whatever the scene's: a GS-LRM makes one Gaussian per input pixel, so at 4x its resolution
    it makes 16x as many, each sized for its training pixel, and their faint tails cover the background),
    except where the prediction is to be refined at a larger scene resolution: then it sees them at the
-   scene's, up to 1.5x its own side, so that refinement starts from more Gaussians per input pixel (its
+   scene's, up to 1.5x its own side, so that refinement starts from more Gaussians, one per input pixel (its
    silhouette term removes the faint tails; `CheckpointPredictor`).
    With `crop` (the margin of a model trained on crops) each input view is a perspective crop aimed at the
    mouse from the full-resolution image (`data.crop_to_foreground`), as in training.
