@@ -218,8 +218,8 @@ class CheckpointPredictor(Predictor):
     `REFINE_INPUT_GROWTH` times its side (rounded up to its patch). Why: on renders of two mouse meshes at
     256 px (5 sets of 12: two seeds of each through the real rig, one through the FaceLift rig), the demo
     model (128 px) refined from 192 px inputs scored -0.03 to +0.46 dB held-out foreground PSNR against
-    128 px ones and -0.04 to +0.64 against 256 px ones (which lost 0.3 dB where the mouse is small in the
-    frames), with about half the Gaussians of 256 px; feed-forward, larger inputs cost IoU (faint tails),
+    128 px ones and -0.04 to +0.64 against 256 px ones (which lost 0.33 dB to 128 px through the FaceLift
+    rig), with about half the Gaussians of 256 px; feed-forward, larger inputs cost IoU (faint tails),
     so it keeps its own side. The model card has the numbers."""
 
     refinable = True
@@ -229,7 +229,8 @@ class CheckpointPredictor(Predictor):
         self.crop = model.config.input_crop
         side, patch = model.config.image_size, model.config.patch_size
         if refined and resolution is not None and resolution > side:
-            side = -(-min(resolution, int(REFINE_INPUT_GROWTH * side)) // patch) * patch
+            wanted = min(resolution, int(REFINE_INPUT_GROWTH * side))
+            side = -(-wanted // patch) * patch  # rounded up to the patch
         self.input_resolution = side
         self.fill = fill and model.config.hull_depth
         self.fill_alpha = REFINE_FILL_ALPHA if refined else FILL_ALPHA
